@@ -1,0 +1,1 @@
+"""Guidance distillation pipeline: Hydra entry point, diffusion math, data, training, evaluation."""
