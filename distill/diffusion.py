@@ -1,0 +1,216 @@
+"""Diffusion math as small pure functions (variance preserving, continuous time).
+
+Time t in [0, 1] (t=1 is pure noise); z_t = alpha_t * x0 + sigma_t * eps with
+alpha^2 + sigma^2 = 1, parametrised by logSNR = log(alpha^2 / sigma^2), in the
+style of google-research ``diffusion_distillation/dpm.py``.
+
+Schedule helpers run on the host with numpy (float64 inside, float32 out).
+The conversion and sampler-step functions use only ``+ - * / **`` (and ``abs``),
+so the same code works on numpy arrays and on MindSpore Tensors, including inside
+a ``@mindspore.jit`` function. ``alpha``/``sigma`` may be scalars or broadcastable
+arrays such as shape (B, 1, 1, 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Tuple
+
+import numpy as np
+from mindspore import ops
+from mindspore.ops import constexpr
+
+from distill.errors import UserError
+
+Array = Any  # numpy array or mindspore Tensor
+
+PREDICTIONS = ("eps", "v")
+GUIDANCE_KINDS = ("constant", "linear", "cosine")
+
+
+# --------------------------------------------------------------------------- schedules
+def logsnr_schedule(name: str, t, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> np.ndarray:
+    """logSNR(t) for the ``cosine`` or ``linear`` (VP, beta 0.1 -> 20) schedule."""
+    t = np.asarray(t, dtype=np.float64)
+    if name == "cosine":
+        b = math.atan(math.exp(-0.5 * logsnr_max))
+        a = math.atan(math.exp(-0.5 * logsnr_min)) - b
+        logsnr = -2.0 * np.log(np.tan(a * t + b))
+    elif name == "linear":
+        beta_0, beta_1 = 0.1, 20.0
+        with np.errstate(divide="ignore"):
+            logsnr = -np.log(np.expm1(beta_0 * t + 0.5 * (beta_1 - beta_0) * t**2))
+        logsnr = np.clip(logsnr, logsnr_min, logsnr_max)
+    else:
+        raise UserError(f"unknown noise schedule '{name}' (choose cosine or linear)")
+    return logsnr.astype(np.float32)
+
+
+def alpha_sigma(logsnr) -> Tuple[np.ndarray, np.ndarray]:
+    """(alpha, sigma) = (sqrt(sigmoid(logsnr)), sqrt(sigmoid(-logsnr))), computed stably."""
+    logsnr = np.asarray(logsnr, dtype=np.float64)
+    # sqrt(sigmoid(x)) = exp(-0.5 * log(1 + exp(-x))), never overflows.
+    alpha = np.exp(-0.5 * np.logaddexp(0.0, -logsnr))
+    sigma = np.exp(-0.5 * np.logaddexp(0.0, logsnr))
+    return alpha.astype(np.float32), sigma.astype(np.float32)
+
+
+def snr_weight_truncated(logsnr) -> np.ndarray:
+    """Truncated-SNR loss weight max(SNR, 1) (Salimans & Ho)."""
+    logsnr = np.asarray(logsnr, dtype=np.float64)
+    return np.maximum(np.exp(logsnr), 1.0).astype(np.float32)
+
+
+def sampling_times(num_steps: int) -> np.ndarray:
+    """num_steps + 1 evenly spaced times from 1.0 (noise) down to 0.0 (data)."""
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise UserError(f"number of sampling steps must be an integer >= 1, got {num_steps}")
+    return np.linspace(1.0, 0.0, int(num_steps) + 1).astype(np.float32)
+
+
+def guidance_schedule(kind: str, w: float, num_steps: int) -> np.ndarray:
+    """Per-step guidance weight for steps i = 0..N-1 (i = 0 is the noisiest); mean is w."""
+    if num_steps < 1:
+        raise UserError(f"number of sampling steps must be >= 1, got {num_steps}")
+    mid = (np.arange(num_steps, dtype=np.float64) + 0.5) / num_steps
+    if kind == "constant":
+        ws = np.full(num_steps, float(w))
+    elif kind == "linear":
+        ws = 2.0 * w * mid
+    elif kind == "cosine":
+        ws = w * (1.0 - np.cos(np.pi * mid))
+    else:
+        raise UserError(f"unknown guidance schedule '{kind}' (choose constant, linear or cosine)")
+    return ws.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- conversions
+def q_sample(x0: Array, eps: Array, alpha: Array, sigma: Array) -> Array:
+    """Forward process: z_t = alpha * x0 + sigma * eps."""
+    return alpha * x0 + sigma * eps
+
+
+def x0_from_eps(z: Array, eps: Array, alpha: Array, sigma: Array) -> Array:
+    """x0 = (z - sigma * eps) / alpha."""
+    return (z - sigma * eps) / alpha
+
+
+def eps_from_x0(z: Array, x0: Array, alpha: Array, sigma: Array) -> Array:
+    """eps = (z - alpha * x0) / sigma."""
+    return (z - alpha * x0) / sigma
+
+
+def v_from_x0_eps(x0: Array, eps: Array, alpha: Array, sigma: Array) -> Array:
+    """v = alpha * eps - sigma * x0."""
+    return alpha * eps - sigma * x0
+
+
+def x0_from_v(z: Array, v: Array, alpha: Array, sigma: Array) -> Array:
+    """x0 = alpha * z - sigma * v."""
+    return alpha * z - sigma * v
+
+
+def eps_from_v(z: Array, v: Array, alpha: Array, sigma: Array) -> Array:
+    """eps = sigma * z + alpha * v."""
+    return sigma * z + alpha * v
+
+
+@constexpr
+def _check_prediction(prediction: str) -> None:
+    # constexpr: runs in Python even under @mindspore.jit, whose parser rejects
+    # `raise` of non-builtin exception types such as UserError.
+    if prediction not in PREDICTIONS:
+        raise UserError(f"unknown prediction '{prediction}' (choose eps or v)")
+
+
+def x0_eps_from_output(z: Array, out: Array, alpha: Array, sigma: Array, prediction: str):
+    """Network output (eps or v prediction) -> (x0, eps)."""
+    _check_prediction(prediction)
+    if prediction == "eps":
+        return x0_from_eps(z, out, alpha, sigma), out
+    return x0_from_v(z, out, alpha, sigma), eps_from_v(z, out, alpha, sigma)
+
+
+def output_from_x0_eps(x0: Array, eps: Array, alpha: Array, sigma: Array, prediction: str) -> Array:
+    """(x0, eps) -> what a network of this parametrisation should output (regression target)."""
+    _check_prediction(prediction)
+    if prediction == "eps":
+        return eps
+    return v_from_x0_eps(x0, eps, alpha, sigma)
+
+
+def cfg_combine(cond: Array, uncond: Array, w) -> Array:
+    """Classifier-free guidance: uncond + w * (cond - uncond) (w=0 uncond, w=1 cond)."""
+    return uncond + w * (cond - uncond)
+
+
+# --------------------------------------------------------------------------- samplers
+def _relu(x: Array) -> Array:
+    """max(x, 0) with arithmetic and abs only (numpy and Tensor, jit-safe)."""
+    return (x + abs(x)) * 0.5
+
+
+def ddim_step(x0: Array, eps: Array, alpha_t: Array, sigma_t: Array, alpha_s: Array,
+              sigma_s: Array, eta: float = 0.0, noise: Array = None) -> Array:
+    """DDIM step from t to an earlier time s < t given predicted (x0, eps).
+
+    With abar = alpha^2: c = eta * sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)),
+    z_s = alpha_s * x0 + sqrt(max(sigma_s^2 - c^2, 0)) * eps + c * noise.
+    eta = 0 is deterministic; eta = 1 is ancestral (equals ``ddpm_step``).
+    sigma_s^2 - c^2 is evaluated in the equivalent VP form
+    sigma_s^2 / sigma_t^2 * ((1 - eta^2)(1 - a^2) + a^2 sigma_s^2), a = alpha_t / alpha_s,
+    which avoids catastrophic cancellation near t = 1.
+    """
+    if isinstance(eta, (int, float)) and eta == 0:
+        return alpha_s * x0 + sigma_s * eps
+    if noise is None:
+        raise ValueError("ddim_step with eta > 0 needs noise")
+    ratio = sigma_s**2 / sigma_t**2
+    one_minus_a2 = 1.0 - alpha_t**2 / alpha_s**2
+    c = eta * _relu(ratio * one_minus_a2) ** 0.5
+    eps_var = ratio * ((1.0 - eta**2) * one_minus_a2 + alpha_t**2 / alpha_s**2 * sigma_s**2)
+    return alpha_s * x0 + _relu(eps_var) ** 0.5 * eps + c * noise
+
+
+def ddpm_posterior(z_t: Array, x0: Array, alpha_t: Array, sigma_t: Array, alpha_s: Array,
+                   sigma_s: Array):
+    """Mean and variance of the true posterior q(z_s | z_t, x0) for s < t."""
+    alpha_ts = alpha_t / alpha_s
+    sigma2_ts = sigma_t**2 - alpha_ts**2 * sigma_s**2
+    mean = (alpha_ts * sigma_s**2 / sigma_t**2) * z_t + (alpha_s * sigma2_ts / sigma_t**2) * x0
+    var = sigma2_ts * sigma_s**2 / sigma_t**2
+    return mean, var
+
+
+def ddpm_step(z_t: Array, x0: Array, alpha_t: Array, sigma_t: Array, alpha_s: Array,
+              sigma_s: Array, noise: Array) -> Array:
+    """Ancestral sample z_s ~ q(z_s | z_t, x0) = mean + sqrt(var) * noise."""
+    mean, var = ddpm_posterior(z_t, x0, alpha_t, sigma_t, alpha_s, sigma_s)
+    return mean + _relu(var) ** 0.5 * noise
+
+
+# --------------------------------------------------------------------------- thresholding
+@constexpr
+def _threshold_index(percentile: float, size: int) -> int:
+    if not 0.0 <= percentile <= 1.0:
+        raise UserError(f"dynamic threshold percentile must be in [0, 1], got {percentile}")
+    return int(math.floor(percentile * (size - 1)))
+
+
+def dynamic_threshold(x0: Array, percentile: float = 0.995) -> Array:
+    """Imagen dynamic thresholding: s = max(q(|x0|), 1) per sample; clip to [-s, s], divide by s.
+
+    The quantile is the sorted per-sample |x0| at index floor(percentile * (D - 1)), the
+    same rule for numpy and MindSpore (``ops.quantile`` does not run on CPU).
+    """
+    batch = x0.shape[0]
+    size = math.prod(x0.shape[1:])
+    k = _threshold_index(percentile, size)
+    bshape = (batch,) + (1,) * (len(x0.shape) - 1)
+    if isinstance(x0, np.ndarray):
+        q = np.sort(np.abs(x0).reshape(batch, size), axis=-1)[:, k]
+        s = np.maximum(q, 1.0).reshape(bshape).astype(x0.dtype)
+        return np.clip(x0, -s, s) / s
+    q = ops.sort(ops.abs(x0).reshape(batch, size), axis=-1)[0][:, k]
+    s = ops.maximum(q, 1.0).reshape(bshape)
+    return ops.clamp(x0, -s, s) / s
