@@ -1,0 +1,61 @@
+"""Turn config sections into the objects the jobs use (one place, so jobs stay short)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import OmegaConf
+
+from distill.data import ImageData
+from distill.errors import UserError
+from distill.sampling import SamplerSettings
+from distill.training import TrainSettings
+from teacher.unet import UNetConfig
+
+
+def plain(section: Any) -> dict[str, Any]:
+    """A config section as a plain dict (works for DictConfig and dicts)."""
+    if OmegaConf.is_config(section):
+        return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]
+    return dict(section)
+
+
+def unet_config(model_cfg: Mapping[str, Any], data: ImageData, guidance_embed_dim: int = 0,
+                guidance_scale: float = 100.0) -> UNetConfig:
+    c, h, w = data.image_shape
+    if h != w:
+        raise UserError(f"model: images must be square, got {h}x{w}")
+    cfg = UNetConfig.from_dict(dict(plain(model_cfg), in_channels=c, image_size=h, num_classes=data.num_classes,
+                                    guidance_embed_dim=guidance_embed_dim, guidance_scale=guidance_scale))
+    cfg.validate()
+    return cfg
+
+
+def train_settings(train_cfg: Mapping[str, Any], seed: int, use_jit: bool) -> TrainSettings:
+    try:
+        s = TrainSettings(**plain(train_cfg), seed=seed, use_jit=use_jit)
+    except TypeError as e:
+        raise UserError(f"training config: {e}") from e
+    s.validate()
+    return s
+
+
+def sampler_settings(cfg: Any, num_steps: int | None = None) -> SamplerSettings:
+    s = cfg.sampler
+    settings = SamplerSettings(
+        num_steps=int(num_steps if num_steps is not None else s.num_steps), kind=s.kind, eta=float(s.eta),
+        schedule=cfg.diffusion.schedule, prediction=cfg.diffusion.prediction, w_schedule=s.w_schedule,
+        clip_x0=bool(s.clip_x0),
+        dynamic_threshold=None if s.dynamic_threshold is None else float(s.dynamic_threshold),
+    )
+    settings.validate()
+    return settings
+
+
+def run_dir(cfg: Any) -> Path:
+    """outputs/<run_name>/ for single runs; the sweep job's folder under -m."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.get("run_dir") or Path("outputs") / str(cfg.run_name))

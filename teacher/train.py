@@ -1,0 +1,61 @@
+"""CFG teacher training: condition dropout to the null class, eps or v objective."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import mindspore as ms
+
+from distill import diffusion as dm
+from distill.data import ImageData, iterate_batches
+from distill.errors import UserError
+from teacher.unet import UNet
+
+log = logging.getLogger(__name__)
+
+
+def regression_loss(net: UNet, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor,
+                    target: ms.Tensor, weight: ms.Tensor) -> ms.Tensor:
+    """Weighted MSE between the network output and a precomputed target (per-example weight)."""
+    err = (net(z, t, y, w) - target) ** 2
+    return (err.mean(axis=(1, 2, 3)) * weight).mean()
+
+
+def teacher_batch_maker(
+    data: ImageData,
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    schedule: str,
+    prediction: str,
+    p_uncond: float,
+) -> Callable[[int], tuple[np.ndarray, ...]]:
+    """Host-side batches for :func:`regression_loss`: (z_t, t, y', w, target, weight).
+
+    Labels are replaced by the null class with probability ``p_uncond`` so that one network
+    learns both the conditional and the unconditional model.
+    """
+    if not 0.0 <= p_uncond < 1.0:
+        raise UserError(f"teacher: p_uncond {p_uncond} must be in [0, 1)")
+    stream = iterate_batches(data.train_images, data.train_labels, batch_size, seed, start_step)
+    null_class = data.num_classes
+
+    def make(step: int) -> tuple[np.ndarray, ...]:
+        x, y = next(stream)
+        rng = np.random.default_rng((seed, 1, step))
+        b = x.shape[0]
+        t = rng.uniform(0.0, 1.0, b).astype(np.float32)
+        eps = rng.standard_normal(x.shape).astype(np.float32)
+        drop = rng.uniform(size=b) < p_uncond
+        y = np.where(drop, null_class, y).astype(np.int32)
+        alpha, sigma = dm.alpha_sigma(dm.logsnr_schedule(schedule, t))
+        a, s = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
+        z = dm.q_sample(x, eps, a, s).astype(np.float32)
+        target = dm.output_from_x0_eps(x, eps, a, s, prediction).astype(np.float32)
+        w = np.ones(b, np.float32)  # unused by the teacher's backbone
+        weight = np.ones(b, np.float32)
+        return z, t, y, w, target, weight
+
+    return make

@@ -1,0 +1,241 @@
+"""The one UNet backbone shared by the teacher and the student.
+
+The conditioning is a single embedding vector per example, the sum of
+  time embedding (sinusoidal features of t -> MLP)
++ class embedding (num_classes + 1 rows; the last row is the learned *null* class)
++ guidance embedding (student only: sinusoidal features of w -> MLP, last layer zero)
+computed in one place, :meth:`UNet.embed`. With the guidance MLP's last layer at zero
+the student is exactly the teacher's conditional model until it is trained.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+
+from distill.errors import UserError
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything needed to rebuild the network (stored with checkpoints and bundles)."""
+
+    in_channels: int = 1
+    image_size: int = 8
+    num_classes: int = 10
+    channels: int = 32
+    channel_mult: Sequence[int] = (1, 2)
+    num_res_blocks: int = 1
+    attention: bool = True          # self-attention at the lowest resolution
+    groups: int = 8                 # GroupNorm groups
+    time_scale: float = 1000.0      # t in [0, 1] is scaled before the sinusoidal features
+    guidance_embed_dim: int = 0     # 0: teacher (no guidance input); > 0: student
+    guidance_scale: float = 100.0   # w is scaled before its sinusoidal features
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"model: unknown UNet setting(s) {sorted(unknown)}")
+        d = dict(d)
+        if "channel_mult" in d:
+            d["channel_mult"] = tuple(int(m) for m in d["channel_mult"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        return d
+
+    def validate(self) -> None:
+        levels = len(self.channel_mult)
+        if self.image_size % (2 ** (levels - 1)) != 0:
+            raise UserError(
+                f"model: image size {self.image_size} cannot be halved {levels - 1} time(s) by the UNet "
+                f"(channel_mult has {levels} levels); use a size divisible by {2 ** (levels - 1)}"
+            )
+        for m in self.channel_mult:
+            if (self.channels * m) % self.groups:
+                raise UserError(f"model: channels {self.channels * m} not divisible by groups {self.groups}")
+
+
+def sinusoidal_features(x: ms.Tensor, freqs: ms.Tensor) -> ms.Tensor:
+    """[cos, sin] features of a (B,) tensor for the given (D/2,) frequencies -> (B, D)."""
+    args = x.reshape(-1, 1) * freqs.reshape(1, -1)
+    return ops.cat([ops.cos(args), ops.sin(args)], axis=1)
+
+
+def frequencies(dim: int, max_period: float = 10000.0) -> ms.Tensor:
+    half = dim // 2
+    return ms.Tensor(np.exp(-math.log(max_period) * np.arange(half) / half).astype(np.float32))
+
+
+def conv3x3(cin: int, cout: int) -> nn.Conv2d:
+    # MindSpore defaults are pad_mode="same", has_bias=False: say what we mean.
+    return nn.Conv2d(cin, cout, 3, pad_mode="pad", padding=1, has_bias=True)
+
+
+def zero_(cell: nn.Cell) -> nn.Cell:
+    for p in cell.get_parameters():
+        p.set_data(ops.zeros(p.shape, p.dtype))
+    return cell
+
+
+class EmbeddingMLP(nn.Cell):
+    """Sinusoidal features of a scalar per example -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, feature_dim: int, out_dim: int, scale: float, zero_last: bool = False) -> None:
+        super().__init__()
+        self.freqs = frequencies(feature_dim)
+        self.scale = scale
+        self.fc1 = nn.Dense(feature_dim, out_dim)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Dense(out_dim, out_dim)
+        if zero_last:
+            zero_(self.fc2)
+
+    def construct(self, s: ms.Tensor) -> ms.Tensor:
+        return self.fc2(self.act(self.fc1(sinusoidal_features(s * self.scale, self.freqs))))
+
+
+class ResBlock(nn.Cell):
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin)
+        self.conv1 = conv3x3(cin, cout)
+        self.emb = nn.Dense(emb_dim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.conv2 = zero_(conv3x3(cout, cout))  # each block starts as the identity
+        self.act = nn.SiLU()
+        self.skip = nn.Conv2d(cin, cout, 1, has_bias=True) if cin != cout else nn.Identity()
+
+    def construct(self, x: ms.Tensor, emb: ms.Tensor) -> ms.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = h + self.emb(self.act(emb)).reshape(h.shape[0], -1, 1, 1)
+        h = self.conv2(self.act(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Cell):
+    """Single-head self-attention over the pixels of the lowest resolution."""
+
+    def __init__(self, ch: int, groups: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1, has_bias=True)
+        self.proj = zero_(nn.Conv2d(ch, ch, 1, has_bias=True))
+        self.scale = 1.0 / math.sqrt(ch)
+
+    def construct(self, x: ms.Tensor) -> ms.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = ops.split(self.qkv(self.norm(x)).reshape(b, 3 * c, h * w), c, axis=1)
+        attn = ops.softmax(ops.bmm(q.transpose(0, 2, 1), k) * self.scale, axis=-1)  # (b, hw, hw)
+        out = ops.bmm(v, attn.transpose(0, 2, 1)).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Cell):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, pad_mode="pad", padding=1, has_bias=True)
+
+    def construct(self, x: ms.Tensor) -> ms.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Cell):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = conv3x3(ch, ch)
+
+    def construct(self, x: ms.Tensor) -> ms.Tensor:
+        b, c, h, w = x.shape
+        x = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2)).reshape(b, c, 2 * h, 2 * w)
+        return self.conv(x)
+
+
+class UNet(nn.Cell):
+    """eps/v-prediction UNet: ``construct(x, t, y, w) -> output`` (same shape as x).
+
+    ``y`` is the class index; ``num_classes`` is the null class used for the
+    unconditional branch. ``w`` is the guidance weight, used only when the config has a
+    guidance embedding (the teacher ignores it, so both share one call signature).
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        ch, groups = config.channels, config.groups
+        emb_dim = 4 * ch
+        self.time_embed = EmbeddingMLP(ch, emb_dim, config.time_scale)
+        self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)
+        self.has_guidance = config.guidance_embed_dim > 0
+        self.guidance_embed: Optional[EmbeddingMLP] = None
+        if self.has_guidance:
+            self.guidance_embed = EmbeddingMLP(
+                config.guidance_embed_dim, emb_dim, config.guidance_scale, zero_last=True
+            )
+
+        self.conv_in = conv3x3(config.in_channels, ch)
+        widths = [ch * m for m in config.channel_mult]
+        down, skips, cur = [], [ch], ch
+        for level, width in enumerate(widths):
+            for _ in range(config.num_res_blocks):
+                down.append(ResBlock(cur, width, emb_dim, groups))
+                cur = width
+                skips.append(cur)
+            if level < len(widths) - 1:
+                down.append(Downsample(cur))
+                skips.append(cur)
+        self.down = nn.CellList(down)
+        self.mid1 = ResBlock(cur, cur, emb_dim, groups)
+        self.mid_attn = Attention(cur, groups) if config.attention else nn.Identity()
+        self.mid2 = ResBlock(cur, cur, emb_dim, groups)
+        up = []
+        for level, width in reversed(list(enumerate(widths))):
+            for _ in range(config.num_res_blocks + 1):
+                up.append(ResBlock(cur + skips.pop(), width, emb_dim, groups))
+                cur = width
+            if level > 0:
+                up.append(Upsample(cur))
+        self.up = nn.CellList(up)
+        self.is_resblock_down = [isinstance(c, ResBlock) for c in down]
+        self.is_resblock_up = [isinstance(c, ResBlock) for c in up]
+        self.norm_out = nn.GroupNorm(groups, cur)
+        self.act = nn.SiLU()
+        self.conv_out = zero_(conv3x3(cur, config.in_channels))
+
+    def embed(self, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
+        """The one conditioning vector: time + class (+ guidance for the student)."""
+        emb = self.time_embed(t) + self.class_embed(y)
+        if self.has_guidance:
+            emb = emb + self.guidance_embed(w)
+        return emb
+
+    def construct(self, x: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
+        emb = self.embed(t, y, w)
+        h = self.conv_in(x)
+        hs = [h]
+        for i, cell in enumerate(self.down):
+            h = cell(h, emb) if self.is_resblock_down[i] else cell(h)
+            hs.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        n = len(hs)
+        used = 0
+        for i, cell in enumerate(self.up):
+            if self.is_resblock_up[i]:
+                used += 1
+                h = cell(ops.cat([h, hs[n - used]], axis=1), emb)  # index, not pop(): jit-safe
+            else:
+                h = cell(h)
+        return self.conv_out(self.act(self.norm_out(h)))
+
+
+def count_parameters(net: nn.Cell) -> int:
+    return int(sum(np.prod(p.shape) for p in net.trainable_params()))
