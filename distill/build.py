@@ -53,9 +53,11 @@ def sampler_settings(cfg: Any, num_steps: int | None = None) -> SamplerSettings:
 
 
 def run_dir(cfg: Any) -> Path:
-    """outputs/<run_name>/ for single runs; the sweep job's folder under -m."""
+    """``run_dir`` if set, else Hydra's output dir: outputs/<run_name>/, or the job's folder under -m."""
     from hydra.core.hydra_config import HydraConfig
 
+    if cfg.get("run_dir"):
+        return Path(str(cfg.run_dir))
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
-    return Path(cfg.get("run_dir") or Path("outputs") / str(cfg.run_name))
+    return Path("outputs") / str(cfg.run_name)

@@ -214,3 +214,31 @@ def dynamic_threshold(x0: Array, percentile: float = 0.995) -> Array:
     q = ops.sort(ops.abs(x0).reshape(batch, size), axis=-1)[0][:, k]
     s = ops.maximum(q, 1.0).reshape(bshape)
     return ops.clamp(x0, -s, s) / s
+
+
+# --------------------------------------------------------------------------- loss weighting
+LOSS_SPACES = ("x_snr_trunc", "eps", "v")
+
+
+def output_space_weight(loss_space: str, prediction: str, alpha: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Per-example weight that turns an MSE on the network output into the chosen loss.
+
+    The output is linear in x0, eps and v at fixed z, so ``||d x||^2 = (dx/dout)^2 ||d out||^2``:
+    "x_snr_trunc" is the x-space loss with the truncated-SNR weight max(alpha^2/sigma^2, 1)
+    (Salimans & Ho); "eps" and "v" are plain MSEs in those spaces.
+    """
+    _check_prediction(prediction)
+    alpha = np.asarray(alpha, np.float64)
+    sigma = np.asarray(sigma, np.float64)
+    # d(space)/d(out) for out = v: x0 = alpha z - sigma v, eps = sigma z + alpha v.
+    # for out = eps: x0 = (z - sigma eps) / alpha, v = alpha eps - sigma x0 = eps / alpha - sigma z / alpha.
+    if prediction == "v":
+        slope = {"x_snr_trunc": sigma, "eps": alpha, "v": np.ones_like(alpha)}
+    else:
+        slope = {"x_snr_trunc": sigma / alpha, "eps": np.ones_like(alpha), "v": 1.0 / alpha}
+    if loss_space not in slope:
+        raise UserError(f"unknown loss space '{loss_space}' (choose {', '.join(LOSS_SPACES)})")
+    weight = slope[loss_space] ** 2
+    if loss_space == "x_snr_trunc":
+        weight = weight * np.maximum(alpha**2 / sigma**2, 1.0)
+    return weight.astype(np.float32)

@@ -1,0 +1,116 @@
+"""``task=distill``: train the one-pass student on the two-pass teacher's guided outputs."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from omegaconf import DictConfig
+
+from distill import build
+from distill.checkpoint import atomic_write, read_meta
+from distill.data import ImageData, load_data
+from distill.errors import UserError
+from distill.sampling import jit_predictor
+from distill.training import CHECKPOINT_NAME, Trainer, load_ema_weights
+from student.distill import check_w_range, distill_inputs, regression_batch, teacher_targets
+from student.model import student_config, student_from_teacher
+from teacher.guidance import GuidedPrediction
+from teacher.job import load_teacher
+from teacher.train import regression_loss
+from teacher.unet import UNet, UNetConfig
+
+log = logging.getLogger(__name__)
+
+
+def student_checkpoint_path(cfg: DictConfig) -> Path:
+    return build.run_dir(cfg) / "student" / CHECKPOINT_NAME
+
+
+def student_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str, Any]:
+    s = cfg.student
+    return {"kind": "student", "model": ucfg.to_dict(), "schedule": cfg.diffusion.schedule,
+            "prediction": cfg.diffusion.prediction, "w_min": float(s.w_min), "w_max": float(s.w_max),
+            "w_convention": "uncond + w * (cond - uncond)", "loss": str(s.loss),
+            "data": str(cfg.data.name), "class_names": list(data.class_names)}
+
+
+def load_student(cfg: DictConfig, data: ImageData, path: Path | None = None) -> tuple[UNet, dict[str, Any]]:
+    """A distilled student (EMA weights) and its metadata."""
+    path = path or student_checkpoint_path(cfg)
+    if not path.is_file():
+        raise UserError(f"student checkpoint not found: {path} (run task=distill first)")
+    meta = read_meta(path)
+    if meta.get("kind") != "student" or "model" not in meta:
+        raise UserError(f"{path} is not a student checkpoint (kind={meta.get('kind')})")
+    net = UNet(UNetConfig.from_dict(meta["model"]))
+    if net.config.image_size != data.image_shape[1] or net.config.num_classes != data.num_classes:
+        raise UserError(f"student {path} was trained on {net.config.image_size}px images with "
+                        f"{net.config.num_classes} classes, not on this data")
+    load_ema_weights(path, net)
+    net.set_train(False)
+    return net, meta
+
+
+def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
+                    ) -> Callable[[int], Callable[[int], tuple[np.ndarray, ...]]]:
+    """start_step -> step -> regression batch, with targets made online or read from shards."""
+    s = cfg.student
+    loss_space, prediction = str(s.loss), str(cfg.diffusion.prediction)
+    if s.targets == "shards":
+        from student.targets import shard_reader
+
+        read = shard_reader(cfg)
+
+        def from_shards(step: int) -> tuple[np.ndarray, ...]:
+            *inputs, target = read(step)
+            return regression_batch(tuple(inputs), target, loss_space, prediction)
+        return lambda start: from_shards
+    if s.targets != "online":
+        raise UserError(f"student: targets '{s.targets}' must be online or shards")
+    predict = jit_predictor(GuidedPrediction(teacher), bool(cfg.jit))
+
+    def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
+        make = distill_inputs(data, int(s.train.batch_size), int(cfg.seed), start, cfg.diffusion.schedule,
+                              float(s.w_min), float(s.w_max))
+
+        def batch(step: int) -> tuple[np.ndarray, ...]:
+            inputs = make(step)
+            return regression_batch(inputs, teacher_targets(predict, data.num_classes, inputs), loss_space, prediction)
+        return batch
+
+    return factory
+
+
+def run_distill(cfg: DictConfig) -> Path:
+    from tensorboardX import SummaryWriter
+
+    s = cfg.student
+    check_w_range(float(s.w_min), float(s.w_max))
+    data = load_data(cfg.data)
+    teacher = load_teacher(cfg, data)
+    out = build.run_dir(cfg) / "student"
+    student = student_from_teacher(teacher, int(s.embed_dim), float(s.w_scale))
+    ema = UNet(student.config)
+    settings = build.train_settings(s.train, int(cfg.seed), bool(cfg.jit))
+    writer = SummaryWriter(str(build.run_dir(cfg) / "tb"))
+    meta = student_meta(student.config, cfg, data)
+    trainer = Trainer(student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out, meta, writer)
+    trainer.try_resume()
+    log.info("distill: %s targets, w ~ U[%g, %g], loss %s, %d steps at batch %d",
+             s.targets, float(s.w_min), float(s.w_max), s.loss, settings.steps, settings.batch_size)
+    start_step, t0 = trainer.step, time.perf_counter()
+    losses = trainer.run()
+    seconds = time.perf_counter() - t0
+    writer.close()
+    if trainer.step > start_step:
+        ran = trainer.step - start_step
+        summary = {"steps": trainer.step, "targets": str(s.targets), "seconds": round(seconds, 1),
+                   "seconds_per_step": round(seconds / ran, 4), "first_loss": losses[0], "last_loss": losses[-1]}
+        atomic_write(out / "train_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        log.info("distill: %d steps in %.1f s (%.3f s/step, %s targets), loss %.4f -> %.4f", ran, seconds,
+                 seconds / ran, s.targets, float(np.mean(losses[:20])), float(np.mean(losses[-20:])))
+    return out / CHECKPOINT_NAME

@@ -1,0 +1,25 @@
+"""The student: the teacher's backbone plus a guidance-weight embedding, initialised from the teacher."""
+from __future__ import annotations
+
+import dataclasses
+
+from distill.errors import UserError
+from distill.training import load_net_state, net_state
+from teacher.unet import UNet, UNetConfig
+
+
+def student_config(teacher_config: UNetConfig, embed_dim: int, w_scale: float) -> UNetConfig:
+    if embed_dim < 2 or embed_dim % 2:
+        raise UserError(f"student: guidance embed_dim {embed_dim} must be an even number >= 2")
+    return dataclasses.replace(teacher_config, guidance_embed_dim=embed_dim, guidance_scale=float(w_scale))
+
+
+def student_from_teacher(teacher: UNet, embed_dim: int, w_scale: float) -> UNet:
+    """A student equal to the teacher's conditional model: shared weights copied, the
+    guidance MLP's last layer at zero, so the w term adds nothing until it is trained."""
+    student = UNet(student_config(teacher.config, embed_dim, w_scale))
+    fresh = load_net_state(student, net_state(teacher), "teacher weights", strict=False)
+    unexpected = [name for name in fresh if not name.startswith("guidance_embed.")]
+    if unexpected:
+        raise UserError(f"teacher weights do not cover the student backbone (missing {unexpected[:3]})")
+    return student

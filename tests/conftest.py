@@ -1,0 +1,57 @@
+"""Shared test set-up: Hydra compose with tiny models, and one tiny trained teacher + student."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GLOG_v", "3")
+
+import mindspore  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+# A model and budget small enough that a whole job takes seconds on 2 CPU cores.
+TINY = [
+    "model.channels=8", "model.channel_mult=[1,2]", "model.groups=4", "model.attention=false",
+    "data.max_train=64", "teacher.train.steps=4", "teacher.train.batch_size=16",
+    "teacher.train.checkpoint_every=2", "teacher.train.log_every=2", "teacher.train.warmup_steps=0",
+    "teacher.check.num_samples=20", "student.train.steps=4", "student.train.batch_size=16",
+    "student.train.checkpoint_every=2", "student.train.log_every=2", "student.targets_per_shard=3",
+    "student.embed_dim=8", "eval.classifier.steps=20", "sampler.num_steps=3", "sampler.batch_size=20",
+]
+
+
+def compose_cfg(run_dir: Path, *overrides: str, tiny: bool = True) -> DictConfig:
+    """The app's config as `distill` would see it, writing into ``run_dir``."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[*(TINY if tiny else []), f"run_dir={run_dir}", *overrides])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu() -> None:
+    from distill.runtime import setup_runtime
+
+    setup_runtime("CPU", 0)
+
+
+@pytest.fixture(autouse=True)
+def _chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A failed graph compile writes rank_0/ into the working directory: keep it out of the repo.
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder with a tiny trained teacher and student (shared by the tests that only read it)."""
+    from teacher.job import run_teacher
+    from student.job import run_distill
+
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    cfg = compose_cfg(run_dir)
+    run_teacher(cfg)
+    run_distill(cfg)
+    return run_dir
