@@ -1,0 +1,127 @@
+"""Student: zero-init equals the teacher, distillation loss falls, shards equal online targets."""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+import pytest
+
+from conftest import compose_cfg
+from distill import diffusion as dm
+from distill.data import load_data
+from distill.errors import UserError
+from distill.sampling import jit_predictor
+from student.distill import distill_inputs, regression_batch, teacher_targets
+from student.job import distill_batches, load_student, run_distill
+from student.model import student_from_teacher
+from student.targets import run_targets, shard_reader
+from teacher.guidance import GuidedPrediction
+from teacher.job import load_teacher
+from teacher.unet import UNet, UNetConfig
+
+
+def test_untrained_student_equals_teacher_conditional_prediction() -> None:
+    teacher = UNet(UNetConfig(channels=8, channel_mult=(1, 2), groups=4, image_size=8, num_classes=10))
+    rng = np.random.default_rng(0)
+    for p in teacher.trainable_params():  # non-trivial weights (output layers start at zero)
+        p.set_data(ms.Tensor((p.asnumpy() + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
+    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0)
+    z = ms.Tensor(rng.standard_normal((6, 1, 8, 8)).astype(np.float32))
+    t = ms.Tensor(rng.uniform(size=6).astype(np.float32))
+    y = ms.Tensor(rng.integers(0, 10, 6).astype(np.int32))
+    w = ms.Tensor(np.array([0, 0.5, 1, 2, 4, 7], np.float32))
+    np.testing.assert_array_equal(student(z, t, y, w).asnumpy(), teacher(z, t, y, w).asnumpy())
+    # the guidance embedding is really in the graph: perturbing its last layer changes the output
+    for p in student.guidance_embed.fc2.trainable_params():
+        p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32)))
+    assert not np.allclose(student(z, t, y, w).asnumpy(), teacher(z, t, y, w).asnumpy())
+
+
+def test_x_space_weight_matches_direct_x_space_loss() -> None:
+    rng = np.random.default_rng(1)
+    t = rng.uniform(0.05, 0.95, 5)
+    alpha, sigma = dm.alpha_sigma(dm.logsnr_schedule("cosine", t))
+    a, s = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
+    z = rng.standard_normal((5, 1, 4, 4))
+    out_student, out_teacher = rng.standard_normal((2, 5, 1, 4, 4))
+    for prediction in ("v", "eps"):
+        x_s, _ = dm.x0_eps_from_output(z, out_student, a, s, prediction)
+        x_t, _ = dm.x0_eps_from_output(z, out_teacher, a, s, prediction)
+        direct = ((x_s - x_t) ** 2).mean(axis=(1, 2, 3)) * np.maximum(alpha**2 / sigma**2, 1)
+        weight = dm.output_space_weight("x_snr_trunc", prediction, alpha, sigma)
+        np.testing.assert_allclose(weight * ((out_student - out_teacher) ** 2).mean(axis=(1, 2, 3)), direct, rtol=1e-5)
+
+
+def _random_teacher(seed: int = 0) -> UNet:
+    teacher = UNet(UNetConfig(channels=8, channel_mult=(1, 2), groups=4, attention=False, image_size=8,
+                              num_classes=10))
+    rng = np.random.default_rng(seed)
+    for p in teacher.trainable_params():  # cond and uncond must differ for guidance to matter
+        p.set_data(ms.Tensor((p.asnumpy() + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
+    return teacher
+
+
+def test_distillation_loss_falls(tmp_path) -> None:
+    from distill.training import Trainer, TrainSettings
+    from teacher.train import regression_loss
+
+    data = load_data({"name": "digits", "max_train": 64})
+    teacher = _random_teacher()
+    predict = jit_predictor(GuidedPrediction(teacher))
+    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0)
+
+    def batches(start: int):
+        make = distill_inputs(data, 32, 0, start, "cosine", 0.0, 5.0)
+
+        def batch(step: int):
+            inputs = make(step)
+            return regression_batch(inputs, teacher_targets(predict, 10, inputs), "x_snr_trunc", "v")
+        return batch
+
+    settings = TrainSettings(steps=40, batch_size=32, lr=3e-3, ema_decay=0.9, checkpoint_every=40, log_every=10)
+    losses = Trainer(student, UNet(student.config), regression_loss, batches, settings, tmp_path,
+                     {"kind": "student"}).run()
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+
+
+def test_targets_from_shards_equal_online_targets(tiny_run, tmp_path) -> None:
+    cfg = compose_cfg(tiny_run, f"student.targets_dir={tmp_path / 'targets'}", "student.targets=shards")
+    run_targets(cfg)
+    online = distill_batches(compose_cfg(tiny_run), load_data(cfg.data), load_teacher(cfg, load_data(cfg.data)))(0)
+    from_shards = distill_batches(cfg, load_data(cfg.data), None)(0)
+    for step in range(int(cfg.student.train.steps)):
+        for a, b in zip(online(step), from_shards(step)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # a second run finds everything in place and writes nothing new
+    manifest = (tmp_path / "targets" / "manifest.json").read_text()
+    run_targets(cfg)
+    assert (tmp_path / "targets" / "manifest.json").read_text() == manifest
+
+
+def test_tampered_shard_is_refused(tiny_run, tmp_path) -> None:
+    cfg = compose_cfg(tiny_run, f"student.targets_dir={tmp_path / 't'}", "student.targets=shards")
+    run_targets(cfg)
+    shard = sorted((tmp_path / "t").glob("shard_*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="checksum"):
+        shard_reader(cfg)(0)
+
+
+def test_student_refuses_teacher_of_another_architecture(tiny_run, tmp_path) -> None:
+    import shutil
+
+    shutil.copytree(tiny_run / "teacher", tmp_path / "teacher")
+    with pytest.raises(UserError, match="architecture"):
+        run_distill(compose_cfg(tmp_path, "model.channels=16"))
+
+
+def test_bad_w_range_is_refused(tiny_run) -> None:
+    with pytest.raises(UserError, match="w range"):
+        run_distill(compose_cfg(tiny_run, "student.w_min=3", "student.w_max=1"))
+
+
+def test_distilled_student_loads_with_its_w_embedding(tiny_run) -> None:
+    cfg = compose_cfg(tiny_run)
+    student, meta = load_student(cfg, load_data(cfg.data))
+    assert student.has_guidance and meta["w_convention"] == "uncond + w * (cond - uncond)"
