@@ -1,0 +1,52 @@
+"""Evaluation: report contents, same noise for both models, the real-vs-real floor."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import compose_cfg
+from distill.evaluate import real_floor, run_evaluate
+from distill.metrics import mse
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_run):
+    cfg = compose_cfg(tiny_run, "eval.ws=[0.0,2.0]", "eval.num_samples=20")
+    return run_evaluate(cfg), tiny_run / "evaluate"
+
+
+def test_report_files_and_keys(evaluated) -> None:
+    report, out = evaluated
+    for name in ("report.json", "report.md", "metrics_vs_w.png", "speed.png", "samples_side_by_side.png"):
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["ws"] == [0.0, 2.0]
+    assert on_disk["models"]["teacher"]["passes"] == 2 and on_disk["models"]["student"]["passes"] == 1
+    for model in ("teacher", "student"):
+        for w in ("0.0", "2.0"):
+            m = on_disk["models"][model]["per_w"][w]
+            assert m["fd"] >= 0 and 0 <= m["accuracy"] <= 1
+    assert on_disk["real_vs_real_fd"] >= 0
+    assert "| w | teacher FD |" in (out / "report.md").read_text()
+
+
+def test_samples_are_saved_and_agreement_is_recomputable(evaluated) -> None:
+    report, out = evaluated
+    t = np.load(out / "samples" / "teacher_w2.npz")
+    s = np.load(out / "samples" / "student_w2.npz")
+    assert t["images"].shape == (20, 8, 8, 1) and t["images"].dtype == np.uint8
+    np.testing.assert_array_equal(t["labels"], s["labels"])
+    # the saved uint8 images give back the reported student-vs-teacher MSE (up to rounding)
+    from_files = mse(s["images"].astype(np.float32) / 127.5 - 1, t["images"].astype(np.float32) / 127.5 - 1).mean()
+    assert abs(from_files - report["agreement"]["2.0"]["mse"]) < 2e-3
+
+
+def test_real_floor_is_small_for_same_distribution() -> None:
+    from distill.metrics import frechet_distance
+
+    x = np.random.default_rng(0).standard_normal((400, 4))
+    floor = real_floor(x, 0)
+    assert 0 <= floor < 0.2 and floor == real_floor(x, 0)
+    assert frechet_distance(x[:200], x[200:] + 1.0) > 10 * floor  # a shift of 1 in 4 dims: about 4
