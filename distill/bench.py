@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from distill import build
-from distill.checkpoint import atomic_write
+from distill.fileio import atomic_write
 from distill.data import load_data
 from distill.errors import UserError
 from distill.sampling import jit_predictor, sample

@@ -1,13 +1,11 @@
 """Training checkpoints: one safetensors file (no pickle) with a JSON metadata header.
 
-Writes are atomic (temp file in the same folder, fsync, rename), so a crash or a full
-disk never leaves a half-written checkpoint in place of the last good one.
+Writes are atomic (:func:`distill.fileio.atomic_write`), so a crash or a full disk never
+leaves a half-written checkpoint in place of the last good one.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,25 +15,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
 
 from distill.errors import UserError
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the temp file over ``path`` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"could not write {path}: {e.strerror or e}") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from distill.fileio import atomic_write
 
 
 def save_checkpoint(path: Path, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:

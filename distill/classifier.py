@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +20,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from distill.errors import UserError
+from distill.fileio import atomic_write
 from distill.metrics import accuracy
 
 log = logging.getLogger(__name__)
@@ -206,18 +205,6 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _atomic_write(path: Path, write: Any, suffix: str) -> str:
-    """Write to a temp file next to ``path`` via ``write(tmp)``; return the temp name (caller os.replace's it)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return tmp
-
-
 def load_or_train_classifier(
     path: str | Path, data: ClassifierData, steps: int = 300, batch_size: int = 128, seed: int = 0
 ) -> EvalClassifier:
@@ -281,12 +268,7 @@ def load_or_train_classifier(
         "n_test": int(len(data.test_labels)),
         "train_seconds": round(seconds, 2),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_w = _atomic_write(path, lambda t: ms.save_checkpoint(net, t, format="safetensors"), ".safetensors")
-    try:
-        tmp_j = _atomic_write(path, lambda t: Path(t).write_text(json.dumps(meta, indent=2) + "\n"), ".json")
-        os.replace(tmp_j, _sidecar(path))  # sidecar first: the weights file is the "cache exists" marker
-        os.replace(tmp_w, path)
-    finally:
-        Path(tmp_w).unlink(missing_ok=True)
+    # Sidecar first: the weights file is the "cache exists" marker.
+    atomic_write(_sidecar(path), lambda t: Path(t).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(path, lambda t: ms.save_checkpoint(net, t, format="safetensors"), ".safetensors")
     return net

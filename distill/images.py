@@ -7,13 +7,13 @@ Written files use uint8 N x H x W x C so any outside tool can read them.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from distill.fileio import atomic_write
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -51,25 +51,10 @@ def _to_pil(grid: np.ndarray, scale: int = 1) -> Image.Image:
     return img
 
 
-def _atomic_save(path: str | Path, write: Any, suffix: str) -> Path:
-    """Call ``write(tmp_path)`` then move the result to ``path`` with os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_grid_png(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 4) -> Path:
     """Write a grid of N x C x H x W images as an RGB PNG, upscaled ``scale`` times (nearest)."""
     img = _to_pil(make_grid(images, nrow), scale)
-    return _atomic_save(path, lambda tmp: img.save(tmp, format="PNG"), ".png")
+    return atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG"), ".png")
 
 
 def save_side_by_side_png(
@@ -96,7 +81,7 @@ def save_side_by_side_png(
         canvas.paste(strip, (label_w, y))
         draw.text((4, y + max(0, strip.height // 2 - 6)), label, fill=(0, 0, 0), font=font)
         y += strip.height + gap
-    return _atomic_save(path, lambda tmp: canvas.save(tmp, format="PNG"), ".png")
+    return atomic_write(Path(path), lambda tmp: canvas.save(tmp, format="PNG"), ".png")
 
 
 def save_samples_npz(path: str | Path, images: np.ndarray, labels: np.ndarray, **extra: Any) -> Path:
@@ -111,7 +96,7 @@ def save_samples_npz(path: str | Path, images: np.ndarray, labels: np.ndarray, *
     if u8.ndim != 4 or u8.shape[0] != labels.shape[0]:
         raise ValueError(f"images {u8.shape} and labels {labels.shape} do not match")
     arrays = {"images": u8, "labels": labels, **{k: np.asarray(v) for k, v in extra.items()}}
-    return _atomic_save(path, lambda tmp: np.savez_compressed(tmp, **arrays), ".npz")
+    return atomic_write(Path(path), lambda tmp: np.savez_compressed(tmp, **arrays), ".npz")
 
 
 def load_samples_npz(path: str | Path) -> dict[str, np.ndarray]:

@@ -8,7 +8,6 @@ there and continues with the first missing shard. ``task=distill`` with
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -19,7 +18,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from distill import build
-from distill.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from distill.checkpoint import load_checkpoint, save_checkpoint
+from distill.fileio import atomic_write, sha256
 from distill.data import load_data
 from distill.errors import UserError
 from distill.sampling import jit_predictor
@@ -30,14 +30,6 @@ from teacher.job import load_teacher, teacher_checkpoint_path
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FIELDS = ("z", "t", "y", "w", "alpha", "sigma", "target")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def targets_dir(cfg: DictConfig) -> Path:

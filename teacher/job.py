@@ -11,7 +11,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from distill import build
-from distill.checkpoint import atomic_write, read_meta
+from distill.checkpoint import read_meta
+from distill.fileio import atomic_write
 from distill.data import ImageData, load_data
 from distill.errors import UserError
 from distill.images import save_grid_png, save_samples_npz
