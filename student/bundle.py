@@ -1,0 +1,212 @@
+"""A published student bundle and :func:`from_pretrained`, its one-call loader.
+
+A bundle is a folder of plain files: ``config.json`` (everything needed to rebuild and
+sample), ``model.safetensors`` (the EMA weights), ``model.mindir`` (a fixed-batch export
+for inference on Ascend), ``README.md`` (model card), ``samples.png`` and
+``manifest.json`` (SHA-256 and size of every other file). Loading verifies the manifest
+first, then rebuilds the UNet from JSON and reads the weights from safetensors: no pickle
+anywhere.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from distill.errors import UserError
+from distill.fileio import sha256
+
+FORMAT = "guidance-distilled-student"
+FORMAT_VERSION = 1
+CONFIG, WEIGHTS, MINDIR = "config.json", "model.safetensors", "model.mindir"
+CARD, GRID, MANIFEST = "README.md", "samples.png", "manifest.json"
+W_CONVENTION = "uncond + w * (cond - uncond)"
+NOISE_STREAM = 7  # noise = default_rng((seed, 7)).standard_normal(...), as in teacher.job.guided_samples
+
+
+# ----------------------------------------------------------------------------- manifest
+def write_manifest(folder: Path) -> dict[str, Any]:
+    """SHA-256 and size of every file under ``folder`` (but the manifest itself)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "files": {p.relative_to(folder).as_posix(): {"sha256": sha256(p), "size": p.stat().st_size}
+                          for p in files}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def verify_manifest(folder: Path) -> dict[str, Any]:
+    """Check every listed file's presence, size and SHA-256; a UserError names the first bad file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"bundle not found: {folder} (run task=publish first)")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{folder} is not a student bundle: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+        files = {str(k): (str(v["sha256"]), int(v["size"])) for k, v in manifest["files"].items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path} is not a valid bundle manifest ({type(e).__name__}: {e})") from e
+    for name in (CONFIG, WEIGHTS):
+        if name not in files:
+            raise UserError(f"bundle manifest {path} does not list {name}")
+    for name, (digest, size) in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise UserError(f"bundle manifest {path} lists a path outside the bundle: {name}")
+        p = folder / name
+        if not p.is_file():
+            raise UserError(f"bundle {folder}: missing file {name} (listed in {MANIFEST})")
+        if p.stat().st_size != size:
+            raise UserError(f"checksum mismatch for {name} in {folder}: {p.stat().st_size} bytes, "
+                            f"manifest says {size} (truncated or altered)")
+        if sha256(p) != digest:
+            raise UserError(f"checksum mismatch for {name} in {folder} (the file was altered or is corrupt)")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- weights
+def save_weights(net: Any, path: Path) -> None:
+    """The net's parameters as safetensors, named relative to ``net``.
+
+    ``Parameter.name`` gains an outer cell's prefix once the net is wrapped (e.g. by
+    ConditionalPrediction), so pass explicit names instead of the Cell itself.
+    """
+    import mindspore as ms
+
+    params = [{"name": name, "data": p} for name, p in net.parameters_and_names()]
+    ms.save_checkpoint(params, str(path), format="safetensors")
+
+
+def load_weights(net: Any, path: Path) -> None:
+    """Load ``model.safetensors`` into a freshly built net; every name and shape must match."""
+    import mindspore as ms
+
+    try:
+        params = ms.load_checkpoint(str(path), format="safetensors")
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UserError(f"cannot read weights {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    expected = {name: p for name, p in net.parameters_and_names()}
+    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+    if missing or extra:
+        raise UserError(f"weights {path} do not fit the config's UNet (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, p in expected.items():
+        if tuple(params[name].shape) != tuple(p.shape):
+            raise UserError(f"weights {path}: {name} has shape {tuple(params[name].shape)}, the UNet wants {p.shape}")
+    not_loaded, _ = ms.load_param_into_net(net, {p.name: params[n] for n, p in expected.items()}, strict_load=True)
+    if not_loaded:
+        raise UserError(f"weights {path}: parameters not loaded {not_loaded[:3]}")
+
+
+def build_net(config: dict[str, Any], weights: Path) -> Any:
+    """The student UNet described by ``config`` with the weights from ``weights``, in eval mode."""
+    from teacher.unet import UNet, UNetConfig
+
+    ucfg = UNetConfig.from_dict(config["model"])
+    if ucfg.guidance_embed_dim <= 0:
+        raise UserError("bundle config describes a network without a guidance embedding: not a student")
+    net = UNet(ucfg)
+    load_weights(net, weights)
+    net.set_train(False)
+    return net
+
+
+# ----------------------------------------------------------------------------- the loaded model
+@dataclass
+class Pretrained:
+    """A loaded student: ``.net`` (the UNet), ``.config`` (config.json) and :meth:`sample`."""
+
+    net: Any
+    config: dict[str, Any]
+    path: Optional[Path] = None
+    _predictors: dict[bool, Callable[..., Any]] = field(default_factory=dict, repr=False)  # by use_jit
+
+    @property
+    def w_range(self) -> tuple[float, float]:
+        g = self.config["guidance"]
+        return float(g["w_min"]), float(g["w_max"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config["classes"]["names"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        i = self.config["image"]
+        return int(i["channels"]), int(i["height"]), int(i["width"])
+
+    def settings(self, num_steps: Optional[int] = None, w_schedule: str = "constant") -> Any:
+        from distill.sampling import SamplerSettings
+
+        s, d = self.config["sampler"], self.config["diffusion"]
+        settings = SamplerSettings(
+            num_steps=int(num_steps if num_steps is not None else s["num_steps"]), kind=str(s["kind"]),
+            eta=float(s["eta"]), schedule=str(d["schedule"]), prediction=str(d["prediction"]),
+            w_schedule=str(w_schedule), clip_x0=bool(s["clip_x0"]),
+            dynamic_threshold=None if s.get("dynamic_threshold") is None else float(s["dynamic_threshold"]))
+        settings.validate()
+        return settings
+
+    def noise(self, n: int, seed: int) -> np.ndarray:
+        """The starting noise for ``n`` images: the same seed gives the same noise."""
+        return np.random.default_rng((int(seed), NOISE_STREAM)).standard_normal((n, *self.image_shape)).astype(np.float32)
+
+    def check_w(self, w: float, w_schedule: str, num_steps: int, allow_extrapolation: bool = False) -> None:
+        from distill import diffusion as dm
+
+        if not np.isfinite(w):
+            raise UserError(f"guidance weight w={w} must be a finite number")
+        ws = dm.guidance_schedule(w_schedule, float(w), num_steps)
+        lo, hi = self.w_range
+        if not allow_extrapolation and (ws.min() < lo - 1e-6 or ws.max() > hi + 1e-6):
+            reach = "" if w_schedule == "constant" else f" (the {w_schedule} schedule spans {ws.min():.3g}..{ws.max():.3g})"
+            raise UserError(f"w={w:g}{reach} is outside the distilled range [{lo:g}, {hi:g}]; pass "
+                            f"allow_extrapolation=True (task=sample: sample.allow_extrapolation=true) to sample anyway")
+
+    def sample(self, labels: Sequence[int] | np.ndarray, w: float, num_steps: Optional[int] = None, seed: int = 0,
+               w_schedule: str = "constant", batch_size: Optional[int] = None, allow_extrapolation: bool = False,
+               noise: Optional[np.ndarray] = None, use_jit: bool = True) -> np.ndarray:
+        """Images (N x C x H x W float32 in [-1, 1]) for class ``labels`` at guidance ``w``, one pass per step."""
+        from distill.sampling import jit_predictor, sample_in_batches
+        from teacher.guidance import ConditionalPrediction
+
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        k = len(self.class_names)
+        if labels.size == 0 or labels.min() < 0 or labels.max() >= k:
+            raise UserError(f"labels must be a non-empty list of class indices in [0, {k})")
+        settings = self.settings(num_steps, w_schedule)
+        self.check_w(float(w), settings.w_schedule, settings.num_steps, allow_extrapolation)
+        n = labels.size
+        noise = self.noise(n, seed) if noise is None else np.asarray(noise, np.float32)
+        if noise.shape != (n, *self.image_shape):
+            raise UserError(f"noise has shape {noise.shape}, expected {(n, *self.image_shape)}")
+        if use_jit not in self._predictors:
+            self._predictors[use_jit] = jit_predictor(ConditionalPrediction(self.net), use_jit)
+        batch = int(batch_size or min(n, int(self.config["sampler"]["batch_size"])))
+        null = np.full(n, int(self.config["classes"]["null_class"]), np.int32)
+        return sample_in_batches(self._predictors[use_jit], noise, labels.astype(np.int32), float(w), settings, null,
+                                 batch, seed=int(seed))
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path} ({e})") from e
+    if config.get("format") != FORMAT:
+        raise UserError(f"{path} is not a {FORMAT} config (format={config.get('format')!r})")
+    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+        raise UserError(f"{path} has format_version {config['format_version']}; this code reads up to {FORMAT_VERSION}")
+    return config
+
+
+def from_pretrained(path: str | Path) -> Pretrained:
+    """Verify a published bundle's manifest, rebuild the student from config.json, load its weights."""
+    folder = Path(path).expanduser()
+    verify_manifest(folder)
+    config = read_config(folder)
+    return Pretrained(build_net(config, folder / WEIGHTS), config, folder)

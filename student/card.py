@@ -1,0 +1,161 @@
+"""The bundle's model card (README.md): what the model is, how it was made, how well it does, its limits."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from student.bundle import GRID, MINDIR, W_CONVENTION
+
+Row = dict[str, Any]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> Row:
+    out: Row = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif not isinstance(v, (list, tuple)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _as_float(s: Any) -> Optional[float]:
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return None
+
+
+def per_w_rows(report: Any, depth: int = 0) -> Optional[list[Row]]:
+    """The first per-w table in an evaluation report, whatever its exact layout: a list of
+    rows that carry a ``w`` key, or a mapping keyed by w values ("2.0": {...})."""
+    if depth > 3:
+        return None
+    if isinstance(report, list) and report and all(isinstance(r, dict) and "w" in r for r in report):
+        return [_flatten(r) for r in report]
+    if isinstance(report, dict):
+        if report and all(_as_float(k) is not None and isinstance(v, dict) for k, v in report.items()):
+            return [{"w": _as_float(k), **_flatten(v)} for k, v in report.items()]
+        for value in report.values():
+            rows = per_w_rows(value, depth + 1)
+            if rows:
+                return rows
+    return None
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    cols = ["w"] + [c for c in cols if c != "w"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def project_tables(report: dict[str, Any]) -> Optional[str]:
+    """The quality and speed tables exactly as ``task=evaluate`` renders them, if the report has that layout."""
+    from distill.report import metrics_table, speed_table
+
+    try:
+        text = f"{metrics_table(report)}\n\n{speed_table(report)}"
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError):
+        return None
+    floor, speedup = report.get("real_vs_real_fd"), report.get("speedup")
+    notes = [f"Real-vs-real FD floor: {floor:.3f}." if isinstance(floor, (int, float)) else "",
+             f"Speed-up of the one-pass student over the two-pass teacher: **{speedup:.2f}x**."
+             if isinstance(speedup, (int, float)) else ""]
+    return "\n\n".join([text, " ".join(n for n in notes if n)]).strip()
+
+
+def evaluation_section(report: Optional[dict[str, Any]]) -> str:
+    if report is None:
+        return "Not evaluated yet: run `task=evaluate` on the run, then publish again to include its metrics."
+    tables = project_tables(report)
+    if tables:
+        n = report.get("num_samples", "the")
+        return (f"From the run's last evaluation (`evaluate/report.json`): {n} class-balanced samples per model "
+                f"and w, student and teacher on the same noise and classes. FD is the Frechet distance in the "
+                f"evaluation classifier's features (lower is better).\n\n{tables}")
+    rows = per_w_rows(report)
+    scalars = {k: v for k, v in report.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    parts = ["From the run's last evaluation (`evaluate/report.json`): student and teacher on the same noise, "
+             "classes and w grid."]
+    if rows:
+        parts.append(markdown_table(rows))
+    else:
+        parts.append(f"The report has no per-w table; its keys are: {', '.join(map(str, report))}.")
+    if scalars:
+        parts.append("\n".join(f"- {k}: {_fmt(v)}" for k, v in scalars.items()))
+    return "\n\n".join(parts)
+
+
+def model_card(config: dict[str, Any], report: Optional[dict[str, Any]], card_ws: list[float]) -> str:
+    g, c, img, s = config["guidance"], config["classes"], config["image"], config["sampler"]
+    m, mx = config["model"], config["mindir"]
+    t = {k: ("unknown" if v is None else v) for k, v in config.get("training", {}).items()}
+    names = ", ".join(map(str, c["names"]))
+    shape = f"{img['channels']}x{img['height']}x{img['width']}"
+    return f"""# One-pass guidance-distilled diffusion student ({t.get('data', 'unknown')})
+
+A class-conditional diffusion model ({config['diffusion']['prediction']}-prediction, {config['diffusion']['schedule']}
+logSNR schedule, continuous time t in [0, 1]) that produces the classifier-free-guided prediction
+`{W_CONVENTION}` in **one** network pass per sampling step instead of two. The guidance weight w is an
+input: w = 0 unconditional, w = 1 plain conditional, w > 1 stronger guidance. It was distilled for
+w in [{g['w_min']:g}, {g['w_max']:g}].
+
+- Images: {shape} (channels x height x width), values in [-1, 1]
+- Classes ({c['num_classes']}): {names}; the null class index is {c['null_class']} (kept for the teacher's interface)
+- Backbone: UNet, {m['channels']} channels x {m['channel_mult']}, {m['num_res_blocks']} res block(s) per level,
+  attention {'on' if m['attention'] else 'off'}, guidance embedding of size {m['guidance_embed_dim']}
+
+## Use
+
+```python
+from student import from_pretrained
+
+model = from_pretrained("path/to/bundle")      # verifies manifest.json, then loads config.json + model.safetensors
+images = model.sample(labels=[0, 1, 2], w={s['w']:g}, seed=0)  # N x C x H x W in [-1, 1]
+```
+
+Or from the command line: `distill task=sample sample.bundle=path/to/bundle sample.w=2`.
+Default sampler: {s['kind']}, {s['num_steps']} steps, eta {s['eta']:g}, w = {s['w']:g} ({s['w_schedule']} schedule).
+
+`{MINDIR}` is the network alone (one pass: `(x, t, y, w) -> output`) exported for inference on Ascend with a
+**fixed batch of {mx['batch_size']}** (MINDIR fixes the traced shapes; pad smaller batches). Run the sampling loop around it.
+
+## Training
+
+- Teacher: classifier-free-guidance UNet, {t.get('teacher_steps', 'unknown')} steps, condition dropout
+  p_uncond = {t.get('p_uncond', 'unknown')}.
+- Student: the teacher's backbone plus a guidance-weight embedding added to the timestep embedding, initialised
+  from the teacher, then {t.get('student_steps', 'unknown')} steps regressing onto the teacher's two-pass guided output
+  with w ~ U[{g['w_min']:g}, {g['w_max']:g}] per example (loss `{t.get('loss', 'unknown')}`, targets {t.get('targets', 'unknown')});
+  these are the EMA weights (Meng et al., CVPR 2023, "On Distillation of Guided Diffusion Models", stage 1).
+
+## Evaluation
+
+{evaluation_section(report)}
+
+## Samples
+
+![samples]({GRID})
+
+One row per w in {', '.join(f'{w:g}' for w in card_ws)}, one column per class, the same noise in every row
+({s['num_steps']} {s['kind']} steps, seed 0).
+
+## Intended use and limits
+
+- For research and teaching on guidance distillation: generating class-conditional images like the training
+  data, and comparing one-pass against two-pass guided sampling.
+- Outside [{g['w_min']:g}, {g['w_max']:g}] the model was never trained; `sample` refuses such w unless
+  `allow_extrapolation=True`. Linear and cosine w schedules are checked over every step.
+- Quality is bounded by the teacher and by the small training budget; check the evaluation table above rather
+  than trusting single images. It only knows the classes listed; it is not a general image generator.
+- `manifest.json` holds the SHA-256 and size of every file; `from_pretrained` refuses a bundle that does not match.
+"""
