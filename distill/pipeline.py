@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from distill import build
 from distill.report import write_json
+from distill.runtime import is_main
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         timings[name] = round(time.perf_counter() - t0, 1)
         log.info("pipeline: %s done in %.1f s", name, timings[name])
     timings["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    write_json(run / "pipeline.json", timings)
+    if is_main():
+        write_json(run / "pipeline.json", timings)
     log.info("pipeline: finished in %.1f s; outputs in %s", timings["total_seconds"], run)
     return timings

@@ -15,6 +15,7 @@ from distill.checkpoint import read_meta
 from distill.fileio import atomic_write
 from distill.data import ImageData, load_data
 from distill.errors import UserError
+from distill.runtime import is_main, shard
 from distill.sampling import jit_predictor
 from distill.training import CHECKPOINT_NAME, Trainer, load_ema_weights
 from student.distill import check_w_range, distill_inputs, regression_batch, teacher_targets
@@ -79,7 +80,7 @@ def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
                               float(s.w_min), float(s.w_max))
 
         def batch(step: int) -> tuple[np.ndarray, ...]:
-            inputs = make(step)
+            inputs = shard(make(step), int(s.train.batch_size))  # data parallel: targets for this rank's slice only
             return regression_batch(inputs, teacher_targets(predict, data.num_classes, inputs), loss_space, prediction)
         return batch
 
@@ -97,7 +98,7 @@ def run_distill(cfg: DictConfig) -> Path:
     student = student_from_teacher(teacher, int(s.embed_dim), float(s.w_scale))
     ema = UNet(student.config)
     settings = build.train_settings(s.train, int(cfg.seed), bool(cfg.jit))
-    writer = SummaryWriter(str(build.run_dir(cfg) / "tb"))
+    writer = SummaryWriter(str(build.run_dir(cfg) / "tb")) if is_main() else None  # rank 0 writes
     meta = student_meta(student.config, cfg, data)
     trainer = Trainer(student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out, meta, writer)
     trainer.try_resume()
@@ -106,8 +107,9 @@ def run_distill(cfg: DictConfig) -> Path:
     start_step, t0 = trainer.step, time.perf_counter()
     losses = trainer.run()
     seconds = time.perf_counter() - t0
-    writer.close()
-    if trainer.step > start_step:
+    if writer is not None:
+        writer.close()
+    if trainer.step > start_step and is_main():
         ran = trainer.step - start_step
         summary = {"steps": trainer.step, "targets": str(s.targets), "seconds": round(seconds, 1),
                    "seconds_per_step": round(seconds / ran, 4), "first_loss": losses[0], "last_loss": losses[-1]}

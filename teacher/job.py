@@ -16,6 +16,7 @@ from distill.fileio import atomic_write
 from distill.data import ImageData, load_data
 from distill.errors import UserError
 from distill.images import save_grid_png, save_samples_npz
+from distill.runtime import is_main
 from distill.sampling import SamplerSettings, jit_predictor, sample_in_batches
 from distill.training import CHECKPOINT_NAME, Trainer, load_ema_weights
 from teacher.guidance import GuidedPrediction
@@ -110,7 +111,7 @@ def run_teacher(cfg: DictConfig) -> Path:
         return teacher_batch_maker(data, settings.batch_size, settings.seed, start, cfg.diffusion.schedule,
                                    cfg.diffusion.prediction, p_uncond)
 
-    writer = SummaryWriter(str(build.run_dir(cfg) / "tb"))
+    writer = SummaryWriter(str(build.run_dir(cfg) / "tb")) if is_main() else None  # rank 0 writes
     trainer = Trainer(net, ema, regression_loss, batches, settings, out, teacher_meta(ucfg, cfg, data), writer)
     trainer.try_resume()
     log.info("teacher: %d parameters, %d train images %s, %d steps at batch %d",
@@ -120,9 +121,10 @@ def run_teacher(cfg: DictConfig) -> Path:
     trainer.run()
     train_seconds = time.perf_counter() - t0
     ema.set_train(False)
-    if not done_before:
-        check_teacher(cfg, data, ema, out, writer, train_seconds, trainer.step)
-    writer.close()
+    if writer is not None:  # rank 0 only; also after a restart that found training done but no report
+        if not done_before or not (out / "report.json").is_file():
+            check_teacher(cfg, data, ema, out, writer, train_seconds, trainer.step)
+        writer.close()
     return out / CHECKPOINT_NAME
 
 

@@ -1,0 +1,161 @@
+"""Bad input end to end: `python -m distill task=... bad=...` exits 2 with one `error:` line and changes no checkpoint.
+
+Every row runs the real CLI in a subprocess (the rows run three at a time to keep the module
+quick). Rows that point at a trained run get their own copy of it: a finished tiny teacher and
+student (4 steps each) and a published bundle. docs/bad_inputs.md lists these rows with the
+in-process tests of the same inputs.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import TINY, compose_cfg
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    args: tuple[str, ...]
+    message: str              # expected start of the text after "error: "; {run} = the row's run_dir
+    start: str = "trained"    # run_dir: a copy of the trained run | "teacher" (its teacher only) | "empty"
+
+
+def _has_gpu() -> bool:
+    import mindspore.device_context as dc
+
+    return bool(dc.gpu.is_available())
+
+
+def _rows(files: Path) -> list[Row]:
+    return [
+        Row("unknown task", ("task=nonsense",), "unknown task 'nonsense' (choose one of: teacher,"),
+        Row("unknown device", ("task=teacher", "device=TPU"), "device 'TPU' is not one of CPU, GPU, Ascend"),
+        *([] if _has_gpu() else [
+            Row("device not available here", ("task=teacher", "device=GPU"),
+                "device 'GPU' is not available here (this MindSpore build or machine has no GPU")]),
+        Row("bf16 on CPU", ("task=teacher", "precision=bf16"), "precision=bf16 needs Ascend (device is CPU)"),
+        Row("distributed without msrun", ("task=teacher", "distributed=true"),
+            "distributed=true needs a launcher: start the workers with msrun"),
+        Row("unknown jit level", ("task=teacher", "graph_mode_options.jit_level=O3"),
+            "graph_mode_options.jit_level 'O3' is not one of O0, O1"),
+        Row("data folder missing", ("task=teacher", "data=mnist", f"data.root={files / 'nowhere'}"),
+            f"data: root {files / 'nowhere'} is not a folder"),
+        Row("data file in the wrong format", ("task=teacher", "data=mnist", f"data.root={files / 'bad_mnist'}"),
+            f"data: {files / 'bad_mnist' / 'train-images-idx3-ubyte'} is not an IDX image file"),
+        Row("image size the model cannot take", ("task=teacher", "data.image_size=7"),
+            "model: image size 7 cannot be halved"),
+        Row("p_uncond out of range", ("task=teacher", "teacher.train.steps=6", "teacher.p_uncond=1.5"),
+            "teacher: p_uncond 1.5 must be in [0, 1)"),
+        Row("training value of the wrong type", ("task=teacher", "teacher.train.steps=many"),
+            "training: steps must be an integer, not 'many'", start="empty"),
+        Row("w range reversed", ("task=distill", "student.w_min=3", "student.w_max=1"),
+            "student: w range [3.0, 1.0] must satisfy"),
+        Row("w outside the bundle's range", ("task=sample", "sample.w=9"), "w=9 is outside the distilled range"),
+        Row("resume into a run of another model", ("task=teacher", "model.channels=16"),
+            "{run}/teacher/checkpoint.safetensors holds a different run (model: channels 8 vs 16; checkpoint vs now)"),
+        Row("teacher of another architecture", ("task=distill", "model.channels=16"),
+            "teacher {run}/teacher/checkpoint.safetensors has another architecture"),
+        Row("corrupt checkpoint", ("task=distill", f"teacher.checkpoint={files / 'garbage.safetensors'}"),
+            f"checkpoint {files / 'garbage.safetensors'} is corrupt or not a safetensors file"),
+        Row("no teacher yet", ("task=distill",), "teacher checkpoint not found: {run}/teacher/", start="empty"),
+        Row("no student yet", ("task=evaluate",), "student checkpoint not found: {run}/student/", start="teacher"),
+        Row("negative w in the evaluation grid", ("task=evaluate", "eval.ws=[1.0,-1.0]", "eval.num_samples=10"),
+            "guidance weight w=-1.0 must be a finite number >= 0"),
+        Row("images that are not square", ("task=teacher", "data=folder", f"data.root={files / 'wide_images'}"),
+            "model: images must be square, got 6x8"),
+        Row("non-finite loss (absurd lr)", ("task=teacher", "teacher.train.steps=8", "teacher.train.lr=1e30"),
+            "training: loss became non-finite"),
+        Row("bundle with a wrong checksum", ("task=sample", f"sample.bundle={files / 'tampered_bundle'}"),
+            "checksum mismatch for model.safetensors"),
+    ]
+
+
+def _checkpoints(run: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in run.rglob("*") if p.suffix in (".safetensors", ".mindir")}
+
+
+@dataclass
+class Outcome:
+    row: Row
+    returncode: int
+    stderr: str
+    before: dict[str, tuple[bytes, int]]
+    after: dict[str, tuple[bytes, int]]
+    run: Path
+
+
+@pytest.fixture(scope="module")
+def outcomes(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+    from student.publish import run_publish
+
+    root = tmp_path_factory.mktemp("cli_errors")
+    trained = root / "trained"
+    for stage in ("teacher", "student"):
+        shutil.copytree(tiny_run / stage, trained / stage)
+    run_publish(compose_cfg(trained))  # -> trained/bundle
+    files = root / "files"
+    (files / "bad_mnist").mkdir(parents=True)
+    (files / "bad_mnist" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01" + bytes(60))
+    (files / "bad_mnist" / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + bytes(8))
+    (files / "garbage.safetensors").write_bytes(b"not a checkpoint at all")
+    for label in ("a", "b"):
+        (files / "wide_images" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 6), 40 * i).save(files / "wide_images" / label / f"{i}.png")
+    tampered = Path(shutil.copytree(trained / "bundle", files / "tampered_bundle"))
+    raw = bytearray((tampered / "model.safetensors").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (tampered / "model.safetensors").write_bytes(bytes(raw))
+
+    def run(row: Row, index: int) -> Outcome:
+        work = root / f"row{index}"
+        run_dir = work / "run"
+        if row.start == "trained":
+            shutil.copytree(trained, run_dir)
+        elif row.start == "teacher":
+            shutil.copytree(trained / "teacher", run_dir / "teacher")
+        else:
+            run_dir.mkdir(parents=True)
+        before = _checkpoints(files) | _checkpoints(run_dir)
+        proc = subprocess.run([sys.executable, "-m", "distill", *TINY, *row.args, f"run_dir={run_dir}"],
+                              cwd=work, env=dict(os.environ, GLOG_v="3"), capture_output=True, text=True,
+                              timeout=300)
+        return Outcome(row, proc.returncode, proc.stderr, before, _checkpoints(files) | _checkpoints(run_dir), run_dir)
+
+    rows = _rows(files)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(run, rows, range(len(rows))))
+    return {result.row.name: result for result in results}
+
+
+@pytest.mark.parametrize("name", [row.name for row in _rows(Path("files"))])
+def test_bad_input_exits_2_with_one_error_line_and_keeps_checkpoints(name: str, outcomes) -> None:
+    out = outcomes[name]
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
+    expected = "error: " + out.row.message.replace("{run}", str(out.run))
+    assert lines[0].startswith(expected), lines[0]
+    assert {k: out.after.get(k) for k in out.before} == out.before, "an existing checkpoint changed"
+    if out.row.start != "empty":
+        assert any(k.startswith("teacher/") for k in out.before), "no existing checkpoint to protect"
+
+
+def test_config_keys_hydra_does_not_know_exit_1_before_anything_runs(tmp_path: Path) -> None:
+    """Hydra itself rejects unknown keys and group options (its own message and exit code 1)."""
+    proc = subprocess.run([sys.executable, "-m", "distill", "task=teacher", "teacher.nonexistent=1",
+                           f"run_dir={tmp_path / 'run'}"], cwd=tmp_path, env=dict(os.environ, GLOG_v="3"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Could not override 'teacher.nonexistent'" in proc.stderr
+    assert not (tmp_path / "run").exists()
