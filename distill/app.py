@@ -9,7 +9,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig
 
 from distill.errors import UserError
-from distill.runtime import setup_runtime
+from distill.runtime import current, is_main, setup_from_config
 
 log = logging.getLogger("distill")
 
@@ -18,12 +18,15 @@ TASKS: dict[str, str] = {
     "teacher": "teacher.job:run_teacher",
     "targets": "student.targets:run_targets",
     "distill": "student.job:run_distill",
+    "progressive": "student.progressive:run_progressive",
     "evaluate": "distill.evaluate:run_evaluate",
     "bench": "distill.bench:run_bench",
     "publish": "student.publish:run_publish",
     "sample": "student.publish:run_sample",
     "pipeline": "distill.pipeline:run_pipeline",
 }
+# Tasks every data-parallel worker runs (they train); the others run on rank 0 alone.
+ALL_RANKS = ("teacher", "distill", "progressive", "pipeline")
 
 
 def resolve_task(name: str) -> Callable[[DictConfig], Any]:
@@ -31,17 +34,25 @@ def resolve_task(name: str) -> Callable[[DictConfig], Any]:
         raise UserError(f"unknown task '{name}' (choose one of: {', '.join(TASKS)})")
     module, func = TASKS[name].split(":")
     try:
-        return getattr(importlib.import_module(module), func)
+        job = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as e:
         raise UserError(f"task '{name}' is not available in this version ({e})") from e
+    return job if name in ALL_RANKS or is_main() else _skipped_here(name)
+
+
+def _skipped_here(name: str) -> Callable[[DictConfig], Any]:
+    def skip(cfg: DictConfig) -> Any:
+        log.info("rank %d: task %s runs on rank 0 only", current().rank, name)
+        return None
+    return skip
 
 
 def run(cfg: DictConfig) -> Any:
     """Run one task; exits with status 2 and a one-line message on bad input."""
     try:
-        task = resolve_task(str(cfg.task))
-        setup_runtime(str(cfg.device), int(cfg.seed))
-        return task(cfg)
+        resolve_task(str(cfg.task))  # an unknown task fails before any set-up
+        setup_from_config(cfg)
+        return resolve_task(str(cfg.task))(cfg)  # after set-up: on ranks other than 0 report tasks are no-ops
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(UserError.exit_code)

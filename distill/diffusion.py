@@ -242,3 +242,65 @@ def output_space_weight(loss_space: str, prediction: str, alpha: np.ndarray, sig
     if loss_space == "x_snr_trunc":
         weight = weight * np.maximum(alpha**2 / sigma**2, 1.0)
     return weight.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- progressive distillation
+def grid_alpha_sigma(schedule: str, times) -> Tuple[np.ndarray, np.ndarray]:
+    """(alpha, sigma) at sampler grid times, float64, with the sampler's convention that
+    t = 0 is clean data exactly (alpha = 1, sigma = 0; see ``distill.sampling.step_times``)."""
+    times = np.asarray(times, np.float32)
+    alpha, sigma = alpha_sigma(logsnr_schedule(schedule, times))
+    alpha, sigma = alpha.astype(np.float64), sigma.astype(np.float64)
+    clean = times == 0.0
+    return np.where(clean, 1.0, alpha), np.where(clean, 0.0, sigma)
+
+
+def progressive_times(num_steps: int, i) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Times (t, t_mid, s) for step ``i`` (1..N, may be an array) of an N-step student.
+
+    t = i/N, t_mid = t - 1/(2N), s = t - 1/N, taken from the very grids the sampler uses
+    (:func:`sampling_times` of N and 2N steps), so training sees the sampler's float32 times.
+    """
+    i = np.asarray(i)
+    if np.any(i < 1) or np.any(i > num_steps):
+        raise UserError(f"progressive step index must be in 1..{num_steps}")
+    coarse, fine = sampling_times(num_steps), sampling_times(2 * num_steps)
+    return coarse[num_steps - i], fine[2 * (num_steps - i) + 1], coarse[num_steps - i + 1]
+
+
+def ddim_x0_for_step(z_t: Array, z_s: Array, alpha_t: Array, sigma_t: Array, alpha_s: Array,
+                     sigma_s: Array) -> Array:
+    """The x0 for which ONE deterministic DDIM step from z_t (time t) lands exactly on z_s (s < t).
+
+    A DDIM step is z_s = alpha_s x + sigma_s (z_t - alpha_t x) / sigma_t; solved for x with
+    r = sigma_s / sigma_t: x = (z_s - r z_t) / (alpha_s - r alpha_t). At s = 0 (alpha_s = 1,
+    sigma_s = 0) this is z_s itself. Salimans & Ho (2022), eq. 8 / ``dpm.py`` ``x_target``.
+    """
+    r = sigma_s / sigma_t
+    return (z_s - r * z_t) / (alpha_s - r * alpha_t)
+
+
+def output_target_from_x0(z_t: Array, x0: Array, alpha_t: Array, sigma_t: Array, prediction: str) -> Array:
+    """The network output (eps or v) at (z_t, t) that means ``x0``: eps from z_t and x0, then convert."""
+    return output_from_x0_eps(x0, eps_from_x0(z_t, x0, alpha_t, sigma_t), alpha_t, sigma_t, prediction)
+
+
+def two_step_ddim_target(denoise, z_t: Array, times, schedule: str, prediction: str):
+    """Progressive-distillation target: two deterministic teacher DDIM steps t -> t_mid -> s, as one step.
+
+    ``denoise(z, t, alpha, sigma) -> (x0, eps)`` is the teacher at one time (numpy in, numpy out;
+    per-example ``t``/``alpha``/``sigma`` of shape (B,), broadcast here to (B, 1, 1, 1)).
+    ``times`` is ``(t, t_mid, s)`` from :func:`progressive_times`. Returns
+    ``(target, x_tilde, z_s)``: the network output at (z_t, t) whose single DDIM step lands on
+    the teacher's z_s, the x0 it implies, and z_s itself (all float64).
+    """
+    t, t_mid, s = (np.asarray(x, np.float32) for x in times)
+    (a_t, s_t), (a_m, s_m), (a_s, s_s) = (grid_alpha_sigma(schedule, x) for x in (t, t_mid, s))
+    col = lambda v: v.reshape(-1, *([1] * (np.ndim(z_t) - 1)))  # noqa: E731
+    z_t = np.asarray(z_t, np.float64)
+    x0, eps = denoise(z_t, t, a_t, s_t)
+    z_mid = ddim_step(np.asarray(x0, np.float64), np.asarray(eps, np.float64), col(a_t), col(s_t), col(a_m), col(s_m))
+    x0, eps = denoise(z_mid, t_mid, a_m, s_m)
+    z_s = ddim_step(np.asarray(x0, np.float64), np.asarray(eps, np.float64), col(a_m), col(s_m), col(a_s), col(s_s))
+    x_tilde = ddim_x0_for_step(z_t, z_s, col(a_t), col(s_t), col(a_s), col(s_s))
+    return output_target_from_x0(z_t, x_tilde, col(a_t), col(s_t), prediction), x_tilde, z_s

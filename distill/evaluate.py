@@ -3,7 +3,9 @@
 Per model and w: Frechet distance to held-out real images in the evaluation classifier's
 features, class accuracy of the samples, and (student only) PSNR / MSE against the
 teacher's sample from the same noise. The real-vs-real distance of two halves of the
-held-out data is the floor. Speed: wall time per image with the same batch and steps.
+held-out data is the floor. Speed: wall time per image with the same batch, each model at
+its own number of sampling steps: the teacher at ``eval.teacher_steps`` (null = sampler.num_steps),
+each student of ``eval.students`` at its own (e.g. progressive rounds at 8 and 4 steps).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from PIL import Image
 from distill import build
 from distill.classifier import EvalClassifier, features_and_predictions, load_or_train_classifier
 from distill.data import ImageData, load_data
+from distill.errors import UserError
 from distill.images import save_side_by_side_png, save_samples_npz
 from distill.metrics import accuracy, frechet_distance, mean_psnr, mse
 from distill.report import write_evaluation_report
@@ -47,15 +50,48 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def evaluation_models(cfg: DictConfig, data: ImageData) -> dict[str, Any]:
-    """name -> jitted predictor: the two-pass teacher and the one-pass student."""
+def student_specs(cfg: DictConfig) -> list[tuple[str, Path | None, int | None]]:
+    """(name, checkpoint or None = the run's student, steps or None = its own) for each one-pass student.
+
+    ``eval.students`` lists {name, path, steps}; empty means the run's student (or ``eval.student``)
+    at ``sampler.num_steps``. A listed student without steps uses the ``sampling_steps`` it was
+    distilled for (progressive rounds), else ``sampler.num_steps``.
+    """
+    listed = cfg.eval.get("students") or []
+    if not listed:
+        path = Path(str(cfg.eval.student)) if cfg.eval.get("student") else None
+        return [("student", path, int(cfg.sampler.num_steps))]
+    if cfg.eval.get("student"):
+        raise UserError("set eval.student (one student) or eval.students (several), not both")
+    specs: list[tuple[str, Path | None, int | None]] = []
+    for entry in listed:
+        keys = set(entry) if hasattr(entry, "keys") else set()
+        name = str(entry.get("name") or "") if keys else ""
+        if not name or name == "teacher" or name in [n for n, _, _ in specs] or keys - {"name", "path", "steps"}:
+            raise UserError(f"eval.students: each entry is a mapping {{name, path, steps}} with a unique name "
+                            f"other than 'teacher', got {entry}")
+        steps = entry.get("steps")
+        if steps is not None and int(steps) < 1:
+            raise UserError(f"eval.students: steps of '{name}' must be >= 1, got {steps}")
+        specs.append((name, Path(str(entry["path"])) if entry.get("path") else None,
+                      None if steps is None else int(steps)))
+    return specs
+
+
+def evaluation_models(cfg: DictConfig, data: ImageData) -> dict[str, tuple[Any, int]]:
+    """name -> (prediction cell, sampling steps): the two-pass teacher, then the one-pass student(s)."""
     from student.job import load_student
     from teacher.guidance import ConditionalPrediction, GuidedPrediction
     from teacher.job import load_teacher
 
-    student_path = Path(str(cfg.eval.student)) if cfg.eval.get("student") else None
-    student, _ = load_student(cfg, data, student_path)
-    return {"teacher": GuidedPrediction(load_teacher(cfg, data)), "student": ConditionalPrediction(student)}
+    teacher_steps = cfg.eval.get("teacher_steps")
+    models = {"teacher": (GuidedPrediction(load_teacher(cfg, data)),
+                          int(cfg.sampler.num_steps if teacher_steps is None else teacher_steps))}
+    for name, path, steps in student_specs(cfg):
+        student, meta = load_student(cfg, data, path)
+        models[name] = (ConditionalPrediction(student),
+                        int(steps or meta.get("sampling_steps") or cfg.sampler.num_steps))
+    return models
 
 
 def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -65,8 +101,10 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     data = load_data(cfg.data)
     out = build.run_dir(cfg) / "evaluate"
     clf = evaluation_classifier(cfg, data)
-    cells = evaluation_models(cfg, data)
-    predictors = {name: jit_predictor(cell, bool(cfg.jit)) for name, cell in cells.items()}
+    models = evaluation_models(cfg, data)
+    predictors = {name: jit_predictor(cell, bool(cfg.jit)) for name, (cell, _) in models.items()}
+    settings = {name: build.sampler_settings(cfg, steps) for name, (_, steps) in models.items()}
+    students = [name for name in models if name != "teacher"]
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
     ws = [float(w) for w in cfg.eval.ws]
     real_feats, _ = features_and_predictions(clf, data.test_images)
@@ -74,45 +112,51 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         "num_samples": n, "sampler": build.plain(cfg.sampler), "ws": ws,
         "classifier_heldout_accuracy": float(getattr(clf, "heldout_accuracy", float("nan"))),
         "real_vs_real_fd": real_floor(real_feats, seed), "num_heldout": int(len(data.test_images)),
-        "models": {name: {"passes": int(cell.passes), "per_w": {}} for name, cell in cells.items()},
-        "agreement": {},
+        "models": {name: {"passes": int(cell.passes), "steps": steps, "per_w": {}}
+                   for name, (cell, steps) in models.items()},
+        "agreement": {},  # of the first student (the only one by default); every student has its own in per_w
     }
     # Compile and warm up each predictor at the evaluation batch before anything is timed.
     warm = min(n, int(cfg.sampler.batch_size))
     for name, predict in predictors.items():
-        guided_samples(predict, data, cfg, 1.0, warm, seed)
+        guided_samples(predict, data, cfg, 1.0, warm, seed, settings[name])
     seconds = {name: 0.0 for name in predictors}
     rows: list[tuple[str, np.ndarray]] = []
     samples_dir = out / "samples"
     for w in ws:
         images = {}
         for name, predict in predictors.items():
-            (imgs, labels), dt = timed(lambda: guided_samples(predict, data, cfg, w, n, seed))
+            (imgs, labels), dt = timed(lambda: guided_samples(predict, data, cfg, w, n, seed, settings[name]))
             seconds[name] += dt
             feats, pred = features_and_predictions(clf, imgs)
             images[name] = imgs
-            report["models"][name]["per_w"][str(w)] = {
-                "fd": frechet_distance(feats, real_feats), "accuracy": accuracy(pred, labels)}
-            save_samples_npz(samples_dir / f"{name}_w{w:g}.npz", imgs, labels, w=w, model=name)
-            rows.append((f"{name} w={w:g}", imgs[: 2 * data.num_classes]))
-        report["agreement"][str(w)] = {"psnr": mean_psnr(images["student"], images["teacher"]),
-                                       "mse": float(mse(images["student"], images["teacher"]).mean())}
+            metrics = {"fd": frechet_distance(feats, real_feats), "accuracy": accuracy(pred, labels)}
+            if name != "teacher":  # student-vs-teacher agreement on the same noise
+                metrics.update(psnr=mean_psnr(imgs, images["teacher"]), mse=float(mse(imgs, images["teacher"]).mean()))
+            report["models"][name]["per_w"][str(w)] = metrics
+            save_samples_npz(samples_dir / f"{name}_w{w:g}.npz", imgs, labels, w=w, model=name,
+                             steps=settings[name].num_steps)
+            rows.append((f"{name} ({settings[name].num_steps} steps) w={w:g}", imgs[: 2 * data.num_classes]))
+        first = report["models"][students[0]]["per_w"][str(w)]
+        report["agreement"][str(w)] = {"psnr": first["psnr"], "mse": first["mse"]}
         log.info("evaluate: w=%g %s", w, "  ".join(
-            f"{m} fd={report['models'][m]['per_w'][str(w)]['fd']:.2f} acc={report['models'][m]['per_w'][str(w)]['accuracy']:.3f}"
-            for m in predictors) + f"  psnr={report['agreement'][str(w)]['psnr']:.1f}dB")
+            f"{m} fd={r['fd']:.2f} acc={r['accuracy']:.3f}" + (f" psnr={r['psnr']:.1f}dB" if "psnr" in r else "")
+            for m, r in ((m, report["models"][m]["per_w"][str(w)]) for m in predictors)))
     total = n * len(ws)
-    steps = int(cfg.sampler.num_steps)
     for name in predictors:
+        steps = settings[name].num_steps
         report["models"][name]["speed"] = {
             "seconds_per_image": seconds[name] / total, "images_per_s": total / seconds[name],
             "network_evals_per_image": steps * report["models"][name]["passes"],
-            "batch_size": int(cfg.sampler.batch_size), "steps": steps}
-    report["speedup"] = seconds["teacher"] / seconds["student"]
+            "batch_size": int(cfg.sampler.batch_size), "steps": steps,
+            "speedup": seconds["teacher"] / seconds[name]}
+    report["speedup"] = report["models"][students[0]]["speed"]["speedup"]  # first student vs teacher
     grid = save_side_by_side_png(rows, out / "samples_side_by_side.png")
     with SummaryWriter(str(build.run_dir(cfg) / "tb")) as writer:
         write_evaluation_report(report, out, writer)
         writer.add_image("evaluate/side_by_side", np.asarray(Image.open(grid).convert("RGB")), 0, dataformats="HWC")
-    log.info("evaluate: speed-up %.2fx (teacher %.4f s/image, student %.4f s/image); report in %s",
-             report["speedup"], report["models"]["teacher"]["speed"]["seconds_per_image"],
-             report["models"]["student"]["speed"]["seconds_per_image"], out)
+    log.info("evaluate: teacher %d steps %.4f s/image; %s; report in %s", settings["teacher"].num_steps,
+             report["models"]["teacher"]["speed"]["seconds_per_image"], "; ".join(
+                 f"{m} {settings[m].num_steps} steps {report['models'][m]['speed']['seconds_per_image']:.4f} s/image "
+                 f"(speed-up {report['models'][m]['speed']['speedup']:.2f}x)" for m in students), out)
     return report
