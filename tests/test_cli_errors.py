@@ -2,7 +2,7 @@
 
 Every row runs the real CLI in a subprocess (the rows run three at a time to keep the module
 quick). Rows that point at a trained run get their own copy of it: a finished tiny teacher and
-student (4 steps each) and a published bundle. docs/bad_inputs.md lists these rows with the
+student (4 steps each) and a published bundle. the README's "Bad inputs" section lists these rows with the
 in-process tests of the same inputs.
 """
 from __future__ import annotations
