@@ -14,6 +14,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from distill import diffusion as dm
+from distill import runtime
 from distill.errors import UserError
 
 
@@ -42,7 +43,7 @@ class SamplerSettings:
 def jit_predictor(cell: nn.Cell, use_jit: bool = True) -> Callable[..., ms.Tensor]:
     def predict(z, t, y, w, y_uncond):
         return cell(z, t, y, w, y_uncond)
-    return ms.jit(predict) if use_jit else predict
+    return runtime.jit(predict) if use_jit else predict
 
 
 def step_times(settings: SamplerSettings) -> list[tuple[float, float, float, float, float, float]]:
