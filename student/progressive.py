@@ -33,6 +33,7 @@ from distill.checkpoint import read_meta
 from distill.data import ImageData, iterate_batches, load_data
 from distill.errors import UserError
 from distill.fileio import atomic_write
+from distill.runtime import is_main, shard
 from distill.sampling import jit_predictor
 from distill.training import CHECKPOINT_NAME, Trainer, copy_weights
 from student.distill import check_w_range
@@ -95,6 +96,7 @@ def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_
 
     t is drawn on the N-step grid the sampler uses; all randomness comes from
     ``default_rng((seed, 3, round, step))``, so a resumed round replays the same batches.
+    Under data parallelism each rank runs the teacher on its own slice of the global batch only.
     """
     check_w_range(w_min, w_max)
 
@@ -108,6 +110,7 @@ def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_
             i = rng.integers(1, num_steps + 1, b)
             w = rng.uniform(w_min, w_max, b).astype(np.float32)
             eps = rng.standard_normal(x.shape).astype(np.float32)
+            x, y, i, w, eps = shard((x, y, i, w, eps), batch_size)  # this rank's slice (data parallel)
             times = dm.progressive_times(num_steps, i)
             a_t, s_t = dm.grid_alpha_sigma(schedule, times[0])
             z = dm.q_sample(x, eps, a_t.reshape(-1, 1, 1, 1), s_t.reshape(-1, 1, 1, 1)).astype(np.float32)
@@ -176,14 +179,15 @@ def run_progressive(cfg: DictConfig) -> Path:
             rounds.append(dict(entry, status="skipped"))
             teacher_path = path
             continue
-        entry.update(train_round(cfg, data, teacher_path, source_meta, num_steps, round_index, settings,
-                                 SummaryWriter(str(build.run_dir(cfg) / "tb" / f"progressive_steps_{num_steps}"))))
+        writer = SummaryWriter(str(build.run_dir(cfg) / "tb" / f"progressive_steps_{num_steps}")) if is_main() else None
+        entry.update(train_round(cfg, data, teacher_path, source_meta, num_steps, round_index, settings, writer))
         rounds.append(entry)
         teacher_path = path
     out = progressive_dir(cfg)
     summary = {"start_steps": int(p.start_steps), "min_steps": int(p.min_steps), "source": str(source),
                "w_min": w_min, "w_max": w_max, "rounds": rounds}
-    atomic_write(out / "rounds.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    if is_main():
+        atomic_write(out / "rounds.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     return teacher_path
 
 
@@ -208,12 +212,14 @@ def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_met
     start_step, t0 = trainer.step, time.perf_counter()
     losses = trainer.run()
     seconds = time.perf_counter() - t0
-    writer.close()
+    if writer is not None:
+        writer.close()
     ran = trainer.step - start_step
     result = {"status": "trained", "trained_steps": ran, "seconds": round(seconds, 1),
               "seconds_per_step": round(seconds / max(ran, 1), 4),
               "first_loss": float(np.mean(losses[:20])), "last_loss": float(np.mean(losses[-20:]))}
-    atomic_write(out / "train_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    if is_main():
+        atomic_write(out / "train_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     log.info("progressive: round %d done, %d steps in %.1f s, loss %.4f -> %.4f", round_index, ran, seconds,
              result["first_loss"], result["last_loss"])
     return result
