@@ -40,6 +40,14 @@ class SamplerSettings:
             raise UserError(f"sampler: dynamic_threshold {self.dynamic_threshold} must be a percentile in (0.5, 1]")
 
 
+NOISE_STREAM = 7  # a fixed sub-stream of the run's seed, apart from training's (seed, 1|2|3, step)
+
+
+def initial_noise(seed: int, n: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The starting noise of ``n`` samples: the same seed gives the same noise everywhere."""
+    return np.random.default_rng((int(seed), NOISE_STREAM)).standard_normal((n, *shape)).astype(np.float32)
+
+
 def jit_predictor(cell: nn.Cell, use_jit: bool = True) -> Callable[..., ms.Tensor]:
     def predict(z, t, y, w, y_uncond):
         return cell(z, t, y, w, y_uncond)

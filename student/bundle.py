@@ -24,7 +24,6 @@ FORMAT_VERSION = 1
 CONFIG, WEIGHTS, MINDIR = "config.json", "model.safetensors", "model.mindir"
 CARD, GRID, MANIFEST = "README.md", "samples.png", "manifest.json"
 W_CONVENTION = "uncond + w * (cond - uncond)"
-NOISE_STREAM = 7  # noise = default_rng((seed, 7)).standard_normal(...), as in teacher.job.guided_samples
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -152,7 +151,9 @@ class Pretrained:
 
     def noise(self, n: int, seed: int) -> np.ndarray:
         """The starting noise for ``n`` images: the same seed gives the same noise."""
-        return np.random.default_rng((int(seed), NOISE_STREAM)).standard_normal((n, *self.image_shape)).astype(np.float32)
+        from distill.sampling import initial_noise
+
+        return initial_noise(seed, n, self.image_shape)
 
     def check_w(self, w: float, w_schedule: str, num_steps: int, allow_extrapolation: bool = False) -> None:
         from distill import diffusion as dm

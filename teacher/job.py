@@ -17,7 +17,7 @@ from distill.data import ImageData, load_data
 from distill.errors import UserError
 from distill.images import save_grid_png, save_samples_npz
 from distill.runtime import is_main
-from distill.sampling import SamplerSettings, jit_predictor, sample_in_batches
+from distill.sampling import SamplerSettings, initial_noise, jit_predictor, sample_in_batches
 from distill.training import CHECKPOINT_NAME, Trainer, load_ema_weights
 from teacher.guidance import GuidedPrediction
 from teacher.train import regression_loss, teacher_batch_maker
@@ -86,7 +86,7 @@ def guided_samples(predict, data: ImageData, cfg: DictConfig, w: float, n: int, 
     """``n`` class-balanced samples at guidance ``w`` from fixed noise (same seed, same noise)."""
     settings = settings or build.sampler_settings(cfg)
     labels = balanced_labels(n, data.num_classes)
-    noise = np.random.default_rng((seed, 7)).standard_normal((n, *data.image_shape)).astype(np.float32)
+    noise = initial_noise(seed, n, data.image_shape)
     imgs = sample_in_batches(predict, noise, labels, check_w(w), settings,
                              uncond_labels(cfg, n, data.num_classes), int(cfg.sampler.batch_size), seed=seed)
     return imgs, labels
