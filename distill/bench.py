@@ -163,7 +163,7 @@ def run_bench(cfg: DictConfig) -> Path:
 # ----------------------------------------------------------------------------- reports
 def markdown_table(report: dict[str, Any]) -> str:
     m, o = report["machine"], report["options"]
-    lines = [f"# Sampling speed: one-pass student vs two-pass CFG teacher\n",
+    lines = ["# Sampling speed: one-pass student vs two-pass CFG teacher\n",
              f"{m['device']} / {m['platform']} / {m['cpu_count']} CPUs / MindSpore {m['mindspore']}; "
              f"load average {m['load_average_1_5_15']} before, {m['load_average_after']} after. "
              f"Medians of {o['repeats']} interleaved runs (spread in bench.json); speed-up = teacher time / "

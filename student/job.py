@@ -19,7 +19,7 @@ from distill.runtime import is_main, shard
 from distill.sampling import jit_predictor
 from distill.training import CHECKPOINT_NAME, Trainer, load_ema_weights
 from student.distill import check_w_range, distill_inputs, regression_batch, teacher_targets
-from student.model import student_config, student_from_teacher
+from student.model import student_from_teacher
 from teacher.guidance import GuidedPrediction
 from teacher.job import load_teacher
 from teacher.train import regression_loss

@@ -1,9 +1,7 @@
 """CFG teacher training: condition dropout to the null class, eps or v objective."""
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import mindspore as ms
@@ -12,8 +10,6 @@ from distill import diffusion as dm
 from distill.data import ImageData, iterate_batches
 from distill.errors import UserError
 from teacher.unet import UNet
-
-log = logging.getLogger(__name__)
 
 
 def regression_loss(net: UNet, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor,

@@ -10,7 +10,7 @@ the student is exactly the teacher's conditional model until it is trained.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
