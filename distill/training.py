@@ -46,6 +46,19 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 MAX_SKIPPED_STEPS = 50  # fp16: this many overflowing steps in a row means the run has diverged
 
 
+LR_DECAYS = ("constant", "cosine")
+
+
+def learning_rate(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, decay: str = "constant") -> float:
+    """The learning rate of 0-based ``step``: linear warm-up, then constant or a cosine decay towards 0."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if decay == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
+    return base_lr
+
+
 @dataclass
 class TrainSettings:
     steps: int
@@ -53,6 +66,7 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_decay: str = "constant"           # constant | cosine (to 0 at the last step, after the warm-up)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     log_every: int = 25
@@ -82,6 +96,8 @@ class TrainSettings:
             raise UserError(f"training: ema_decay {self.ema_decay} must be in [0, 1)")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise UserError(f"training: lr {self.lr} must be a finite number > 0")
+        if self.lr_decay not in LR_DECAYS:
+            raise UserError(f"training: lr_decay {self.lr_decay!r} must be one of {', '.join(LR_DECAYS)}")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise UserError(f"training: log_every ({self.log_every}) and checkpoint_every "
                             f"({self.checkpoint_every}) must be >= 1")
@@ -175,8 +191,10 @@ class Trainer:
         self.on_checkpoint = on_checkpoint
         self.ckpt_path = self.out_dir / CHECKPOINT_NAME
         self.ema_update = EMAUpdate(ema, net)
-        self.lr = ms.Parameter(ms.Tensor(settings.lr, ms.float32), name="lr", requires_grad=False)
-        self.optimizer = nn.AdamWeightDecay(net.trainable_params(), self.lr, weight_decay=settings.weight_decay)
+        self.optimizer = nn.AdamWeightDecay(net.trainable_params(), float(settings.lr), weight_decay=settings.weight_decay)
+        # The optimizer keeps its own copy of a learning rate passed in (even a Parameter): the schedule
+        # must write to that copy, the one its (jitted) update reads.
+        self.lr: ms.Parameter = self.optimizer.learning_rate
         self.scaler: Optional[amp.DynamicLossScaler] = None
         train_net = net
         if self.precision in ("fp16", "bf16"):
@@ -300,7 +318,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------
     def _lr_at(self, step: int) -> float:
         s = self.settings
-        return s.lr * min(1.0, (step + 1) / s.warmup_steps) if s.warmup_steps else s.lr
+        return learning_rate(step, s.lr, s.steps, s.warmup_steps, s.lr_decay)
 
     def _start_from_rank0_weights(self) -> None:
         """Give every rank rank 0's weights (they differ when earlier work drew from MindSpore's RNG
