@@ -192,9 +192,9 @@ class Trainer:
         self.ckpt_path = self.out_dir / CHECKPOINT_NAME
         self.ema_update = EMAUpdate(ema, net)
         self.optimizer = nn.AdamWeightDecay(net.trainable_params(), float(settings.lr), weight_decay=settings.weight_decay)
-        # The optimizer keeps its own copy of a learning rate passed in (even a Parameter): the schedule
-        # must write to that copy, the one its (jitted) update reads.
-        self.lr: ms.Parameter = self.optimizer.learning_rate
+        # The learning rate is an input of the train step, assigned to the optimizer's own copy inside
+        # it: set_data on a Parameter from the host between jitted calls was not seen by the compiled
+        # graph in the distillation job (the schedule silently stayed at the base lr).
         self.scaler: Optional[amp.DynamicLossScaler] = None
         train_net = net
         if self.precision in ("fp16", "bf16"):
@@ -247,7 +247,8 @@ class Trainer:
 
             grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
 
-            def train_step(*batch):
+            def train_step(lr, *batch):
+                ops.assign(optimizer.learning_rate, lr)
                 loss, grads = grad_fn(*batch)
                 grads = reduce_grads(grads)
                 optimizer(clipped(grads))
@@ -258,7 +259,8 @@ class Trainer:
 
             grad_fn = ms.value_and_grad(scaled_forward, None, optimizer.parameters)
 
-            def train_step(*batch):
+            def train_step(lr, *batch):
+                ops.assign(optimizer.learning_rate, lr)
                 scaled_loss, grads = grad_fn(*batch)
                 loss = scaler.unscale(scaled_loss)
                 grads = scaler.unscale(reduce_grads(grads))
@@ -348,8 +350,7 @@ class Trainer:
             while self.step < s.steps:
                 host = runtime.shard(tuple(make_batch(self.step)), s.batch_size)
                 batch = tuple(ms.Tensor(a) for a in host)
-                self.lr.set_data(ms.Tensor(self._lr_at(self.step), ms.float32))
-                loss_t, finite_t = self._train_step(*batch)
+                loss_t, finite_t = self._train_step(ms.Tensor(self._lr_at(self.step), ms.float32), *batch)
                 loss = float(loss_t.asnumpy())
                 if not math.isfinite(loss):
                     kept = f"; last good checkpoint kept at {self.ckpt_path}" if self.ckpt_path.exists() else ""

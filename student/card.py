@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from student.bundle import GRID, MINDIR, W_CONVENTION
+from student.distill import describe_w
 
 Row = dict[str, Any]
 
@@ -135,7 +136,7 @@ Default sampler: {s['kind']}, {s['num_steps']} steps, eta {s['eta']:g}, w = {s['
   p_uncond = {t.get('p_uncond', 'unknown')}.
 - Student: the teacher's backbone plus a guidance-weight embedding added to the timestep embedding, initialised
   from the teacher, then {t.get('student_steps', 'unknown')} steps regressing onto the teacher's two-pass guided output
-  with w ~ U[{g['w_min']:g}, {g['w_max']:g}] per example (loss `{t.get('loss', 'unknown')}`, targets {t.get('targets', 'unknown')});
+  with {describe_w(g['w_min'], g['w_max'], float(t.get('w_power', 1.0)))} per example (loss `{t.get('loss', 'unknown')}`, targets {t.get('targets', 'unknown')});
   these are the EMA weights (Meng et al., CVPR 2023, "On Distillation of Guided Diffusion Models", stage 1).
 
 ## Evaluation

@@ -4,7 +4,7 @@ Stage two of Meng et al. (CVPR 2023), which is Salimans & Ho (ICLR 2022) applied
 w-conditioned student. Round r has a teacher (round 1: the stage-one student, used at
 ``start_steps`` sampling steps; later rounds: the previous round's student) and a student
 initialised from it. The student works on a grid of N = teacher steps / 2 steps: each
-training example draws t = i/N on that grid, w ~ U[w_min, w_max] (the stage-one range),
+training example draws t = i/N on that grid, w as in stage one (range and w_power),
 a class label and z_t = q_sample(x, t); the teacher makes two deterministic DDIM steps
 t -> t - 1/(2N) -> s = t - 1/N with the one-pass guided prediction, and the student learns
 the output whose ONE DDIM step from z_t lands on the same z_s
@@ -36,7 +36,7 @@ from distill.fileio import atomic_write
 from distill.runtime import is_main, shard
 from distill.sampling import jit_predictor
 from distill.training import CHECKPOINT_NAME, Trainer, copy_weights
-from student.distill import check_w_range
+from student.distill import check_w_range, describe_w, sample_w
 from student.job import load_student, student_checkpoint_path
 from teacher.guidance import ConditionalPrediction
 from teacher.train import regression_loss
@@ -90,7 +90,7 @@ def teacher_denoiser(predict: Callable[..., ms.Tensor], y: np.ndarray, w: np.nda
 
 def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_steps: int, round_index: int,
                         batch_size: int, seed: int, schedule: str, prediction: str, loss_space: str,
-                        w_min: float, w_max: float, clip_x0: bool
+                        w_min: float, w_max: float, clip_x0: bool, w_power: float = 1.0
                         ) -> Callable[[int], Callable[[int], tuple[np.ndarray, ...]]]:
     """start_step -> step -> (z_t, t, y, w, target, weight) for :func:`teacher.train.regression_loss`.
 
@@ -98,7 +98,7 @@ def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_
     ``default_rng((seed, 3, round, step))``, so a resumed round replays the same batches.
     Under data parallelism each rank runs the teacher on its own slice of the global batch only.
     """
-    check_w_range(w_min, w_max)
+    check_w_range(w_min, w_max, w_power)
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
         stream = iterate_batches(data.train_images, data.train_labels, batch_size, seed, start)
@@ -108,7 +108,7 @@ def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_
             rng = np.random.default_rng((seed, 3, round_index, step))
             b = x.shape[0]
             i = rng.integers(1, num_steps + 1, b)
-            w = rng.uniform(w_min, w_max, b).astype(np.float32)
+            w = sample_w(rng, b, w_min, w_max, w_power)
             eps = rng.standard_normal(x.shape).astype(np.float32)
             x, y, i, w, eps = shard((x, y, i, w, eps), batch_size)  # this rank's slice (data parallel)
             times = dm.progressive_times(num_steps, i)
@@ -165,8 +165,9 @@ def run_progressive(cfg: DictConfig) -> Path:
                     source_meta.get("step"), source_meta.get("total_steps"))
     w_min, w_max = float(source_meta["w_min"]), float(source_meta["w_max"])
     settings = build.train_settings(p.train, int(cfg.seed), bool(cfg.jit))
-    log.info("progressive: %d -> %s sampling steps, w ~ U[%g, %g], %d steps per round at batch %d",
-             int(p.start_steps), " -> ".join(map(str, plan)), w_min, w_max, settings.steps, settings.batch_size)
+    log.info("progressive: %d -> %s sampling steps, %s, %d steps per round at batch %d",
+             int(p.start_steps), " -> ".join(map(str, plan)),
+             describe_w(w_min, w_max, float(source_meta.get("w_power", 1.0))), settings.steps, settings.batch_size)
     rounds: list[dict[str, Any]] = []
     teacher_path = source
     for round_index, num_steps in enumerate(plan, start=1):
@@ -202,7 +203,7 @@ def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_met
     factory = progressive_batches(
         data, predict, num_steps, round_index, settings.batch_size, settings.seed, str(cfg.diffusion.schedule),
         str(cfg.diffusion.prediction), str(p.loss), float(source_meta["w_min"]), float(source_meta["w_max"]),
-        bool(p.clip_x0))
+        bool(p.clip_x0), float(source_meta.get("w_power", 1.0)))
     out = round_checkpoint_path(cfg, num_steps).parent
     meta = round_meta(source_meta, num_steps, round_index, teacher_path, cfg)
     trainer = Trainer(student, ema, regression_loss, factory, settings, out, meta, writer)

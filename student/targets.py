@@ -42,7 +42,7 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     s = cfg.student
     return {"teacher_sha256": sha256(teacher_checkpoint_path(cfg)), "seed": int(cfg.seed),
             "batch_size": int(s.train.batch_size), "schedule": str(cfg.diffusion.schedule),
-            "prediction": str(cfg.diffusion.prediction), "w_min": float(s.w_min), "w_max": float(s.w_max),
+            "prediction": str(cfg.diffusion.prediction), "w_min": float(s.w_min), "w_max": float(s.w_max), "w_power": float(s.w_power),
             "data": build.plain(cfg.data)}
 
 
@@ -82,7 +82,7 @@ def run_targets(cfg: DictConfig) -> Path:
     teacher = load_teacher(cfg, data)
     predict = jit_predictor(GuidedPrediction(teacher), bool(cfg.jit))
     make = distill_inputs(data, int(s.train.batch_size), int(cfg.seed), done, cfg.diffusion.schedule,
-                          float(s.w_min), float(s.w_max))
+                          float(s.w_min), float(s.w_max), float(s.w_power))
     bar = tqdm(total=steps, initial=done, desc="targets", unit="step", mininterval=2.0)
     for start in range(done, steps, per_shard):
         stop = min(start + per_shard, steps)

@@ -10,7 +10,7 @@ from distill import diffusion as dm
 from distill.data import load_data
 from distill.errors import UserError
 from distill.sampling import jit_predictor
-from student.distill import distill_inputs, regression_batch, teacher_targets
+from student.distill import distill_inputs, regression_batch, sample_w, teacher_targets
 from student.job import distill_batches, load_student, run_distill
 from student.model import student_from_teacher
 from student.targets import run_targets, shard_reader
@@ -125,3 +125,45 @@ def test_distilled_student_loads_with_its_w_embedding(tiny_run) -> None:
     cfg = compose_cfg(tiny_run)
     student, meta = load_student(cfg, load_data(cfg.data))
     assert student.has_guidance and meta["w_convention"] == "uncond + w * (cond - uncond)"
+
+
+def test_w_sampling_stays_in_range_and_power_moves_mass_to_low_w() -> None:
+    rng = np.random.default_rng(0)
+    uniform = sample_w(rng, 20000, 0.0, 5.0)
+    assert uniform.min() >= 0 and uniform.max() <= 5 and abs(np.median(uniform) - 2.5) < 0.05
+    low = sample_w(rng, 20000, 1.0, 5.0, power=2.0)  # u^2: median at 1 + 4 * 0.25
+    assert low.min() >= 1 and low.max() <= 5 and abs(np.median(low) - 2.0) < 0.05
+    assert abs(np.mean(low < 2.0) - 0.5) < 0.02 and abs(np.mean(uniform < 1.25) - 0.25) < 0.02
+
+
+def test_bad_w_power_is_refused(tiny_run) -> None:
+    with pytest.raises(UserError, match="w_power=0"):
+        run_distill(compose_cfg(tiny_run, "student.w_power=0"))
+
+
+@pytest.mark.slow
+def test_the_lr_schedule_reaches_the_distillation_step(tiny_run, tmp_path) -> None:
+    # A warm-up starting at lr/1000 must move the student ~1000x less from the teacher in its first
+    # steps. Run through the CLI: the schedule once stayed at the base lr in the real job (host-side
+    # set_data on the optimizer's lr Parameter) while the same code worked in-process here.
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import TINY
+    from distill.training import net_state
+
+    def moved(name: str, *overrides: str) -> float:
+        run = tmp_path / name
+        shutil.copytree(tiny_run / "teacher", run / "teacher")
+        args = [*TINY, f"run_dir={run}", "student.train.steps=2", "student.train.ema_decay=0", *overrides]
+        proc = subprocess.run([sys.executable, "-m", "distill", "task=distill", *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        cfg = compose_cfg(run, *args[len(TINY):])  # ema_decay=0: the EMA weights load_student reads = the net
+        data = load_data(cfg.data)
+        before = net_state(load_teacher(cfg, data))
+        after = net_state(load_student(cfg, data)[0])
+        return max(float(np.abs(after[k] - v).max()) for k, v in before.items())
+
+    plain, warm = moved("plain"), moved("warm", "student.train.warmup_steps=1000")
+    assert plain > 0 and plain / warm > 100
