@@ -7,7 +7,7 @@ and a per-example weight that puts the loss in x-space (truncated SNR), eps or v
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import mindspore as ms
@@ -33,6 +33,12 @@ def sample_w(rng: np.random.Generator, n: int, w_min: float, w_max: float, power
     ignore its class input (measured: uniform left w = 0 samples 5 points too class-like).
     """
     return (w_min + (w_max - w_min) * rng.uniform(0.0, 1.0, n) ** power).astype(np.float32)
+
+
+def w_distribution(source: Mapping[str, Any]) -> tuple[float, float, float]:
+    """(w_min, w_max, w_power) from the ``student`` config or a student checkpoint's meta
+    (students from before w_power drew w uniformly: power 1)."""
+    return float(source["w_min"]), float(source["w_max"]), float(source.get("w_power", 1.0))
 
 
 def describe_w(w_min: float, w_max: float, power: float) -> str:

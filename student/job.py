@@ -18,7 +18,8 @@ from distill.errors import UserError
 from distill.runtime import is_main, shard
 from distill.sampling import jit_predictor
 from distill.training import CHECKPOINT_NAME, Trainer, load_ema_weights
-from student.distill import check_w_range, describe_w, distill_inputs, regression_batch, teacher_targets
+from student.distill import (check_w_range, describe_w, distill_inputs, regression_batch, teacher_targets,
+                             w_distribution)
 from student.model import student_from_teacher
 from teacher.guidance import GuidedPrediction
 from teacher.job import load_teacher
@@ -34,8 +35,9 @@ def student_checkpoint_path(cfg: DictConfig) -> Path:
 
 def student_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str, Any]:
     s = cfg.student
+    w_min, w_max, w_power = w_distribution(s)
     return {"kind": "student", "model": ucfg.to_dict(), "schedule": cfg.diffusion.schedule,
-            "prediction": cfg.diffusion.prediction, "w_min": float(s.w_min), "w_max": float(s.w_max), "w_power": float(s.w_power),
+            "prediction": cfg.diffusion.prediction, "w_min": w_min, "w_max": w_max, "w_power": w_power,
             "w_convention": "uncond + w * (cond - uncond)", "loss": str(s.loss),
             "data": str(cfg.data.name), "class_names": list(data.class_names)}
 
@@ -77,7 +79,7 @@ def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
         make = distill_inputs(data, int(s.train.batch_size), int(cfg.seed), start, cfg.diffusion.schedule,
-                              float(s.w_min), float(s.w_max), float(s.w_power))
+                              *w_distribution(s))
 
         def batch(step: int) -> tuple[np.ndarray, ...]:
             inputs = shard(make(step), int(s.train.batch_size))  # data parallel: targets for this rank's slice only
@@ -91,7 +93,7 @@ def run_distill(cfg: DictConfig) -> Path:
     from tensorboardX import SummaryWriter
 
     s = cfg.student
-    check_w_range(float(s.w_min), float(s.w_max), float(s.w_power))
+    check_w_range(*w_distribution(s))
     data = load_data(cfg.data)
     teacher = load_teacher(cfg, data)
     out = build.run_dir(cfg) / "student"
@@ -103,7 +105,7 @@ def run_distill(cfg: DictConfig) -> Path:
     trainer = Trainer(student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out, meta, writer)
     trainer.try_resume()
     log.info("distill: %s targets, %s, loss %s, %d steps at batch %d", s.targets,
-             describe_w(float(s.w_min), float(s.w_max), float(s.w_power)), s.loss, settings.steps, settings.batch_size)
+             describe_w(*w_distribution(s)), s.loss, settings.steps, settings.batch_size)
     start_step, t0 = trainer.step, time.perf_counter()
     losses = trainer.run()
     seconds = time.perf_counter() - t0

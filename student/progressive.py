@@ -36,7 +36,7 @@ from distill.fileio import atomic_write
 from distill.runtime import is_main, shard
 from distill.sampling import jit_predictor
 from distill.training import CHECKPOINT_NAME, Trainer, copy_weights
-from student.distill import check_w_range, describe_w, sample_w
+from student.distill import check_w_range, describe_w, sample_w, w_distribution
 from student.job import load_student, student_checkpoint_path
 from teacher.guidance import ConditionalPrediction
 from teacher.train import regression_loss
@@ -90,7 +90,7 @@ def teacher_denoiser(predict: Callable[..., ms.Tensor], y: np.ndarray, w: np.nda
 
 def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_steps: int, round_index: int,
                         batch_size: int, seed: int, schedule: str, prediction: str, loss_space: str,
-                        w_min: float, w_max: float, clip_x0: bool, w_power: float = 1.0
+                        w_min: float, w_max: float, w_power: float, clip_x0: bool
                         ) -> Callable[[int], Callable[[int], tuple[np.ndarray, ...]]]:
     """start_step -> step -> (z_t, t, y, w, target, weight) for :func:`teacher.train.regression_loss`.
 
@@ -163,11 +163,11 @@ def run_progressive(cfg: DictConfig) -> Path:
     if int(source_meta.get("step", 0)) < int(source_meta.get("total_steps", 0)):
         log.warning("progressive: stage-one student %s is only trained to step %s of %s", source,
                     source_meta.get("step"), source_meta.get("total_steps"))
-    w_min, w_max = float(source_meta["w_min"]), float(source_meta["w_max"])
+    w_min, w_max, w_power = w_distribution(source_meta)
     settings = build.train_settings(p.train, int(cfg.seed), bool(cfg.jit))
     log.info("progressive: %d -> %s sampling steps, %s, %d steps per round at batch %d",
              int(p.start_steps), " -> ".join(map(str, plan)),
-             describe_w(w_min, w_max, float(source_meta.get("w_power", 1.0))), settings.steps, settings.batch_size)
+             describe_w(w_min, w_max, w_power), settings.steps, settings.batch_size)
     rounds: list[dict[str, Any]] = []
     teacher_path = source
     for round_index, num_steps in enumerate(plan, start=1):
@@ -202,8 +202,8 @@ def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_met
     predict = jit_predictor(ConditionalPrediction(teacher), bool(cfg.jit))
     factory = progressive_batches(
         data, predict, num_steps, round_index, settings.batch_size, settings.seed, str(cfg.diffusion.schedule),
-        str(cfg.diffusion.prediction), str(p.loss), float(source_meta["w_min"]), float(source_meta["w_max"]),
-        bool(p.clip_x0), float(source_meta.get("w_power", 1.0)))
+        str(cfg.diffusion.prediction), str(p.loss), *w_distribution(source_meta),
+        bool(p.clip_x0))
     out = round_checkpoint_path(cfg, num_steps).parent
     meta = round_meta(source_meta, num_steps, round_index, teacher_path, cfg)
     trainer = Trainer(student, ema, regression_loss, factory, settings, out, meta, writer)

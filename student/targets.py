@@ -23,7 +23,7 @@ from distill.fileio import atomic_write, sha256
 from distill.data import load_data
 from distill.errors import UserError
 from distill.sampling import jit_predictor
-from student.distill import distill_inputs, teacher_targets
+from student.distill import distill_inputs, teacher_targets, w_distribution
 from teacher.guidance import GuidedPrediction
 from teacher.job import load_teacher, teacher_checkpoint_path
 
@@ -40,9 +40,10 @@ def targets_dir(cfg: DictConfig) -> Path:
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """What the targets depend on; a mismatch means the shards belong to another run."""
     s = cfg.student
+    w_min, w_max, w_power = w_distribution(s)
     return {"teacher_sha256": sha256(teacher_checkpoint_path(cfg)), "seed": int(cfg.seed),
             "batch_size": int(s.train.batch_size), "schedule": str(cfg.diffusion.schedule),
-            "prediction": str(cfg.diffusion.prediction), "w_min": float(s.w_min), "w_max": float(s.w_max), "w_power": float(s.w_power),
+            "prediction": str(cfg.diffusion.prediction), "w_min": w_min, "w_max": w_max, "w_power": w_power,
             "data": build.plain(cfg.data)}
 
 
@@ -82,7 +83,7 @@ def run_targets(cfg: DictConfig) -> Path:
     teacher = load_teacher(cfg, data)
     predict = jit_predictor(GuidedPrediction(teacher), bool(cfg.jit))
     make = distill_inputs(data, int(s.train.batch_size), int(cfg.seed), done, cfg.diffusion.schedule,
-                          float(s.w_min), float(s.w_max), float(s.w_power))
+                          *w_distribution(s))
     bar = tqdm(total=steps, initial=done, desc="targets", unit="step", mininterval=2.0)
     for start in range(done, steps, per_shard):
         stop = min(start + per_shard, steps)

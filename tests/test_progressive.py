@@ -119,7 +119,7 @@ def test_progressive_loss_falls(tmp_path: Path) -> None:
     predict = jit_predictor(ConditionalPrediction(teacher))
 
     def batches(batch_size: int, seed: int):
-        return progressive_batches(data, predict, 4, 1, batch_size, seed, "cosine", "v", "x_snr_trunc", 0.0, 5.0, False)
+        return progressive_batches(data, predict, 4, 1, batch_size, seed, "cosine", "v", "x_snr_trunc", 0.0, 5.0, 1.0, False)
 
     held = batches(128, 1)(0)(0)  # a fixed batch the student never trains on
     assert [a.shape for a in held] == [(128, 1, 8, 8), (128,), (128,), (128,), (128, 1, 8, 8), (128,)]
