@@ -136,7 +136,7 @@ Default sampler: {s['kind']}, {s['num_steps']} steps, eta {s['eta']:g}, w = {s['
   p_uncond = {t.get('p_uncond', 'unknown')}.
 - Student: the teacher's backbone plus a guidance-weight embedding added to the timestep embedding, initialised
   from the teacher, then {t.get('student_steps', 'unknown')} steps regressing onto the teacher's two-pass guided output
-  with {describe_w(g['w_min'], g['w_max'], float(t.get('w_power', 1.0)))} per example (loss `{t.get('loss', 'unknown')}`, targets {t.get('targets', 'unknown')});
+  with {describe_w(g['w_min'], g['w_max'], float(t.get('w_power', 1.0)))} per example (loss `{t.get('loss', 'unknown')}` x (1 + w)^-{t.get('w_loss_power', 0.0):g}, targets {t.get('targets', 'unknown')});
   these are the EMA weights (Meng et al., CVPR 2023, "On Distillation of Guided Diffusion Models", stage 1).
 
 ## Evaluation

@@ -24,6 +24,11 @@ def check_w_range(w_min: float, w_max: float, power: float = 1.0) -> None:
         raise UserError(f"student: w_power={power} must be a number > 0")
 
 
+def check_w_loss_power(power: float) -> None:
+    if not (np.isfinite(power) and power >= 0):
+        raise UserError(f"student: w_loss_power={power} must be a number >= 0")
+
+
 def sample_w(rng: np.random.Generator, n: int, w_min: float, w_max: float, power: float = 1.0) -> np.ndarray:
     """n guidance weights ``w_min + (w_max - w_min) * u ** power`` with u ~ U(0, 1).
 
@@ -33,6 +38,18 @@ def sample_w(rng: np.random.Generator, n: int, w_min: float, w_max: float, power
     ignore its class input (measured: uniform left w = 0 samples 5 points too class-like).
     """
     return (w_min + (w_max - w_min) * rng.uniform(0.0, 1.0, n) ** power).astype(np.float32)
+
+
+def guidance_loss_weight(w: np.ndarray, power: float) -> np.ndarray:
+    """Per-example loss factor ``(1 + w) ** -power``.
+
+    The student's error grows with w (the target moves (w - 1)(cond - uncond) away from where
+    it starts), so with equal weights the few large-w examples dominate the gradient and the
+    student settles on a w response that leaks the class at w = 0 and under-conditions at
+    w = 1. Measured effective w (projection on cond - uncond, t in 0.2-0.6) at w = 0 / 1:
+    0.09 / 0.87 with power 0, 0.06 / 0.92 with power 2.
+    """
+    return ((1.0 + np.asarray(w, np.float32)) ** -float(power)).astype(np.float32)
 
 
 def w_distribution(source: Mapping[str, Any]) -> tuple[float, float, float]:
@@ -78,8 +95,8 @@ def teacher_targets(teacher_predict: Callable[..., ms.Tensor], null_class: int,
 
 
 def regression_batch(inputs: tuple[np.ndarray, ...], target: np.ndarray, loss_space: str,
-                     prediction: str) -> tuple[np.ndarray, ...]:
+                     prediction: str, w_loss_power: float = 0.0) -> tuple[np.ndarray, ...]:
     """(z, t, y, w, target, weight) for :func:`teacher.train.regression_loss`."""
     z, t, y, w, alpha, sigma = inputs
-    weight = dm.output_space_weight(loss_space, prediction, alpha, sigma)
+    weight = dm.output_space_weight(loss_space, prediction, alpha, sigma) * guidance_loss_weight(w, w_loss_power)
     return z, t, y, w, target.astype(np.float32), weight

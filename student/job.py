@@ -18,7 +18,7 @@ from distill.errors import UserError
 from distill.runtime import is_main, shard
 from distill.sampling import jit_predictor
 from distill.training import CHECKPOINT_NAME, Trainer, load_ema_weights
-from student.distill import (check_w_range, describe_w, distill_inputs, regression_batch, teacher_targets,
+from student.distill import (check_w_loss_power, check_w_range, describe_w, distill_inputs, regression_batch, teacher_targets,
                              w_distribution)
 from student.model import student_from_teacher
 from teacher.guidance import GuidedPrediction
@@ -39,6 +39,7 @@ def student_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str
     return {"kind": "student", "model": ucfg.to_dict(), "schedule": cfg.diffusion.schedule,
             "prediction": cfg.diffusion.prediction, "w_min": w_min, "w_max": w_max, "w_power": w_power,
             "w_convention": "uncond + w * (cond - uncond)", "loss": str(s.loss),
+            "w_loss_power": float(s.w_loss_power),
             "data": str(cfg.data.name), "class_names": list(data.class_names)}
 
 
@@ -63,7 +64,7 @@ def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
                     ) -> Callable[[int], Callable[[int], tuple[np.ndarray, ...]]]:
     """start_step -> step -> regression batch, with targets made online or read from shards."""
     s = cfg.student
-    loss_space, prediction = str(s.loss), str(cfg.diffusion.prediction)
+    loss_space, prediction, w_loss_power = str(s.loss), str(cfg.diffusion.prediction), float(s.w_loss_power)
     if s.targets == "shards":
         from student.targets import shard_reader
 
@@ -71,7 +72,7 @@ def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
 
         def from_shards(step: int) -> tuple[np.ndarray, ...]:
             *inputs, target = read(step)
-            return regression_batch(tuple(inputs), target, loss_space, prediction)
+            return regression_batch(tuple(inputs), target, loss_space, prediction, w_loss_power)
         return lambda start: from_shards
     if s.targets != "online":
         raise UserError(f"student: targets '{s.targets}' must be online or shards")
@@ -83,7 +84,8 @@ def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
 
         def batch(step: int) -> tuple[np.ndarray, ...]:
             inputs = shard(make(step), int(s.train.batch_size))  # data parallel: targets for this rank's slice only
-            return regression_batch(inputs, teacher_targets(predict, data.num_classes, inputs), loss_space, prediction)
+            return regression_batch(inputs, teacher_targets(predict, data.num_classes, inputs), loss_space, prediction,
+                                    w_loss_power)
         return batch
 
     return factory
@@ -94,6 +96,7 @@ def run_distill(cfg: DictConfig) -> Path:
 
     s = cfg.student
     check_w_range(*w_distribution(s))
+    check_w_loss_power(float(s.w_loss_power))
     data = load_data(cfg.data)
     teacher = load_teacher(cfg, data)
     out = build.run_dir(cfg) / "student"
@@ -104,8 +107,8 @@ def run_distill(cfg: DictConfig) -> Path:
     meta = student_meta(student.config, cfg, data)
     trainer = Trainer(student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out, meta, writer)
     trainer.try_resume()
-    log.info("distill: %s targets, %s, loss %s, %d steps at batch %d", s.targets,
-             describe_w(*w_distribution(s)), s.loss, settings.steps, settings.batch_size)
+    log.info("distill: %s targets, %s, loss %s x (1 + w)^-%g, %d steps at batch %d", s.targets,
+             describe_w(*w_distribution(s)), s.loss, float(s.w_loss_power), settings.steps, settings.batch_size)
     start_step, t0 = trainer.step, time.perf_counter()
     losses = trainer.run()
     seconds = time.perf_counter() - t0

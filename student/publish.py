@@ -83,7 +83,8 @@ def training_info(cfg: DictConfig, meta: dict[str, Any]) -> dict[str, Any]:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return {"data": meta.get("data"), "teacher_steps": teacher.get("step"), "p_uncond": teacher.get("p_uncond"),
             "student_steps": meta.get("step"), "student_total_steps": meta.get("total_steps"),
-            "loss": meta.get("loss"), "w_power": meta.get("w_power", 1.0), "targets": summary.get("targets"),
+            "loss": meta.get("loss"), "w_power": meta.get("w_power", 1.0),
+            "w_loss_power": meta.get("w_loss_power", 0.0), "targets": summary.get("targets"),
             "weights": "EMA"}
 
 

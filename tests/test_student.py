@@ -10,7 +10,7 @@ from distill import diffusion as dm
 from distill.data import load_data
 from distill.errors import UserError
 from distill.sampling import jit_predictor
-from student.distill import distill_inputs, regression_batch, sample_w, teacher_targets
+from student.distill import distill_inputs, guidance_loss_weight, regression_batch, sample_w, teacher_targets
 from student.job import distill_batches, load_student, run_distill
 from student.model import student_from_teacher
 from student.targets import run_targets, shard_reader
@@ -139,6 +139,24 @@ def test_w_sampling_stays_in_range_and_power_moves_mass_to_low_w() -> None:
 def test_bad_w_power_is_refused(tiny_run) -> None:
     with pytest.raises(UserError, match="w_power=0"):
         run_distill(compose_cfg(tiny_run, "student.w_power=0"))
+
+
+def test_guidance_loss_weight_scales_each_example_by_its_w() -> None:
+    w = np.array([0.0, 1.0, 4.0], np.float32)
+    np.testing.assert_allclose(guidance_loss_weight(w, 2.0), [1.0, 0.25, 0.04], rtol=1e-6)
+    np.testing.assert_array_equal(guidance_loss_weight(w, 0.0), [1.0, 1.0, 1.0])
+    rng = np.random.default_rng(0)
+    inputs = (rng.standard_normal((3, 1, 8, 8)).astype(np.float32), np.full(3, 0.5, np.float32),
+              np.zeros(3, np.int32), w, np.full(3, 0.8, np.float32), np.full(3, 0.6, np.float32))
+    target = np.zeros((3, 1, 8, 8), np.float32)
+    plain = regression_batch(inputs, target, "x_snr_trunc", "v")[-1]
+    weighted = regression_batch(inputs, target, "x_snr_trunc", "v", w_loss_power=2.0)[-1]
+    np.testing.assert_allclose(weighted, plain * np.array([1.0, 0.25, 0.04]), rtol=1e-6)
+
+
+def test_bad_w_loss_power_is_refused(tiny_run) -> None:
+    with pytest.raises(UserError, match="w_loss_power=-1"):
+        run_distill(compose_cfg(tiny_run, "student.w_loss_power=-1"))
 
 
 @pytest.mark.slow
