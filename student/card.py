@@ -96,6 +96,12 @@ def evaluation_section(report: Optional[dict[str, Any]]) -> str:
     return "\n\n".join(parts)
 
 
+def _gate_text(model: dict[str, Any]) -> str:
+    if not model.get("guidance_class_gate"):
+        return ""
+    return ",\n  class embedding gated by w: null + (1 + gate(w)) * (class - null)"
+
+
 def model_card(config: dict[str, Any], report: Optional[dict[str, Any]], card_ws: list[float]) -> str:
     g, c, img, s = config["guidance"], config["classes"], config["image"], config["sampler"]
     m, mx = config["model"], config["mindir"]
@@ -113,7 +119,7 @@ w in [{g['w_min']:g}, {g['w_max']:g}].
 - Images: {shape} (channels x height x width), values in [-1, 1]
 - Classes ({c['num_classes']}): {names}; the null class index is {c['null_class']} (kept for the teacher's interface)
 - Backbone: UNet, {m['channels']} channels x {m['channel_mult']}, {m['num_res_blocks']} res block(s) per level,
-  attention {'on' if m['attention'] else 'off'}, guidance embedding of size {m['guidance_embed_dim']}
+  attention {'on' if m['attention'] else 'off'}, guidance embedding of size {m['guidance_embed_dim']}{_gate_text(m)}
 
 ## Use
 

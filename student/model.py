@@ -8,18 +8,20 @@ from distill.training import load_net_state, net_state
 from teacher.unet import UNet, UNetConfig
 
 
-def student_config(teacher_config: UNetConfig, embed_dim: int, w_scale: float) -> UNetConfig:
+def student_config(teacher_config: UNetConfig, embed_dim: int, w_scale: float,
+                   class_gate: bool = False) -> UNetConfig:
     if embed_dim < 2 or embed_dim % 2:
         raise UserError(f"student: guidance embed_dim {embed_dim} must be an even number >= 2")
-    return dataclasses.replace(teacher_config, guidance_embed_dim=embed_dim, guidance_scale=float(w_scale))
+    return dataclasses.replace(teacher_config, guidance_embed_dim=embed_dim, guidance_scale=float(w_scale),
+                               guidance_class_gate=bool(class_gate))
 
 
-def student_from_teacher(teacher: UNet, embed_dim: int, w_scale: float) -> UNet:
+def student_from_teacher(teacher: UNet, embed_dim: int, w_scale: float, class_gate: bool = False) -> UNet:
     """A student equal to the teacher's conditional model: shared weights copied, the
-    guidance MLP's last layer at zero, so the w term adds nothing until it is trained."""
-    student = UNet(student_config(teacher.config, embed_dim, w_scale))
+    guidance MLPs' last layers at zero, so the w terms change nothing until trained."""
+    student = UNet(student_config(teacher.config, embed_dim, w_scale, class_gate))
     fresh = load_net_state(student, net_state(teacher), "teacher weights", strict=False)
-    unexpected = [name for name in fresh if not name.startswith("guidance_embed.")]
+    unexpected = [name for name in fresh if not name.startswith(("guidance_embed.", "guidance_gate."))]
     if unexpected:
         raise UserError(f"teacher weights do not cover the student backbone (missing {unexpected[:3]})")
     return student

@@ -4,8 +4,12 @@ The conditioning is a single embedding vector per example, the sum of
   time embedding (sinusoidal features of t -> MLP)
 + class embedding (num_classes + 1 rows; the last row is the learned *null* class)
 + guidance embedding (student only: sinusoidal features of w -> MLP, last layer zero)
-computed in one place, :meth:`UNet.embed`. With the guidance MLP's last layer at zero
-the student is exactly the teacher's conditional model until it is trained.
+computed in one place, :meth:`UNet.embed`. A student may also gate its class embedding
+by w (``guidance_class_gate``): null + (1 + gate(w)) * (class - null), where gate is a
+second such MLP, so w = 0 (the unconditional model) is one gate value away rather than
+a cancellation the additive term must learn through the nonlinearities. With the
+guidance MLPs' last layers at zero the student is exactly the teacher's conditional
+model until it is trained.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ class UNetConfig:
     time_scale: float = 1000.0      # t in [0, 1] is scaled before the sinusoidal features
     guidance_embed_dim: int = 0     # 0: teacher (no guidance input); > 0: student
     guidance_scale: float = 100.0   # w is scaled before its sinusoidal features
+    guidance_class_gate: bool = False  # student: w also scales the class embedding (see above)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
@@ -50,6 +55,10 @@ class UNetConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["channel_mult"] = list(self.channel_mult)
+        # Written only when on, so a config without it equals the stored dicts of older
+        # checkpoints, which resume and the teacher check compare as plain dicts.
+        if not self.guidance_class_gate:
+            del d["guidance_class_gate"]
         return d
 
     def validate(self) -> None:
@@ -181,6 +190,13 @@ class UNet(nn.Cell):
             self.guidance_embed = EmbeddingMLP(
                 config.guidance_embed_dim, emb_dim, config.guidance_scale, zero_last=True
             )
+        self.has_class_gate = self.has_guidance and config.guidance_class_gate
+        self.null_class = config.num_classes
+        self.guidance_gate: Optional[EmbeddingMLP] = None
+        if self.has_class_gate:
+            self.guidance_gate = EmbeddingMLP(
+                config.guidance_embed_dim, emb_dim, config.guidance_scale, zero_last=True
+            )
 
         self.conv_in = conv3x3(config.in_channels, ch)
         widths = [ch * m for m in config.channel_mult]
@@ -213,7 +229,11 @@ class UNet(nn.Cell):
 
     def embed(self, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
         """The one conditioning vector: time + class (+ guidance for the student)."""
-        emb = self.time_embed(t) + self.class_embed(y)
+        c = self.class_embed(y)
+        if self.has_class_gate:
+            null = self.class_embed(ops.ones_like(y) * self.null_class)
+            c = c + self.guidance_gate(w) * (c - null)  # = null + (1 + gate) * (c - null), exact at gate 0
+        emb = self.time_embed(t) + c
         if self.has_guidance:
             emb = emb + self.guidance_embed(w)
         return emb

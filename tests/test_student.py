@@ -19,21 +19,41 @@ from teacher.job import load_teacher
 from teacher.unet import UNet, UNetConfig
 
 
-def test_untrained_student_equals_teacher_conditional_prediction() -> None:
+@pytest.mark.parametrize("class_gate", [False, True])
+def test_untrained_student_equals_teacher_conditional_prediction(class_gate: bool) -> None:
     teacher = UNet(UNetConfig(channels=8, channel_mult=(1, 2), groups=4, image_size=8, num_classes=10))
     rng = np.random.default_rng(0)
     for p in teacher.trainable_params():  # non-trivial weights (output layers start at zero)
         p.set_data(ms.Tensor((p.asnumpy() + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
-    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0)
+    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0, class_gate=class_gate)
     z = ms.Tensor(rng.standard_normal((6, 1, 8, 8)).astype(np.float32))
     t = ms.Tensor(rng.uniform(size=6).astype(np.float32))
     y = ms.Tensor(rng.integers(0, 10, 6).astype(np.int32))
     w = ms.Tensor(np.array([0, 0.5, 1, 2, 4, 7], np.float32))
     np.testing.assert_array_equal(student(z, t, y, w).asnumpy(), teacher(z, t, y, w).asnumpy())
-    # the guidance embedding is really in the graph: perturbing its last layer changes the output
-    for p in student.guidance_embed.fc2.trainable_params():
-        p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32)))
-    assert not np.allclose(student(z, t, y, w).asnumpy(), teacher(z, t, y, w).asnumpy())
+    # each guidance MLP is really in the graph: perturbing its last layer changes the output
+    for mlp in [student.guidance_embed] + ([student.guidance_gate] if class_gate else []):
+        saved = [p.asnumpy() for p in mlp.fc2.trainable_params()]
+        for p in mlp.fc2.trainable_params():
+            p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32)))
+        assert not np.allclose(student(z, t, y, w).asnumpy(), teacher(z, t, y, w).asnumpy())
+        for p, v in zip(mlp.fc2.trainable_params(), saved):
+            p.set_data(ms.Tensor(v))
+
+
+def test_class_gate_at_minus_one_is_the_unconditional_model() -> None:
+    """gate(w) = -1 turns every class into the null class: the w = 0 target is reachable exactly."""
+    teacher = _random_teacher()
+    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0, class_gate=True)
+    bias = student.guidance_gate.fc2.bias
+    bias.set_data(ms.Tensor(np.full(bias.shape, -1.0, np.float32)))
+    rng = np.random.default_rng(2)
+    z = ms.Tensor(rng.standard_normal((4, 1, 8, 8)).astype(np.float32))
+    t = ms.Tensor(rng.uniform(size=4).astype(np.float32))
+    y = ms.Tensor(np.array([0, 3, 7, 9], np.int32))
+    w = ms.Tensor(np.zeros(4, np.float32))
+    null = ms.Tensor(np.full(4, 10, np.int32))
+    np.testing.assert_allclose(student(z, t, y, w).asnumpy(), teacher(z, t, null, w).asnumpy(), atol=1e-6)
 
 
 def test_x_space_weight_matches_direct_x_space_loss() -> None:
