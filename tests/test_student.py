@@ -205,3 +205,14 @@ def test_the_lr_schedule_reaches_the_distillation_step(tiny_run, tmp_path) -> No
 
     plain, warm = moved("plain"), moved("warm", "student.train.warmup_steps=1000")
     assert plain > 0 and plain / warm > 100
+
+
+def test_class_gate_setting_round_trips_and_old_architecture_dicts_still_match() -> None:
+    """Checkpoints from before the gate store no guidance_class_gate; they must still compare equal."""
+    plain = UNetConfig(guidance_embed_dim=16)
+    assert "guidance_class_gate" not in plain.to_dict()  # byte-for-byte the dict older checkpoints hold
+    assert UNetConfig.from_dict(plain.to_dict()) == plain
+    gated = UNetConfig(guidance_embed_dim=16, guidance_class_gate=True)
+    assert gated.to_dict()["guidance_class_gate"] is True
+    assert UNetConfig.from_dict(gated.to_dict()) == gated
+    assert gated.to_dict() != plain.to_dict()  # resume refuses a checkpoint of the other kind
