@@ -28,9 +28,9 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import mindspore as ms
@@ -76,6 +76,7 @@ class TrainSettings:
     precision: Optional[str] = None      # fp32 | fp16 | bf16; None = the runtime's (config key `precision`)
     loss_scale: float = 2.0 ** 16        # fp16: initial dynamic loss scale
     loss_scale_window: int = 1000        # fp16: finite steps before the scale doubles
+    param_lr_scale: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> lr factor
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "warmup_steps", "log_every", "checkpoint_every", "seed",
@@ -101,9 +102,44 @@ class TrainSettings:
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise UserError(f"training: log_every ({self.log_every}) and checkpoint_every "
                             f"({self.checkpoint_every}) must be >= 1")
+        for prefix, scale in dict(self.param_lr_scale).items():
+            if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) \
+                    or not (math.isfinite(scale) and scale > 0):
+                raise UserError(f"training: param_lr_scale[{prefix!r}] must be a finite number > 0, not {scale!r}")
         if self.loss_scale < 1 or self.loss_scale_window < 1:
             raise UserError(f"training: loss_scale ({self.loss_scale}) and loss_scale_window "
                             f"({self.loss_scale_window}) must be >= 1")
+
+
+def lr_groups(names: list[str], param_lr_scale: Mapping[str, float]) -> list[float]:
+    """The lr factor of each parameter: that of the first prefix of ``param_lr_scale`` its name
+    starts with, else 1."""
+    return [next((float(f) for p, f in param_lr_scale.items() if name.startswith(p)), 1.0) for name in names]
+
+
+def make_optimizer(net: nn.Cell, settings: TrainSettings) -> tuple[nn.Optimizer, list[tuple[ms.Parameter, float]]]:
+    """AdamW over ``net``'s trainable parameters, one lr group per distinct factor of
+    ``settings.param_lr_scale``; also the optimizer's lr Parameters with their factors (the train
+    step assigns ``lr * factor`` to each)."""
+    named = _named_params(net)  # names inside net: Parameter.name gains prefixes once net sits in other cells
+    names, params = list(named), list(named.values())
+    factors = lr_groups(names, settings.param_lr_scale)
+    for prefix, factor in settings.param_lr_scale.items():
+        count = sum(name.startswith(prefix) for name in names)
+        if count == 0:
+            raise UserError(f"training: param_lr_scale prefix {prefix!r} matches no parameter of the model")
+        if float(factor) != 1.0:
+            log.info("lr x %g for the %d parameter tensors under %r", float(factor), count, prefix)
+    lr, wd = float(settings.lr), settings.weight_decay
+    if all(f == 1.0 for f in factors):
+        opt = nn.AdamWeightDecay(params, lr, weight_decay=wd)
+        return opt, [(opt.learning_rate, 1.0)]
+    distinct = sorted(set(factors))
+    groups = [{"params": [p for p, f in zip(params, factors) if f == g], "lr": lr * g} for g in distinct]
+    opt = nn.AdamWeightDecay(groups + [{"order_params": params}], lr, weight_decay=wd)
+    # the optimizer gives all parameters of a group one shared lr Parameter
+    lr_of = {id(p): lr_param for p, lr_param in zip(opt.group_params, opt.group_lr)}
+    return opt, [(lr_of[id(group["params"][0])], g) for group, g in zip(groups, distinct)]
 
 
 class EMAUpdate(nn.Cell):
@@ -191,7 +227,7 @@ class Trainer:
         self.on_checkpoint = on_checkpoint
         self.ckpt_path = self.out_dir / CHECKPOINT_NAME
         self.ema_update = EMAUpdate(ema, net)
-        self.optimizer = nn.AdamWeightDecay(net.trainable_params(), float(settings.lr), weight_decay=settings.weight_decay)
+        self.optimizer, self._lr_params = make_optimizer(net, settings)
         # The learning rate is an input of the train step, assigned to the optimizer's own copy inside
         # it: set_data on a Parameter from the host between jitted calls was not seen by the compiled
         # graph in the distillation job (the schedule silently stayed at the base lr).
@@ -218,6 +254,11 @@ class Trainer:
         settings, scaler, optimizer = self.settings, self.scaler, self.optimizer
         world = self.rt.world_size
         clip = settings.grad_clip
+        lr_params = self._lr_params
+
+        def set_lr(lr):
+            for param, scale in lr_params:
+                ops.assign(param, lr * scale)
         if world > 1:
             reducer = nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=world)
             all_reduce = ops.AllReduce()
@@ -248,7 +289,7 @@ class Trainer:
             grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
 
             def train_step(lr, *batch):
-                ops.assign(optimizer.learning_rate, lr)
+                set_lr(lr)
                 loss, grads = grad_fn(*batch)
                 grads = reduce_grads(grads)
                 optimizer(clipped(grads))
@@ -260,7 +301,7 @@ class Trainer:
             grad_fn = ms.value_and_grad(scaled_forward, None, optimizer.parameters)
 
             def train_step(lr, *batch):
-                ops.assign(optimizer.learning_rate, lr)
+                set_lr(lr)
                 scaled_loss, grads = grad_fn(*batch)
                 loss = scaler.unscale(scaled_loss)
                 grads = scaler.unscale(reduce_grads(grads))

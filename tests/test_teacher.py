@@ -161,6 +161,33 @@ def test_the_learning_rate_schedule_reaches_the_optimizer(tmp_path) -> None:
     assert plain > 0 and 300 < plain / warm < 3000
 
 
+def test_param_lr_scale_gives_matching_parameters_their_own_learning_rate(tmp_path) -> None:
+    # On the first step only the zero-initialised output conv has a gradient, and Adam moves it by
+    # about lr * sign(grad): with factor 10 on its prefix it must move ~10x as far (jitted step).
+    def first_step(name: str, **overrides) -> dict[str, float]:
+        trainer = _tiny_trainer(tmp_path / name, steps=1, **overrides)
+        before = {k: v.copy() for k, v in net_state(trainer.net).items()}  # asnumpy may share memory
+        trainer.run()
+        return {k: float(np.abs(v - before[k]).max()) for k, v in net_state(trainer.net).items()}
+
+    plain, scaled = first_step("plain"), first_step("scaled", param_lr_scale={"conv_out.": 10.0})
+    assert plain["conv_out.weight"] > 0
+    assert 9 < scaled["conv_out.weight"] / plain["conv_out.weight"] < 11
+    assert {k: v for k, v in scaled.items() if not k.startswith("conv_out.")} == \
+        {k: v for k, v in plain.items() if not k.startswith("conv_out.")}
+    with pytest.raises(UserError, match="'conv_ot.' matches no parameter"):
+        _tiny_trainer(tmp_path / "typo", steps=1, param_lr_scale={"conv_ot.": 10.0})
+
+
+def test_lr_groups_take_the_first_matching_prefix_and_refuse_bad_factors() -> None:
+    from distill.training import TrainSettings, lr_groups
+    names = ["guidance_embed.fc1.weight", "guidance_gate.fc2.bias", "time_embed.fc1.weight"]
+    assert lr_groups(names, {"guidance_embed.": 5.0, "guidance_": 2.0}) == [5.0, 2.0, 1.0]
+    assert lr_groups(names, {}) == [1.0, 1.0, 1.0]
+    with pytest.raises(UserError, match=r"param_lr_scale\['guidance_'\]"):
+        TrainSettings(steps=10, batch_size=2, param_lr_scale={"guidance_": 0.0}).validate()
+
+
 def test_unknown_lr_decay_is_refused() -> None:
     from distill.training import TrainSettings
     with pytest.raises(UserError, match="lr_decay 'linear'"):
