@@ -65,33 +65,54 @@ def describe_w(w_min: float, w_max: float, power: float) -> str:
     return f"w = {w_min:g} + {w_max - w_min:g} u^{power:g}, u ~ U(0, 1)"
 
 
+def check_ws_per_input(ws_per_input: int, batch_size: int) -> None:
+    if isinstance(ws_per_input, bool) or not isinstance(ws_per_input, (int, np.integer)) or ws_per_input < 1 \
+            or batch_size % ws_per_input:
+        raise UserError(f"student: ws_per_input={ws_per_input!r} must be an integer >= 1 that divides the "
+                        f"batch size {batch_size}")
+
+
 def distill_inputs(data: ImageData, batch_size: int, seed: int, start_step: int, schedule: str,
-                   w_min: float, w_max: float, power: float = 1.0) -> Callable[[int], tuple[np.ndarray, ...]]:
-    """step -> (z_t, t, y, w, alpha, sigma): the inputs of one distillation step, on the host."""
+                   w_min: float, w_max: float, power: float = 1.0,
+                   ws_per_input: int = 1) -> Callable[[int], tuple[np.ndarray, ...]]:
+    """step -> (z_t, t, y, w, alpha, sigma): the inputs of one distillation step, on the host.
+
+    With ``ws_per_input`` k > 1 the batch is ``batch_size / k`` noisy inputs (x, y, t, noise), each
+    repeated in k adjacent rows with its own w: the teacher then runs once per input
+    (:func:`teacher_targets`) and the student sees how its target moves with w alone.
+    """
     check_w_range(w_min, w_max, power)
-    stream = iterate_batches(data.train_images, data.train_labels, batch_size, seed, start_step)
+    check_ws_per_input(ws_per_input, batch_size)
+    k = ws_per_input
+    stream = iterate_batches(data.train_images, data.train_labels, batch_size // k, seed, start_step)
 
     def make(step: int) -> tuple[np.ndarray, ...]:
         x, y = next(stream)
         rng = np.random.default_rng((seed, 2, step))
-        b = x.shape[0]
-        t = rng.uniform(0.0, 1.0, b).astype(np.float32)
-        w = sample_w(rng, b, w_min, w_max, power)
+        n = x.shape[0]
+        t = rng.uniform(0.0, 1.0, n).astype(np.float32)
+        w = sample_w(rng, n * k, w_min, w_max, power)
         eps = rng.standard_normal(x.shape).astype(np.float32)
         alpha, sigma = dm.alpha_sigma(dm.logsnr_schedule(schedule, t))
         z = dm.q_sample(x, eps, alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)).astype(np.float32)
+        z, t, y, alpha, sigma = (np.repeat(a, k, axis=0) for a in (z, t, y, alpha, sigma))
         return z, t, y.astype(np.int32), w, alpha, sigma
 
     return make
 
 
-def teacher_targets(teacher_predict: Callable[..., ms.Tensor], null_class: int,
-                    inputs: tuple[np.ndarray, ...]) -> np.ndarray:
-    """The two-pass guided teacher output for one batch of distillation inputs."""
+def teacher_targets(teacher_branches: Callable[..., tuple[ms.Tensor, ms.Tensor]], null_class: int,
+                    inputs: tuple[np.ndarray, ...], ws_per_input: int = 1) -> np.ndarray:
+    """The two-pass guided teacher output ``uncond + w (cond - uncond)`` for one batch of
+    distillation inputs; ``teacher_branches`` gives (cond, uncond) (:class:`GuidanceBranches`).
+    With ``ws_per_input`` k the teacher runs on every k-th row only (the rows in between repeat it)."""
     z, t, y, w, _, _ = inputs
+    k = ws_per_input
+    z, t, y = z[::k], t[::k], y[::k]
     y_null = np.full_like(y, null_class)
-    out = teacher_predict(ms.Tensor(z), ms.Tensor(t), ms.Tensor(y), ms.Tensor(w), ms.Tensor(y_null))
-    return out.asnumpy()
+    cond, uncond = teacher_branches(ms.Tensor(z), ms.Tensor(t), ms.Tensor(y), ms.Tensor(w[::k]), ms.Tensor(y_null))
+    cond, uncond = (np.repeat(a.asnumpy(), k, axis=0) for a in (cond, uncond))
+    return dm.cfg_combine(cond, uncond, w.reshape(-1, 1, 1, 1)).astype(np.float32)
 
 
 def regression_batch(inputs: tuple[np.ndarray, ...], target: np.ndarray, loss_space: str,

@@ -15,13 +15,13 @@ from distill.checkpoint import read_meta
 from distill.fileio import atomic_write
 from distill.data import ImageData, load_data
 from distill.errors import UserError
-from distill.runtime import is_main, shard
+from distill.runtime import is_main, local_batch_size, shard
 from distill.sampling import jit_predictor
 from distill.training import CHECKPOINT_NAME, Trainer, load_ema_weights
-from student.distill import (check_w_loss_power, check_w_range, describe_w, distill_inputs, regression_batch, teacher_targets,
-                             w_distribution)
+from student.distill import (check_w_loss_power, check_w_range, check_ws_per_input, describe_w, distill_inputs,
+                             regression_batch, teacher_targets, w_distribution)
 from student.model import student_from_teacher
-from teacher.guidance import GuidedPrediction
+from teacher.guidance import GuidanceBranches
 from teacher.job import load_teacher
 from teacher.train import regression_loss
 from teacher.unet import UNet, UNetConfig
@@ -39,7 +39,7 @@ def student_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str
     return {"kind": "student", "model": ucfg.to_dict(), "schedule": cfg.diffusion.schedule,
             "prediction": cfg.diffusion.prediction, "w_min": w_min, "w_max": w_max, "w_power": w_power,
             "w_convention": "uncond + w * (cond - uncond)", "loss": str(s.loss),
-            "w_loss_power": float(s.w_loss_power),
+            "w_loss_power": float(s.w_loss_power), "ws_per_input": int(s.ws_per_input),
             "data": str(cfg.data.name), "class_names": list(data.class_names)}
 
 
@@ -76,16 +76,16 @@ def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
         return lambda start: from_shards
     if s.targets != "online":
         raise UserError(f"student: targets '{s.targets}' must be online or shards")
-    predict = jit_predictor(GuidedPrediction(teacher), bool(cfg.jit))
+    branches = jit_predictor(GuidanceBranches(teacher), bool(cfg.jit))
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
         make = distill_inputs(data, int(s.train.batch_size), int(cfg.seed), start, cfg.diffusion.schedule,
-                              *w_distribution(s))
+                              *w_distribution(s), s.ws_per_input)
 
         def batch(step: int) -> tuple[np.ndarray, ...]:
             inputs = shard(make(step), int(s.train.batch_size))  # data parallel: targets for this rank's slice only
-            return regression_batch(inputs, teacher_targets(predict, data.num_classes, inputs), loss_space, prediction,
-                                    w_loss_power)
+            target = teacher_targets(branches, data.num_classes, inputs, s.ws_per_input)
+            return regression_batch(inputs, target, loss_space, prediction, w_loss_power)
         return batch
 
     return factory
@@ -97,6 +97,7 @@ def run_distill(cfg: DictConfig) -> Path:
     s = cfg.student
     check_w_range(*w_distribution(s))
     check_w_loss_power(float(s.w_loss_power))
+    check_ws_per_input(s.ws_per_input, local_batch_size(int(s.train.batch_size)))  # a rank's rows keep whole groups
     data = load_data(cfg.data)
     teacher = load_teacher(cfg, data)
     out = build.run_dir(cfg) / "student"
@@ -107,8 +108,9 @@ def run_distill(cfg: DictConfig) -> Path:
     meta = student_meta(student.config, cfg, data)
     trainer = Trainer(student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out, meta, writer)
     trainer.try_resume()
-    log.info("distill: %s targets, %s, loss %s x (1 + w)^-%g, %d steps at batch %d", s.targets,
-             describe_w(*w_distribution(s)), s.loss, float(s.w_loss_power), settings.steps, settings.batch_size)
+    log.info("distill: %s targets, %s, loss %s x (1 + w)^-%g, %d steps at batch %d (%d inputs x %d w)", s.targets,
+             describe_w(*w_distribution(s)), s.loss, float(s.w_loss_power), settings.steps, settings.batch_size,
+             settings.batch_size // s.ws_per_input, s.ws_per_input)
     start_step, t0 = trainer.step, time.perf_counter()
     losses = trainer.run()
     seconds = time.perf_counter() - t0

@@ -24,7 +24,7 @@ from distill.data import load_data
 from distill.errors import UserError
 from distill.sampling import jit_predictor
 from student.distill import distill_inputs, teacher_targets, w_distribution
-from teacher.guidance import GuidedPrediction
+from teacher.guidance import GuidanceBranches
 from teacher.job import load_teacher, teacher_checkpoint_path
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     return {"teacher_sha256": sha256(teacher_checkpoint_path(cfg)), "seed": int(cfg.seed),
             "batch_size": int(s.train.batch_size), "schedule": str(cfg.diffusion.schedule),
             "prediction": str(cfg.diffusion.prediction), "w_min": w_min, "w_max": w_max, "w_power": w_power,
-            "data": build.plain(cfg.data)}
+            "data": build.plain(cfg.data),
+            # only when set, so shards made before the option existed still match
+            **({"ws_per_input": int(s.ws_per_input)} if s.get("ws_per_input", 1) != 1 else {})}
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -81,16 +83,16 @@ def run_targets(cfg: DictConfig) -> Path:
         log.info("targets: %d steps already in %s", done, folder)
         return folder
     teacher = load_teacher(cfg, data)
-    predict = jit_predictor(GuidedPrediction(teacher), bool(cfg.jit))
+    branches = jit_predictor(GuidanceBranches(teacher), bool(cfg.jit))
     make = distill_inputs(data, int(s.train.batch_size), int(cfg.seed), done, cfg.diffusion.schedule,
-                          *w_distribution(s))
+                          *w_distribution(s), s.ws_per_input)
     bar = tqdm(total=steps, initial=done, desc="targets", unit="step", mininterval=2.0)
     for start in range(done, steps, per_shard):
         stop = min(start + per_shard, steps)
         rows = []
         for step in range(start, stop):
             inputs = make(step)
-            rows.append(inputs + (teacher_targets(predict, data.num_classes, inputs),))
+            rows.append(inputs + (teacher_targets(branches, data.num_classes, inputs, s.ws_per_input),))
             bar.update(1)
         shard = {name: np.stack([r[i] for r in rows]) for i, name in enumerate(FIELDS)}
         name = f"shard_{start:07d}_{stop:07d}.safetensors"

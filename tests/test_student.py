@@ -14,7 +14,7 @@ from student.distill import distill_inputs, guidance_loss_weight, regression_bat
 from student.job import distill_batches, load_student, run_distill
 from student.model import student_from_teacher
 from student.targets import run_targets, shard_reader
-from teacher.guidance import GuidedPrediction
+from teacher.guidance import GuidanceBranches, GuidedPrediction
 from teacher.job import load_teacher
 from teacher.unet import UNet, UNetConfig
 
@@ -86,7 +86,7 @@ def test_distillation_loss_falls(tmp_path) -> None:
 
     data = load_data({"name": "digits", "max_train": 64})
     teacher = _random_teacher()
-    predict = jit_predictor(GuidedPrediction(teacher))
+    predict = jit_predictor(GuidanceBranches(teacher))
     student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0)
 
     def batches(start: int):
@@ -103,10 +103,27 @@ def test_distillation_loss_falls(tmp_path) -> None:
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
 
 
-def test_targets_from_shards_equal_online_targets(tiny_run, tmp_path) -> None:
-    cfg = compose_cfg(tiny_run, f"student.targets_dir={tmp_path / 'targets'}", "student.targets=shards")
+def test_ws_per_input_repeats_each_noisy_input_with_its_own_w_and_two_pass_targets() -> None:
+    data = load_data({"name": "digits", "max_train": 64})
+    teacher = _random_teacher()
+    z, t, y, w, alpha, sigma = inputs = distill_inputs(data, 32, 0, 0, "cosine", 0.0, 5.0, ws_per_input=4)(3)
+    assert z.shape[0] == 32 and len(np.unique(t)) == 8 and len(np.unique(w)) == 32
+    for a in (z, t, y, alpha, sigma):  # 8 inputs, each in 4 adjacent rows
+        np.testing.assert_array_equal(a, np.repeat(a[::4], 4, axis=0))
+    # the teacher ran on 8 rows, yet every row's target is its own two-pass guided prediction
+    null = np.full_like(y, 10)
+    expected = GuidedPrediction(teacher)(*(ms.Tensor(a) for a in (z, t, y, w, null))).asnumpy()
+    np.testing.assert_allclose(teacher_targets(GuidanceBranches(teacher), 10, inputs, 4), expected, atol=1e-5)
+    with pytest.raises(UserError, match="ws_per_input=3 must be an integer >= 1 that divides the batch size 32"):
+        distill_inputs(data, 32, 0, 0, "cosine", 0.0, 5.0, ws_per_input=3)
+
+
+@pytest.mark.parametrize("ws_per_input", [1, 2])
+def test_targets_from_shards_equal_online_targets(tiny_run, tmp_path, ws_per_input: int) -> None:
+    k = f"student.ws_per_input={ws_per_input}"
+    cfg = compose_cfg(tiny_run, f"student.targets_dir={tmp_path / 'targets'}", "student.targets=shards", k)
     run_targets(cfg)
-    online = distill_batches(compose_cfg(tiny_run), load_data(cfg.data), load_teacher(cfg, load_data(cfg.data)))(0)
+    online = distill_batches(compose_cfg(tiny_run, k), load_data(cfg.data), load_teacher(cfg, load_data(cfg.data)))(0)
     from_shards = distill_batches(cfg, load_data(cfg.data), None)(0)
     for step in range(int(cfg.student.train.steps)):
         for a, b in zip(online(step), from_shards(step)):
