@@ -36,6 +36,7 @@ class UNetConfig:
     num_res_blocks: int = 1
     attention: bool = True          # self-attention at the lowest resolution
     groups: int = 8                 # GroupNorm groups
+    scale_shift_norm: bool = False  # the embedding scales and shifts each block's normalised features (FiLM)
     time_scale: float = 1000.0      # t in [0, 1] is scaled before the sinusoidal features
     guidance_embed_dim: int = 0     # 0: teacher (no guidance input); > 0: student
     guidance_scale: float = 100.0   # w is scaled before its sinusoidal features
@@ -57,8 +58,9 @@ class UNetConfig:
         d["channel_mult"] = list(self.channel_mult)
         # Written only when on, so a config without it equals the stored dicts of older
         # checkpoints, which resume and the teacher check compare as plain dicts.
-        if not self.guidance_class_gate:
-            del d["guidance_class_gate"]
+        for flag in ("guidance_class_gate", "scale_shift_norm"):
+            if not d[flag]:
+                del d[flag]
         return d
 
     def validate(self) -> None:
@@ -113,11 +115,16 @@ class EmbeddingMLP(nn.Cell):
 
 
 class ResBlock(nn.Cell):
-    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int) -> None:
+    """GroupNorm-SiLU-conv twice with a skip; the embedding either adds a per-channel bias before
+    the second norm, or (``scale_shift_norm``, as in ADM) sets a per-channel scale and shift after
+    it: multiplicative conditioning, so the class and w can amplify features, not only offset them."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, scale_shift_norm: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin)
         self.conv1 = conv3x3(cin, cout)
-        self.emb = nn.Dense(emb_dim, cout)
+        self.scale_shift_norm = scale_shift_norm
+        self.emb = nn.Dense(emb_dim, 2 * cout if scale_shift_norm else cout)
         self.norm2 = nn.GroupNorm(groups, cout)
         self.conv2 = zero_(conv3x3(cout, cout))  # each block starts as the identity
         self.act = nn.SiLU()
@@ -125,8 +132,13 @@ class ResBlock(nn.Cell):
 
     def construct(self, x: ms.Tensor, emb: ms.Tensor) -> ms.Tensor:
         h = self.conv1(self.act(self.norm1(x)))
-        h = h + self.emb(self.act(emb)).reshape(h.shape[0], -1, 1, 1)
-        h = self.conv2(self.act(self.norm2(h)))
+        e = self.emb(self.act(emb)).reshape(h.shape[0], -1, 1, 1)
+        if self.scale_shift_norm:
+            scale, shift = ops.split(e, h.shape[1], axis=1)
+            h = self.norm2(h) * (1.0 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.act(h))
         return self.skip(x) + h
 
 
@@ -180,7 +192,7 @@ class UNet(nn.Cell):
         super().__init__()
         config.validate()
         self.config = config
-        ch, groups = config.channels, config.groups
+        ch, groups, ss = config.channels, config.groups, config.scale_shift_norm
         emb_dim = 4 * ch
         self.time_embed = EmbeddingMLP(ch, emb_dim, config.time_scale)
         self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)
@@ -203,20 +215,20 @@ class UNet(nn.Cell):
         down, skips, cur = [], [ch], ch
         for level, width in enumerate(widths):
             for _ in range(config.num_res_blocks):
-                down.append(ResBlock(cur, width, emb_dim, groups))
+                down.append(ResBlock(cur, width, emb_dim, groups, ss))
                 cur = width
                 skips.append(cur)
             if level < len(widths) - 1:
                 down.append(Downsample(cur))
                 skips.append(cur)
         self.down = nn.CellList(down)
-        self.mid1 = ResBlock(cur, cur, emb_dim, groups)
+        self.mid1 = ResBlock(cur, cur, emb_dim, groups, ss)
         self.mid_attn = Attention(cur, groups) if config.attention else nn.Identity()
-        self.mid2 = ResBlock(cur, cur, emb_dim, groups)
+        self.mid2 = ResBlock(cur, cur, emb_dim, groups, ss)
         up = []
         for level, width in reversed(list(enumerate(widths))):
             for _ in range(config.num_res_blocks + 1):
-                up.append(ResBlock(cur + skips.pop(), width, emb_dim, groups))
+                up.append(ResBlock(cur + skips.pop(), width, emb_dim, groups, ss))
                 cur = width
             if level > 0:
                 up.append(Upsample(cur))

@@ -19,9 +19,10 @@ from teacher.job import load_teacher
 from teacher.unet import UNet, UNetConfig
 
 
-@pytest.mark.parametrize("class_gate", [False, True])
-def test_untrained_student_equals_teacher_conditional_prediction(class_gate: bool) -> None:
-    teacher = UNet(UNetConfig(channels=8, channel_mult=(1, 2), groups=4, image_size=8, num_classes=10))
+@pytest.mark.parametrize("class_gate,scale_shift_norm", [(False, False), (True, False), (True, True)])
+def test_untrained_student_equals_teacher_conditional_prediction(class_gate: bool, scale_shift_norm: bool) -> None:
+    teacher = UNet(UNetConfig(channels=8, channel_mult=(1, 2), groups=4, image_size=8, num_classes=10,
+                              scale_shift_norm=scale_shift_norm))
     rng = np.random.default_rng(0)
     for p in teacher.trainable_params():  # non-trivial weights (output layers start at zero)
         p.set_data(ms.Tensor((p.asnumpy() + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
@@ -224,12 +225,13 @@ def test_the_lr_schedule_reaches_the_distillation_step(tiny_run, tmp_path) -> No
     assert plain > 0 and plain / warm > 100
 
 
-def test_class_gate_setting_round_trips_and_old_architecture_dicts_still_match() -> None:
-    """Checkpoints from before the gate store no guidance_class_gate; they must still compare equal."""
+@pytest.mark.parametrize("flag", ["guidance_class_gate", "scale_shift_norm"])
+def test_architecture_flags_round_trip_and_old_architecture_dicts_still_match(flag: str) -> None:
+    """Checkpoints from before a flag existed do not store it; they must still compare equal."""
     plain = UNetConfig(guidance_embed_dim=16)
-    assert "guidance_class_gate" not in plain.to_dict()  # byte-for-byte the dict older checkpoints hold
+    assert flag not in plain.to_dict()  # byte-for-byte the dict older checkpoints hold
     assert UNetConfig.from_dict(plain.to_dict()) == plain
-    gated = UNetConfig(guidance_embed_dim=16, guidance_class_gate=True)
-    assert gated.to_dict()["guidance_class_gate"] is True
-    assert UNetConfig.from_dict(gated.to_dict()) == gated
-    assert gated.to_dict() != plain.to_dict()  # resume refuses a checkpoint of the other kind
+    flagged = UNetConfig(guidance_embed_dim=16, **{flag: True})
+    assert flagged.to_dict()[flag] is True
+    assert UNetConfig.from_dict(flagged.to_dict()) == flagged
+    assert flagged.to_dict() != plain.to_dict()  # resume refuses a checkpoint of the other kind

@@ -1,6 +1,8 @@
 """Teacher: backbone shapes, CFG training (loss falls, resume is exact), checkpoints and errors."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import mindspore as ms
 import pytest
@@ -33,8 +35,9 @@ def _randomize(net: UNet, seed: int = 1) -> None:
         p.set_data(ms.Tensor((p.asnumpy() + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
 
 
-def test_unet_output_shape_and_class_dependence() -> None:
-    net = UNet(TINY_NET)
+@pytest.mark.parametrize("scale_shift_norm", [False, True])
+def test_unet_output_shape_and_class_dependence(scale_shift_norm: bool) -> None:
+    net = UNet(dataclasses.replace(TINY_NET, scale_shift_norm=scale_shift_norm))
     _randomize(net)
     z, t, y, w = _inputs()
     out = net(z, t, y, w).asnumpy()
