@@ -32,6 +32,12 @@ LAUNCHER_ENV = ("MS_ROLE", "RANK_TABLE_FILE", "OMPI_COMM_WORLD_SIZE")
 # CPU collectives give up after 30 s by default; rank 0 alone writes reports and checks the
 # teacher while the other ranks wait at their next collective, so allow more (seconds).
 CPU_COMM_TIMEOUT = "1800"
+# oneDNN (MindSpore's CPU kernels) picks its widest instruction set; on some virtual CPUs its AVX-512
+# kernels are far slower (measured on this project's 2-core AMD EPYC: a 3x3 conv at batch 128
+# 243 ms vs 2.6 ms with AVX2), so CPU runs cap it with `cpu_max_isa` unless the environment already does.
+ONEDNN_ISA_ENV = "ONEDNN_MAX_CPU_ISA"
+CPU_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+            "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX", "ALL")
 log = logging.getLogger(__name__)
 
 
@@ -87,11 +93,14 @@ def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def setup_runtime(device: str = "CPU", seed: int = 0, deterministic: bool = True, *, precision: str = "fp32",
-                  distributed: bool = False, graph_mode_options: Optional[Mapping[str, Any]] = None) -> Runtime:
+                  distributed: bool = False, graph_mode_options: Optional[Mapping[str, Any]] = None,
+                  cpu_max_isa: Optional[str] = "AVX2") -> Runtime:
     """Select the device target, seed MindSpore, and (``distributed``) join the data-parallel group."""
     global _current
     if device not in DEVICES:
         raise UserError(f"device '{device}' is not one of {', '.join(DEVICES)}")
+    if device == "CPU":
+        cap_cpu_isa(cpu_max_isa)
     check_precision(precision, device)
     jit_options = check_jit_options(graph_mode_options)
     if distributed and _current.distributed:  # already joined (a second task in the same process)
@@ -122,6 +131,15 @@ def setup_runtime(device: str = "CPU", seed: int = 0, deterministic: bool = True
     return _current
 
 
+def cap_cpu_isa(isa: Optional[str]) -> None:
+    """Cap oneDNN's instruction set (read when its first kernel is made); an ``ONEDNN_MAX_CPU_ISA`` set by the user wins."""
+    if isa is None:
+        return
+    if str(isa).upper() not in CPU_ISAS:
+        raise UserError(f"cpu_max_isa '{isa}' is not one of {', '.join(CPU_ISAS)} (or null: oneDNN's own choice)")
+    os.environ.setdefault(ONEDNN_ISA_ENV, str(isa).upper())
+
+
 def _device_available(device: str) -> bool:
     import mindspore.device_context as dc
 
@@ -137,10 +155,12 @@ def _set_deterministic_once() -> None:
 
 
 def setup_from_config(cfg: Any) -> Runtime:
-    """``setup_runtime`` from the top-level config keys (device, seed, precision, distributed, graph_mode_options)."""
+    """``setup_runtime`` from the top-level config keys (device, seed, precision, distributed, graph_mode_options,
+    cpu_max_isa)."""
     return setup_runtime(str(cfg.device), int(cfg.seed), precision=str(cfg.get("precision", "fp32")),
                          distributed=bool(cfg.get("distributed", False)),
-                         graph_mode_options=_plain(cfg.get("graph_mode_options")))
+                         graph_mode_options=_plain(cfg.get("graph_mode_options")),
+                         cpu_max_isa=cfg.get("cpu_max_isa", "AVX2"))
 
 
 def _plain(section: Any) -> Optional[dict[str, Any]]:
