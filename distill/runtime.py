@@ -38,6 +38,7 @@ CPU_COMM_TIMEOUT = "1800"
 ONEDNN_ISA_ENV = "ONEDNN_MAX_CPU_ISA"
 CPU_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
             "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX", "ALL")
+DEFAULT_CPU_ISA = "AVX2"
 log = logging.getLogger(__name__)
 
 
@@ -94,13 +95,12 @@ def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def setup_runtime(device: str = "CPU", seed: int = 0, deterministic: bool = True, *, precision: str = "fp32",
                   distributed: bool = False, graph_mode_options: Optional[Mapping[str, Any]] = None,
-                  cpu_max_isa: Optional[str] = "AVX2") -> Runtime:
+                  cpu_max_isa: Optional[str] = DEFAULT_CPU_ISA) -> Runtime:
     """Select the device target, seed MindSpore, and (``distributed``) join the data-parallel group."""
     global _current
     if device not in DEVICES:
         raise UserError(f"device '{device}' is not one of {', '.join(DEVICES)}")
-    if device == "CPU":
-        cap_cpu_isa(cpu_max_isa)
+    isa = check_cpu_isa(cpu_max_isa)
     check_precision(precision, device)
     jit_options = check_jit_options(graph_mode_options)
     if distributed and _current.distributed:  # already joined (a second task in the same process)
@@ -111,6 +111,8 @@ def setup_runtime(device: str = "CPU", seed: int = 0, deterministic: bool = True
         raise UserError("distributed=true needs a launcher: start the workers with msrun --worker_num=N "
                         "--local_worker_num=N ... (see docs/distributed.md)")
     os.environ.setdefault("GLOG_v", "3")  # keep MindSpore's C++ logging to errors
+    if device == "CPU" and isa is not None:  # read when oneDNN makes its first kernel; the user's own value wins
+        os.environ.setdefault(ONEDNN_ISA_ENV, isa)
     if not _device_available(device):  # asked first: set_device would log its own errors to stderr
         raise UserError(f"device '{device}' is not available here (this MindSpore build or machine has no "
                         f"{device} support)")
@@ -131,13 +133,13 @@ def setup_runtime(device: str = "CPU", seed: int = 0, deterministic: bool = True
     return _current
 
 
-def cap_cpu_isa(isa: Optional[str]) -> None:
-    """Cap oneDNN's instruction set (read when its first kernel is made); an ``ONEDNN_MAX_CPU_ISA`` set by the user wins."""
+def check_cpu_isa(isa: Optional[str]) -> Optional[str]:
+    """``cpu_max_isa`` in oneDNN's spelling (upper case), or None to leave the choice to oneDNN."""
     if isa is None:
-        return
+        return None
     if str(isa).upper() not in CPU_ISAS:
         raise UserError(f"cpu_max_isa '{isa}' is not one of {', '.join(CPU_ISAS)} (or null: oneDNN's own choice)")
-    os.environ.setdefault(ONEDNN_ISA_ENV, str(isa).upper())
+    return str(isa).upper()
 
 
 def _device_available(device: str) -> bool:
@@ -160,7 +162,7 @@ def setup_from_config(cfg: Any) -> Runtime:
     return setup_runtime(str(cfg.device), int(cfg.seed), precision=str(cfg.get("precision", "fp32")),
                          distributed=bool(cfg.get("distributed", False)),
                          graph_mode_options=_plain(cfg.get("graph_mode_options")),
-                         cpu_max_isa=cfg.get("cpu_max_isa", "AVX2"))
+                         cpu_max_isa=cfg.get("cpu_max_isa", DEFAULT_CPU_ISA))
 
 
 def _plain(section: Any) -> Optional[dict[str, Any]]:

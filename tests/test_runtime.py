@@ -76,15 +76,17 @@ def test_config_defaults_are_fp32_single_process(tmp_path: Path) -> None:
 
 def test_cpu_max_isa_caps_onednn_unless_the_environment_already_does(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(runtime.ONEDNN_ISA_ENV, raising=False)
-    runtime.cap_cpu_isa(None)
+    setup_runtime("CPU", 0, cpu_max_isa=None)
     assert runtime.ONEDNN_ISA_ENV not in runtime.os.environ
-    runtime.cap_cpu_isa("avx2")
+    setup_runtime("CPU", 0, cpu_max_isa="avx2")
     assert runtime.os.environ[runtime.ONEDNN_ISA_ENV] == "AVX2"
     monkeypatch.setenv(runtime.ONEDNN_ISA_ENV, "AVX512_CORE")
     setup_runtime("CPU", 0, cpu_max_isa="AVX2")
     assert runtime.os.environ[runtime.ONEDNN_ISA_ENV] == "AVX512_CORE"  # the user's own setting wins
     with pytest.raises(UserError, match="cpu_max_isa 'AVX3' is not one of"):
         setup_runtime("CPU", 0, cpu_max_isa="AVX3")
+    with pytest.raises(UserError, match="cpu_max_isa 'AVX3' is not one of"):  # checked on every device
+        runtime.check_cpu_isa("AVX3")
 
 
 def test_graph_mode_options_are_checked() -> None:
