@@ -97,9 +97,12 @@ def evaluation_section(report: Optional[dict[str, Any]]) -> str:
 
 
 def _gate_text(model: dict[str, Any]) -> str:
-    if not model.get("guidance_class_gate"):
-        return ""
-    return ",\n  class embedding gated by w: null + (1 + gate(w)) * (class - null)"
+    text = ""
+    if model.get("guidance_class_gate"):
+        text += ",\n  class embedding gated by w: null + (1 + gate(w)) * (class - null)"
+    if model.get("guidance_film"):
+        text += ",\n  each res block's features scaled by 1 + f(time + class + guidance embedding)"
+    return text
 
 
 def model_card(config: dict[str, Any], report: Optional[dict[str, Any]], card_ws: list[float]) -> str:

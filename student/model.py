@@ -9,19 +9,21 @@ from teacher.unet import UNet, UNetConfig
 
 
 def student_config(teacher_config: UNetConfig, embed_dim: int, w_scale: float,
-                   class_gate: bool = False) -> UNetConfig:
+                   class_gate: bool = False, film: bool = False) -> UNetConfig:
     if embed_dim < 2 or embed_dim % 2:
         raise UserError(f"student: guidance embed_dim {embed_dim} must be an even number >= 2")
     return dataclasses.replace(teacher_config, guidance_embed_dim=embed_dim, guidance_scale=float(w_scale),
-                               guidance_class_gate=bool(class_gate))
+                               guidance_class_gate=bool(class_gate), guidance_film=bool(film))
 
 
-def student_from_teacher(teacher: UNet, embed_dim: int, w_scale: float, class_gate: bool = False) -> UNet:
+def student_from_teacher(teacher: UNet, embed_dim: int, w_scale: float, class_gate: bool = False,
+                         film: bool = False) -> UNet:
     """A student equal to the teacher's conditional model: shared weights copied, the
     guidance MLPs' last layers at zero, so the w terms change nothing until trained."""
-    student = UNet(student_config(teacher.config, embed_dim, w_scale, class_gate))
+    student = UNet(student_config(teacher.config, embed_dim, w_scale, class_gate, film))
     fresh = load_net_state(student, net_state(teacher), "teacher weights", strict=False)
-    unexpected = [name for name in fresh if not name.startswith(("guidance_embed.", "guidance_gate."))]
+    unexpected = [name for name in fresh
+                  if not name.startswith(("guidance_embed.", "guidance_gate.")) and ".guidance_film." not in name]
     if unexpected:
         raise UserError(f"teacher weights do not cover the student backbone (missing {unexpected[:3]})")
     return student

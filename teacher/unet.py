@@ -7,9 +7,11 @@ The conditioning is a single embedding vector per example, the sum of
 computed in one place, :meth:`UNet.embed`. A student may also gate its class embedding
 by w (``guidance_class_gate``): null + (1 + gate(w)) * (class - null), where gate is a
 second such MLP, so w = 0 (the unconditional model) is one gate value away rather than
-a cancellation the additive term must learn through the nonlinearities. With the
-guidance MLPs' last layers at zero the student is exactly the teacher's conditional
-model until it is trained.
+a cancellation the additive term must learn through the nonlinearities. And each of its
+res blocks may scale its features by 1 + f(embedding) (``guidance_film``, f a linear layer):
+a multiplicative path for w, since the guided output ``uncond + w (cond - uncond)`` is not
+reached by shifting features alone. With the guidance MLPs' last layers and f at zero the
+student is exactly the teacher's conditional model until it is trained.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class UNetConfig:
     guidance_embed_dim: int = 0     # 0: teacher (no guidance input); > 0: student
     guidance_scale: float = 100.0   # w is scaled before its sinusoidal features
     guidance_class_gate: bool = False  # student: w also scales the class embedding (see above)
+    guidance_film: bool = False     # student: each block also scales its features by 1 + f(embedding), f zero at init
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
@@ -58,7 +61,7 @@ class UNetConfig:
         d["channel_mult"] = list(self.channel_mult)
         # Written only when on, so a config without it equals the stored dicts of older
         # checkpoints, which resume and the teacher check compare as plain dicts.
-        for flag in ("guidance_class_gate", "scale_shift_norm"):
+        for flag in ("guidance_class_gate", "guidance_film", "scale_shift_norm"):
             if not d[flag]:
                 del d[flag]
         return d
@@ -119,7 +122,8 @@ class ResBlock(nn.Cell):
     the second norm, or (``scale_shift_norm``, as in ADM) sets a per-channel scale and shift after
     it: multiplicative conditioning, so the class and w can amplify features, not only offset them."""
 
-    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, scale_shift_norm: bool = False) -> None:
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, scale_shift_norm: bool = False,
+                 guidance_film: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin)
         self.conv1 = conv3x3(cin, cout)
@@ -129,6 +133,9 @@ class ResBlock(nn.Cell):
         self.conv2 = zero_(conv3x3(cout, cout))  # each block starts as the identity
         self.act = nn.SiLU()
         self.skip = nn.Conv2d(cin, cout, 1, has_bias=True) if cin != cout else nn.Identity()
+        self.has_guidance_film = guidance_film
+        # student only: a multiplicative path the teacher lacks, zero at init so the student starts as the teacher
+        self.guidance_film = zero_(nn.Dense(emb_dim, cout)) if guidance_film else None
 
     def construct(self, x: ms.Tensor, emb: ms.Tensor) -> ms.Tensor:
         h = self.conv1(self.act(self.norm1(x)))
@@ -138,6 +145,8 @@ class ResBlock(nn.Cell):
             h = self.norm2(h) * (1.0 + scale) + shift
         else:
             h = self.norm2(h + e)
+        if self.has_guidance_film:
+            h = h * (1.0 + self.guidance_film(self.act(emb)).reshape(h.shape[0], -1, 1, 1))
         h = self.conv2(self.act(h))
         return self.skip(x) + h
 
@@ -192,8 +201,10 @@ class UNet(nn.Cell):
         super().__init__()
         config.validate()
         self.config = config
-        ch, groups, ss = config.channels, config.groups, config.scale_shift_norm
+        ch, groups = config.channels, config.groups
         emb_dim = 4 * ch
+        film = config.guidance_film and config.guidance_embed_dim > 0
+        block = lambda cin, cout: ResBlock(cin, cout, emb_dim, groups, config.scale_shift_norm, film)
         self.time_embed = EmbeddingMLP(ch, emb_dim, config.time_scale)
         self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)
         self.has_guidance = config.guidance_embed_dim > 0
@@ -215,20 +226,20 @@ class UNet(nn.Cell):
         down, skips, cur = [], [ch], ch
         for level, width in enumerate(widths):
             for _ in range(config.num_res_blocks):
-                down.append(ResBlock(cur, width, emb_dim, groups, ss))
+                down.append(block(cur, width))
                 cur = width
                 skips.append(cur)
             if level < len(widths) - 1:
                 down.append(Downsample(cur))
                 skips.append(cur)
         self.down = nn.CellList(down)
-        self.mid1 = ResBlock(cur, cur, emb_dim, groups, ss)
+        self.mid1 = block(cur, cur)
         self.mid_attn = Attention(cur, groups) if config.attention else nn.Identity()
-        self.mid2 = ResBlock(cur, cur, emb_dim, groups, ss)
+        self.mid2 = block(cur, cur)
         up = []
         for level, width in reversed(list(enumerate(widths))):
             for _ in range(config.num_res_blocks + 1):
-                up.append(ResBlock(cur + skips.pop(), width, emb_dim, groups, ss))
+                up.append(block(cur + skips.pop(), width))
                 cur = width
             if level > 0:
                 up.append(Upsample(cur))

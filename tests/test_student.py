@@ -19,26 +19,30 @@ from teacher.job import load_teacher
 from teacher.unet import UNet, UNetConfig
 
 
-@pytest.mark.parametrize("class_gate,scale_shift_norm", [(False, False), (True, False), (True, True)])
-def test_untrained_student_equals_teacher_conditional_prediction(class_gate: bool, scale_shift_norm: bool) -> None:
+@pytest.mark.parametrize("class_gate,scale_shift_norm,film",
+                         [(False, False, False), (True, False, False), (True, True, False), (True, False, True)])
+def test_untrained_student_equals_teacher_conditional_prediction(class_gate: bool, scale_shift_norm: bool,
+                                                                 film: bool) -> None:
     teacher = UNet(UNetConfig(channels=8, channel_mult=(1, 2), groups=4, image_size=8, num_classes=10,
                               scale_shift_norm=scale_shift_norm))
     rng = np.random.default_rng(0)
     for p in teacher.trainable_params():  # non-trivial weights (output layers start at zero)
         p.set_data(ms.Tensor((p.asnumpy() + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
-    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0, class_gate=class_gate)
+    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0, class_gate=class_gate, film=film)
     z = ms.Tensor(rng.standard_normal((6, 1, 8, 8)).astype(np.float32))
     t = ms.Tensor(rng.uniform(size=6).astype(np.float32))
     y = ms.Tensor(rng.integers(0, 10, 6).astype(np.int32))
     w = ms.Tensor(np.array([0, 0.5, 1, 2, 4, 7], np.float32))
     np.testing.assert_array_equal(student(z, t, y, w).asnumpy(), teacher(z, t, y, w).asnumpy())
-    # each guidance MLP is really in the graph: perturbing its last layer changes the output
-    for mlp in [student.guidance_embed] + ([student.guidance_gate] if class_gate else []):
-        saved = [p.asnumpy() for p in mlp.fc2.trainable_params()]
-        for p in mlp.fc2.trainable_params():
+    # each zero-initialised guidance layer is really in the graph: perturbing it changes the output
+    layers = [student.guidance_embed.fc2] + ([student.guidance_gate.fc2] if class_gate else []) \
+        + ([student.mid1.guidance_film] if film else [])
+    for layer in layers:
+        saved = [p.asnumpy() for p in layer.trainable_params()]
+        for p in layer.trainable_params():
             p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32)))
         assert not np.allclose(student(z, t, y, w).asnumpy(), teacher(z, t, y, w).asnumpy())
-        for p, v in zip(mlp.fc2.trainable_params(), saved):
+        for p, v in zip(layer.trainable_params(), saved):
             p.set_data(ms.Tensor(v))
 
 
@@ -225,7 +229,7 @@ def test_the_lr_schedule_reaches_the_distillation_step(tiny_run, tmp_path) -> No
     assert plain > 0 and plain / warm > 100
 
 
-@pytest.mark.parametrize("flag", ["guidance_class_gate", "scale_shift_norm"])
+@pytest.mark.parametrize("flag", ["guidance_class_gate", "guidance_film", "scale_shift_norm"])
 def test_architecture_flags_round_trip_and_old_architecture_dicts_still_match(flag: str) -> None:
     """Checkpoints from before a flag existed do not store it; they must still compare equal."""
     plain = UNetConfig(guidance_embed_dim=16)
