@@ -23,6 +23,7 @@ TASKS: dict[str, str] = {
     "bench": "distill.bench:run_bench",
     "publish": "student.publish:run_publish",
     "sample": "student.publish:run_sample",
+    "response": "student.response:run_response",
     "pipeline": "distill.pipeline:run_pipeline",
 }
 # Tasks every data-parallel worker runs (they train); the others run on rank 0 alone.

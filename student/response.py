@@ -1,0 +1,118 @@
+"""``task=response``: how strongly the student guides at each sampling time, measured against the teacher.
+
+Held-out images are noised to each DDIM time t of the sampler. There the teacher gives its
+conditional and unconditional x-predictions c and u (one batched call), the student its
+x-prediction s(w). Two numbers per (t, w):
+
+- effective w: the projection of s - u on c - u, ``sum((s - u) (c - u)) / sum((c - u)^2)``; w for a
+  student that guides exactly as the two-pass teacher, lower when its w response is compressed;
+- relative error: ``|s - (u + w (c - u))| / |w (c - u)|``, all that the projection misses.
+
+Sample metrics (task=evaluate) say *whether* a student falls short at some w; this says at which
+sampling times and whether the cause is guidance strength or everything else.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import mindspore as ms
+from omegaconf import DictConfig
+
+from distill import build
+from distill import diffusion as dm
+from distill.data import ImageData, load_data
+from distill.errors import UserError
+from distill.report import write_json, write_text
+from distill.sampling import jit_predictor
+from teacher.guidance import ConditionalPrediction, GuidanceBranches
+from teacher.job import check_w, load_teacher
+from teacher.unet import UNet
+
+log = logging.getLogger(__name__)
+
+
+def effective_w(student_x: np.ndarray, cond_x: np.ndarray, uncond_x: np.ndarray) -> float:
+    """The w whose guided output ``u + w (c - u)`` is closest to ``student_x`` (least squares over the batch)."""
+    d = (cond_x - uncond_x).astype(np.float64)
+    return float(((student_x - uncond_x) * d).sum() / max((d * d).sum(), 1e-30))
+
+
+def relative_error(student_x: np.ndarray, cond_x: np.ndarray, uncond_x: np.ndarray, w: float) -> float:
+    """``|s - (u + w (c - u))| / |w (c - u)|`` over the batch (inf at w = 0 unless the error is 0)."""
+    d = (cond_x - uncond_x).astype(np.float64)
+    err = float(np.sqrt(((student_x - (uncond_x + w * d)) ** 2).sum()))
+    scale = abs(w) * float(np.sqrt((d * d).sum()))
+    return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+
+
+def guidance_response(teacher: Callable[..., tuple[ms.Tensor, ms.Tensor]], student: Callable[..., ms.Tensor],
+                      x: np.ndarray, y: np.ndarray, null_class: int, times: np.ndarray, ws: list[float],
+                      schedule: str, prediction: str, seed: int) -> list[dict[str, Any]]:
+    """One row per t: ``{"t", "effective_w": {w: ...}, "relative_error": {w: ...}}``. ``teacher``
+    gives (cond, uncond) (:class:`GuidanceBranches`), ``student`` one prediction; both jitted or not."""
+    n = x.shape[0]
+    eps = np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32)
+    y_t, y_null = ms.Tensor(y.astype(np.int32)), ms.Tensor(np.full(n, null_class, np.int32))
+    rows = []
+    for t in times:
+        tt = np.full(n, t, np.float32)
+        alpha, sigma = (a.reshape(-1, 1, 1, 1) for a in dm.alpha_sigma(dm.logsnr_schedule(schedule, tt)))
+        z = dm.q_sample(x, eps, alpha, sigma).astype(np.float32)
+        to_x = lambda out: dm.x0_eps_from_output(z, out.asnumpy(), alpha, sigma, prediction)[0]  # noqa: E731
+        cond, uncond = (to_x(o) for o in teacher(ms.Tensor(z), ms.Tensor(tt), y_t, ms.Tensor(np.ones(n, np.float32)),
+                                                 y_null))
+        row: dict[str, Any] = {"t": float(t), "effective_w": {}, "relative_error": {}}
+        for w in ws:
+            s = to_x(student(ms.Tensor(z), ms.Tensor(tt), y_t, ms.Tensor(np.full(n, w, np.float32)), y_null))
+            row["effective_w"][w] = effective_w(s, cond, uncond)
+            row["relative_error"][w] = relative_error(s, cond, uncond, w)
+        log.info("response: t=%.3f effective w %s", t, " ".join(f"{v:.3f}" for v in row["effective_w"].values()))
+        rows.append(row)
+    return rows
+
+
+def response_markdown(rows: list[dict[str, Any]], ws: list[float], num_images: int) -> str:
+    head = " | ".join(f"w={w:g}" for w in ws)
+    lines = ["# Guidance response of the student\n",
+             f"{num_images} held-out images noised to each sampling time. Effective w: the projection of the "
+             "student's x-prediction minus the teacher's unconditional one on the teacher's cond - uncond "
+             "(equal to w for a perfect student). Relative error: |student - guided teacher| / |w (cond - uncond)|.\n",
+             "## Effective w\n", f"| t | {head} |", "|---:|" + "---:|" * len(ws)]
+    lines += [f"| {r['t']:.4f} | " + " | ".join(f"{r['effective_w'][w]:.3f}" for w in ws) + " |" for r in rows]
+    lines += ["", "## Relative error\n", f"| t | {head} |", "|---:|" + "---:|" * len(ws)]
+    lines += [f"| {r['t']:.4f} | " + " | ".join(f"{r['relative_error'][w]:.3f}" for w in ws) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _student_cell(cfg: DictConfig, data: ImageData) -> UNet:
+    from student.job import load_student
+
+    path = cfg.response.student
+    return load_student(cfg, data, Path(str(path)) if path else None)[0]
+
+
+def run_response(cfg: DictConfig) -> dict[str, Any]:
+    r = cfg.response
+    ws = [check_w(float(w)) for w in r.ws]
+    n = r.num_images
+    if not ws or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"response: needs at least one w and an integer num_images >= 1 (got ws={ws}, "
+                        f"num_images={n!r})")
+    data = load_data(cfg.data)
+    x, y = data.test_images[:n], data.test_labels[:n]
+    teacher = jit_predictor(GuidanceBranches(load_teacher(cfg, data)), bool(cfg.jit))
+    student = jit_predictor(ConditionalPrediction(_student_cell(cfg, data)), bool(cfg.jit))
+    times = dm.sampling_times(int(cfg.sampler.num_steps))[:-1]  # the times a sampler evaluates the network at
+    rows = guidance_response(teacher, student, x, y, data.num_classes, times, ws, cfg.diffusion.schedule,
+                             cfg.diffusion.prediction, int(cfg.seed))
+    out = build.run_dir(cfg) / "response"
+    report = {"num_images": int(len(x)), "ws": ws, "rows": [
+        {"t": row["t"], "effective_w": {str(w): v for w, v in row["effective_w"].items()},
+         "relative_error": {str(w): v for w, v in row["relative_error"].items()}} for row in rows]}
+    write_json(out / "response.json", report)
+    write_text(out / "response.md", response_markdown(rows, ws, len(x)))
+    log.info("response: report in %s", out)
+    return report
