@@ -6,7 +6,8 @@ x-prediction s(w). Two numbers per (t, w):
 
 - effective w: the projection of s - u on c - u, ``sum((s - u) (c - u)) / sum((c - u)^2)``; w for a
   student that guides exactly as the two-pass teacher, lower when its w response is compressed;
-- relative error: ``|s - (u + w (c - u))| / |w (c - u)|``, all that the projection misses.
+- relative error: ``|s - (u + w (c - u))| / |c - u|``, the whole miss in units of the guidance
+  direction's size (the part along c - u is ``|effective w - w|``, the rest is orthogonal to it).
 
 Sample metrics (task=evaluate) say *whether* a student falls short at some w; this says at which
 sampling times and whether the cause is guidance strength or everything else.
@@ -41,11 +42,10 @@ def effective_w(student_x: np.ndarray, cond_x: np.ndarray, uncond_x: np.ndarray)
 
 
 def relative_error(student_x: np.ndarray, cond_x: np.ndarray, uncond_x: np.ndarray, w: float) -> float:
-    """``|s - (u + w (c - u))| / |w (c - u)|`` over the batch (inf at w = 0 unless the error is 0)."""
+    """``|s - (u + w (c - u))| / |c - u|`` over the batch."""
     d = (cond_x - uncond_x).astype(np.float64)
     err = float(np.sqrt(((student_x - (uncond_x + w * d)) ** 2).sum()))
-    scale = abs(w) * float(np.sqrt((d * d).sum()))
-    return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+    return err / max(float(np.sqrt((d * d).sum())), 1e-30)
 
 
 def guidance_response(teacher: Callable[..., tuple[ms.Tensor, ms.Tensor]], student: Callable[..., ms.Tensor],
@@ -79,7 +79,7 @@ def response_markdown(rows: list[dict[str, Any]], ws: list[float], num_images: i
     lines = ["# Guidance response of the student\n",
              f"{num_images} held-out images noised to each sampling time. Effective w: the projection of the "
              "student's x-prediction minus the teacher's unconditional one on the teacher's cond - uncond "
-             "(equal to w for a perfect student). Relative error: |student - guided teacher| / |w (cond - uncond)|.\n",
+             "(equal to w for a perfect student). Relative error: |student - guided teacher| / |cond - uncond|.\n",
              "## Effective w\n", f"| t | {head} |", "|---:|" + "---:|" * len(ws)]
     lines += [f"| {r['t']:.4f} | " + " | ".join(f"{r['effective_w'][w]:.3f}" for w in ws) + " |" for r in rows]
     lines += ["", "## Relative error\n", f"| t | {head} |", "|---:|" + "---:|" * len(ws)]

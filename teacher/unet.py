@@ -9,8 +9,8 @@ by w (``guidance_class_gate``): null + (1 + gate(w)) * (class - null), where gat
 second such MLP, so w = 0 (the unconditional model) is one gate value away rather than
 a cancellation the additive term must learn through the nonlinearities. And each of its
 res blocks may scale its features by 1 + f(embedding) (``guidance_film``, f a linear layer):
-a multiplicative path for w, since the guided output ``uncond + w (cond - uncond)`` is not
-reached by shifting features alone. With the guidance MLPs' last layers and f at zero the
+a multiplicative path for w beside the additive one (measured: it closed the student's
+w = 0.5 accuracy gap, README). With the guidance MLPs' last layers and f at zero the
 student is exactly the teacher's conditional model until it is trained.
 """
 from __future__ import annotations
