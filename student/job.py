@@ -101,8 +101,7 @@ def run_distill(cfg: DictConfig) -> Path:
     data = load_data(cfg.data)
     teacher = load_teacher(cfg, data)
     out = build.run_dir(cfg) / "student"
-    student = student_from_teacher(teacher, int(s.embed_dim), float(s.w_scale), bool(s.class_gate),
-                                   bool(s.get("film", False)))
+    student = student_from_teacher(teacher, int(s.embed_dim), float(s.w_scale), bool(s.class_gate), bool(s.film))
     ema = UNet(student.config)
     settings = build.train_settings(s.train, int(cfg.seed), bool(cfg.jit))
     writer = SummaryWriter(str(build.run_dir(cfg) / "tb")) if is_main() else None  # rank 0 writes

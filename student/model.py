@@ -22,8 +22,8 @@ def student_from_teacher(teacher: UNet, embed_dim: int, w_scale: float, class_ga
     guidance MLPs' last layers at zero, so the w terms change nothing until trained."""
     student = UNet(student_config(teacher.config, embed_dim, w_scale, class_gate, film))
     fresh = load_net_state(student, net_state(teacher), "teacher weights", strict=False)
-    unexpected = [name for name in fresh
-                  if not name.startswith(("guidance_embed.", "guidance_gate.")) and ".guidance_film." not in name]
+    # student-only cells are the ones named guidance_* (embedding, gate, per-block film), at any depth
+    unexpected = [name for name in fresh if not any(part.startswith("guidance_") for part in name.split("."))]
     if unexpected:
         raise UserError(f"teacher weights do not cover the student backbone (missing {unexpected[:3]})")
     return student

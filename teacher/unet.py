@@ -139,14 +139,15 @@ class ResBlock(nn.Cell):
 
     def construct(self, x: ms.Tensor, emb: ms.Tensor) -> ms.Tensor:
         h = self.conv1(self.act(self.norm1(x)))
-        e = self.emb(self.act(emb)).reshape(h.shape[0], -1, 1, 1)
+        emb = self.act(emb)
+        e = self.emb(emb).reshape(h.shape[0], -1, 1, 1)
         if self.scale_shift_norm:
             scale, shift = ops.split(e, h.shape[1], axis=1)
             h = self.norm2(h) * (1.0 + scale) + shift
         else:
             h = self.norm2(h + e)
         if self.has_guidance_film:
-            h = h * (1.0 + self.guidance_film(self.act(emb)).reshape(h.shape[0], -1, 1, 1))
+            h = h * (1.0 + self.guidance_film(emb).reshape(h.shape[0], -1, 1, 1))
         h = self.conv2(self.act(h))
         return self.skip(x) + h
 
