@@ -28,6 +28,7 @@ from distill.data import ImageData, load_data
 from distill.errors import UserError
 from distill.report import write_json, write_text
 from distill.sampling import jit_predictor
+from student.job import load_student
 from teacher.guidance import ConditionalPrediction, GuidanceBranches
 from teacher.job import check_w, load_teacher
 from teacher.unet import UNet
@@ -61,12 +62,12 @@ def guidance_response(teacher: Callable[..., tuple[ms.Tensor, ms.Tensor]], stude
         tt = np.full(n, t, np.float32)
         alpha, sigma = (a.reshape(-1, 1, 1, 1) for a in dm.alpha_sigma(dm.logsnr_schedule(schedule, tt)))
         z = dm.q_sample(x, eps, alpha, sigma).astype(np.float32)
+        z_t, t_t = ms.Tensor(z), ms.Tensor(tt)
         to_x = lambda out: dm.x0_eps_from_output(z, out.asnumpy(), alpha, sigma, prediction)[0]  # noqa: E731
-        cond, uncond = (to_x(o) for o in teacher(ms.Tensor(z), ms.Tensor(tt), y_t, ms.Tensor(np.ones(n, np.float32)),
-                                                 y_null))
+        cond, uncond = (to_x(o) for o in teacher(z_t, t_t, y_t, ms.Tensor(np.ones(n, np.float32)), y_null))
         row: dict[str, Any] = {"t": float(t), "effective_w": {}, "relative_error": {}}
         for w in ws:
-            s = to_x(student(ms.Tensor(z), ms.Tensor(tt), y_t, ms.Tensor(np.full(n, w, np.float32)), y_null))
+            s = to_x(student(z_t, t_t, y_t, ms.Tensor(np.full(n, w, np.float32)), y_null))
             row["effective_w"][w] = effective_w(s, cond, uncond)
             row["relative_error"][w] = relative_error(s, cond, uncond, w)
         log.info("response: t=%.3f effective w %s", t, " ".join(f"{v:.3f}" for v in row["effective_w"].values()))
@@ -75,21 +76,19 @@ def guidance_response(teacher: Callable[..., tuple[ms.Tensor, ms.Tensor]], stude
 
 
 def response_markdown(rows: list[dict[str, Any]], ws: list[float], num_images: int) -> str:
-    head = " | ".join(f"w={w:g}" for w in ws)
-    lines = ["# Guidance response of the student\n",
+    def table(title: str, key: str) -> list[str]:
+        lines = [f"## {title}\n", "| t | " + " | ".join(f"w={w:g}" for w in ws) + " |", "|---:|" + "---:|" * len(ws)]
+        return lines + [f"| {r['t']:.4f} | " + " | ".join(f"{r[key][w]:.3f}" for w in ws) + " |" for r in rows]
+
+    intro = ["# Guidance response of the student\n",
              f"{num_images} held-out images noised to each sampling time. Effective w: the projection of the "
              "student's x-prediction minus the teacher's unconditional one on the teacher's cond - uncond "
-             "(equal to w for a perfect student). Relative error: |student - guided teacher| / |cond - uncond|.\n",
-             "## Effective w\n", f"| t | {head} |", "|---:|" + "---:|" * len(ws)]
-    lines += [f"| {r['t']:.4f} | " + " | ".join(f"{r['effective_w'][w]:.3f}" for w in ws) + " |" for r in rows]
-    lines += ["", "## Relative error\n", f"| t | {head} |", "|---:|" + "---:|" * len(ws)]
-    lines += [f"| {r['t']:.4f} | " + " | ".join(f"{r['relative_error'][w]:.3f}" for w in ws) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+             "(equal to w for a perfect student). Relative error: |student - guided teacher| / |cond - uncond|.\n"]
+    return "\n".join(intro + table("Effective w", "effective_w") + [""]
+                     + table("Relative error", "relative_error")) + "\n"
 
 
 def _student_cell(cfg: DictConfig, data: ImageData) -> UNet:
-    from student.job import load_student
-
     path = cfg.response.student
     return load_student(cfg, data, Path(str(path)) if path else None)[0]
 
