@@ -1,7 +1,6 @@
 """``distill task=...`` / ``python -m distill task=...``: the Hydra entry point."""
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("GLOG_v", "3")  # before mindspore is imported: only C++ errors are printed
 
@@ -9,7 +8,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's conf/ (editable install)
+CONFIG_PACKAGE = "pkg://distill.conf"  # conf/, installed as package data (a user's dir: hydra.searchpath)
 # Under msrun the scheduler and every worker run this entry point; only worker 0 writes Hydra's
 # config copy and log file (the others log to their msrun log only).
 SECONDARY_PROCESS_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=stdout")
@@ -20,7 +19,7 @@ def is_secondary_process() -> bool:
     return role == "MS_SCHED" or (role == "MS_WORKER" and os.environ.get("RANK_ID", "0") != "0")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
     from distill.app import run
 

@@ -8,24 +8,14 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
-from distill.errors import UserError
-from distill.runtime import current, is_main, setup_from_config
+from distill.core.errors import UserError
+from distill.core.runtime import current, is_main, setup_from_config
 
 log = logging.getLogger("distill")
 
 # task name -> "module:function"; imported lazily so `distill task=bench` loads only what it needs.
-TASKS: dict[str, str] = {
-    "teacher": "teacher.job:run_teacher",
-    "targets": "student.targets:run_targets",
-    "distill": "student.job:run_distill",
-    "progressive": "student.progressive:run_progressive",
-    "evaluate": "distill.evaluate:run_evaluate",
-    "bench": "distill.bench:run_bench",
-    "publish": "student.publish:run_publish",
-    "sample": "student.publish:run_sample",
-    "response": "student.response:run_response",
-    "pipeline": "distill.pipeline:run_pipeline",
-}
+TASKS: dict[str, str] = {name: f"distill.jobs.{name}:run_{name}" for name in (
+    "teacher", "targets", "distill", "progressive", "evaluate", "bench", "publish", "sample", "response", "pipeline")}
 # Tasks every data-parallel worker runs (they train); the others run on rank 0 alone.
 ALL_RANKS = ("teacher", "distill", "progressive", "pipeline")
 

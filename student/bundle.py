@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from distill.errors import UserError
-from distill.fileio import sha256
+from distill.core.errors import UserError
+from distill.core.fileio import sha256
 
 FORMAT = "guidance-distilled-student"
 FORMAT_VERSION = 1
@@ -138,7 +138,7 @@ class Pretrained:
         return int(i["channels"]), int(i["height"]), int(i["width"])
 
     def settings(self, num_steps: Optional[int] = None, w_schedule: str = "constant") -> Any:
-        from distill.sampling import SamplerSettings
+        from distill.core.sampling import SamplerSettings
 
         s, d = self.config["sampler"], self.config["diffusion"]
         settings = SamplerSettings(
@@ -151,12 +151,12 @@ class Pretrained:
 
     def noise(self, n: int, seed: int) -> np.ndarray:
         """The starting noise for ``n`` images: the same seed gives the same noise."""
-        from distill.sampling import initial_noise
+        from distill.core.sampling import initial_noise
 
         return initial_noise(seed, n, self.image_shape)
 
     def check_w(self, w: float, w_schedule: str, num_steps: int, allow_extrapolation: bool = False) -> None:
-        from distill import diffusion as dm
+        from distill.core import diffusion as dm
 
         if not np.isfinite(w):
             raise UserError(f"guidance weight w={w} must be a finite number")
@@ -171,7 +171,7 @@ class Pretrained:
                w_schedule: str = "constant", batch_size: Optional[int] = None, allow_extrapolation: bool = False,
                noise: Optional[np.ndarray] = None, use_jit: bool = True) -> np.ndarray:
         """Images (N x C x H x W float32 in [-1, 1]) for class ``labels`` at guidance ``w``, one pass per step."""
-        from distill.sampling import jit_predictor, sample_in_batches
+        from distill.core.sampling import jit_predictor, sample_in_batches
         from teacher.guidance import ConditionalPrediction
 
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)

@@ -61,7 +61,7 @@ def markdown_table(rows: list[Row]) -> str:
 
 def project_tables(report: dict[str, Any]) -> Optional[str]:
     """The quality and speed tables exactly as ``task=evaluate`` renders them, if the report has that layout."""
-    from distill.report import metrics_table, speed_table
+    from distill.core.report import metrics_table, speed_table
 
     try:
         text = f"{metrics_table(report)}\n\n{speed_table(report)}"

@@ -2,7 +2,7 @@
 
 Each step draws data x with labels y, t ~ U(0, 1), w per example (:func:`sample_w`) and
 z_t = q_sample(x, t). The frozen teacher (EMA weights) gives ``uncond + w (cond - uncond)``
-in one batched call; the student regresses onto it with :func:`teacher.train.regression_loss`
+in one batched call; the student regresses onto it with :func:`teacher.objective.regression_loss`
 and a per-example weight that puts the loss in x-space (truncated SNR), eps or v.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import mindspore as ms
 
-from distill import diffusion as dm
-from distill.data import ImageData, iterate_batches
-from distill.errors import UserError
+from distill.core import diffusion as dm
+from distill.core.data import ImageData, iterate_batches
+from distill.core.errors import UserError
 
 
 def check_w_range(w_min: float, w_max: float, power: float = 1.0) -> None:
@@ -117,7 +117,7 @@ def teacher_targets(teacher_branches: Callable[..., tuple[ms.Tensor, ms.Tensor]]
 
 def regression_batch(inputs: tuple[np.ndarray, ...], target: np.ndarray, loss_space: str,
                      prediction: str, w_loss_power: float = 0.0) -> tuple[np.ndarray, ...]:
-    """(z, t, y, w, target, weight) for :func:`teacher.train.regression_loss`."""
+    """(z, t, y, w, target, weight) for :func:`teacher.objective.regression_loss`."""
     z, t, y, w, alpha, sigma = inputs
     weight = dm.output_space_weight(loss_space, prediction, alpha, sigma) * guidance_loss_weight(w, w_loss_power)
     return z, t, y, w, target.astype(np.float32), weight

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from distill.errors import UserError
-from distill.training import load_net_state, net_state
+from distill.core.errors import UserError
+from distill.core.training import load_net_state, net_state
 from teacher.unet import UNet, UNetConfig
 
 

@@ -15,23 +15,12 @@ sampling times and whether the cause is guidance strength or everything else.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import mindspore as ms
-from omegaconf import DictConfig
 
-from distill import build
-from distill import diffusion as dm
-from distill.data import ImageData, load_data
-from distill.errors import UserError
-from distill.report import write_json, write_text
-from distill.sampling import jit_predictor
-from student.job import load_student
-from teacher.guidance import ConditionalPrediction, GuidanceBranches
-from teacher.job import check_w, load_teacher
-from teacher.unet import UNet
+from distill.core import diffusion as dm
 
 log = logging.getLogger(__name__)
 
@@ -88,30 +77,3 @@ def response_markdown(rows: list[dict[str, Any]], ws: list[float], num_images: i
                      + table("Relative error", "relative_error")) + "\n"
 
 
-def _student_cell(cfg: DictConfig, data: ImageData) -> UNet:
-    path = cfg.response.student
-    return load_student(cfg, data, Path(str(path)) if path else None)[0]
-
-
-def run_response(cfg: DictConfig) -> dict[str, Any]:
-    r = cfg.response
-    ws = [check_w(float(w)) for w in r.ws]
-    n = r.num_images
-    if not ws or isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"response: needs at least one w and an integer num_images >= 1 (got ws={ws}, "
-                        f"num_images={n!r})")
-    data = load_data(cfg.data)
-    x, y = data.test_images[:n], data.test_labels[:n]
-    teacher = jit_predictor(GuidanceBranches(load_teacher(cfg, data)), bool(cfg.jit))
-    student = jit_predictor(ConditionalPrediction(_student_cell(cfg, data)), bool(cfg.jit))
-    times = dm.sampling_times(int(cfg.sampler.num_steps))[:-1]  # the times a sampler evaluates the network at
-    rows = guidance_response(teacher, student, x, y, data.num_classes, times, ws, cfg.diffusion.schedule,
-                             cfg.diffusion.prediction, int(cfg.seed))
-    out = build.run_dir(cfg) / "response"
-    report = {"num_images": int(len(x)), "ws": ws, "rows": [
-        {"t": row["t"], "effective_w": {str(w): v for w, v in row["effective_w"].items()},
-         "relative_error": {str(w): v for w, v in row["relative_error"].items()}} for row in rows]}
-    write_json(out / "response.json", report)
-    write_text(out / "response.md", response_markdown(rows, ws, len(x)))
-    log.info("response: report in %s", out)
-    return report

@@ -4,7 +4,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import nn, ops
 
-from distill.diffusion import cfg_combine
+from distill.core.diffusion import cfg_combine
 from teacher.unet import UNet
 
 

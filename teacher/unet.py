@@ -23,7 +23,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from distill.errors import UserError
+from distill.core.errors import UserError
 
 
 @dataclass(frozen=True)

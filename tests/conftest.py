@@ -9,10 +9,10 @@ import pytest
 os.environ.setdefault("GLOG_v", "3")
 
 import mindspore  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
+CONF = "distill.conf"  # the installed package data, as the entry point finds it
 
 # A model and budget small enough that a whole job takes seconds on 2 CPU cores.
 TINY = [
@@ -27,13 +27,13 @@ TINY = [
 
 def compose_cfg(run_dir: Path, *overrides: str, tiny: bool = True) -> DictConfig:
     """The app's config as `distill` would see it, writing into ``run_dir``."""
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_module(config_module=CONF, version_base="1.3"):
         return compose("config", overrides=[*(TINY if tiny else []), f"run_dir={run_dir}", *overrides])
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _cpu() -> None:
-    from distill.runtime import setup_runtime
+    from distill.core.runtime import setup_runtime
 
     setup_runtime("CPU", 0)
 
@@ -47,8 +47,8 @@ def _chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder with a tiny trained teacher and student (shared by the tests that only read it)."""
-    from teacher.job import run_teacher
-    from student.job import run_distill
+    from distill.jobs.teacher import run_teacher
+    from distill.jobs.distill import run_distill
 
     run_dir = tmp_path_factory.mktemp("tiny_run")
     cfg = compose_cfg(run_dir)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_cfg
-from distill.bench import run_bench, speedup, spread, summarize
-from distill.errors import UserError
+from distill.jobs.bench import run_bench, speedup, spread, summarize
+from distill.core.errors import UserError
 
 TINY_BENCH = ["bench.batch_sizes=[2]", "bench.step_counts=[2]", "bench.repeats=2", "bench.warmup=1"]
 

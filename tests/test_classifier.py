@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-import distill.classifier as C
-from distill.errors import UserError
+import distill.core.classifier as C
+from distill.core.errors import UserError
 
 ms.set_device("CPU")
 

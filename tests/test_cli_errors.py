@@ -96,7 +96,7 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 def outcomes(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
-    from student.publish import run_publish
+    from distill.jobs.publish import run_publish
 
     root = tmp_path_factory.mktemp("cli_errors")
     trained = root / "trained"

@@ -1,4 +1,4 @@
-"""distill.data: every format on tiny files written here, the split, resizing, batches and errors."""
+"""distill.core.data: every format on tiny files written here, the split, resizing, batches and errors."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from distill.data import FASHION_NAMES, ImageData, iterate_batches, load_data
-from distill.errors import UserError
+from distill.core.data import FASHION_NAMES, ImageData, iterate_batches, load_data
+from distill.core.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 KEYS = {"name", "root", "image_size", "held_out_fraction", "split_seed", "max_train", "class_names"}

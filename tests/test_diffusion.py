@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from distill import diffusion as D
-from distill.errors import UserError
+from distill.core import diffusion as D
+from distill.core.errors import UserError
 
 
 def _ms():

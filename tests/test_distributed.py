@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from distill.checkpoint import load_checkpoint
+from distill.core.checkpoint import load_checkpoint
 
 VENV_BIN = str(Path(sys.executable).parent)
 QUICK_CHECK = ["teacher.check.ws=[1.0]"]  # the post-training check at one w only (it runs on rank 0)

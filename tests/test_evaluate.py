@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import compose_cfg
-from distill.evaluate import real_floor, run_evaluate
-from distill.metrics import mse
+from distill.jobs.evaluate import real_floor, run_evaluate
+from distill.core.metrics import mse
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_samples_are_saved_and_agreement_is_recomputable(evaluated) -> None:
 
 
 def test_real_floor_is_small_for_same_distribution() -> None:
-    from distill.metrics import frechet_distance
+    from distill.core.metrics import frechet_distance
 
     x = np.random.default_rng(0).standard_normal((400, 4))
     floor = real_floor(x, 0)

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from distill.checkpoint import load_checkpoint, read_meta
-from distill.data import load_data
-from distill.errors import UserError
-from distill.training import CHECKPOINT_NAME, Trainer, TrainSettings
-from teacher.train import regression_loss, teacher_batch_maker
+from distill.core.checkpoint import load_checkpoint, read_meta
+from distill.core.data import load_data
+from distill.core.errors import UserError
+from distill.core.training import CHECKPOINT_NAME, Trainer, TrainSettings
+from teacher.objective import regression_loss, teacher_batch_maker
 from teacher.unet import UNet, UNetConfig
 
 NET = UNetConfig(channels=8, channel_mult=(1, 2), groups=4, attention=False, image_size=8, num_classes=10)
@@ -118,7 +118,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkp
 
 
 def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch) -> None:
-    import distill.checkpoint
+    import distill.core.checkpoint
 
     tiny_trainer(tmp_path, steps=2).run()
     ckpt = tmp_path / CHECKPOINT_NAME
@@ -128,7 +128,7 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: P
         Path(path).write_bytes(b"\0" * 100)  # the write got part of the way
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(distill.checkpoint, "save_file", disk_full)
+    monkeypatch.setattr(distill.core.checkpoint, "save_file", disk_full)
     trainer = tiny_trainer(tmp_path, steps=4)
     assert trainer.try_resume()
     with pytest.raises(UserError) as e:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill.images import (
+from distill.core.images import (
     load_samples_npz,
     make_grid,
     save_grid_png,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill.metrics import (
+from distill.core.metrics import (
     PSNR_CAP_DB,
     accuracy,
     frechet_distance,

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import compose_cfg
-from distill.pipeline import is_fresh, run_pipeline
+from distill.jobs.pipeline import is_fresh, run_pipeline
 
 
 @pytest.mark.slow

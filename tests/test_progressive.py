@@ -10,14 +10,15 @@ import mindspore as ms
 import pytest
 
 from conftest import compose_cfg
-from distill import diffusion as dm
-from distill.checkpoint import load_checkpoint, read_meta
-from distill.data import load_data
-from distill.errors import UserError
-from distill.sampling import SamplerSettings, jit_predictor, step_times
-from student.job import load_student
+from distill.core import diffusion as dm
+from distill.core.checkpoint import load_checkpoint, read_meta
+from distill.core.data import load_data
+from distill.core.errors import UserError
+from distill.core.sampling import SamplerSettings, jit_predictor, step_times
+from student.loading import load_student
 from student.model import student_from_teacher
-from student.progressive import progressive_batches, round_plan, run_progressive
+from distill.jobs.progressive import run_progressive
+from student.progressive import progressive_batches, round_plan
 from teacher.guidance import ConditionalPrediction
 from teacher.unet import UNet, UNetConfig
 
@@ -109,8 +110,8 @@ def _random_student(seed: int = 0) -> UNet:
 
 @pytest.mark.slow
 def test_progressive_loss_falls(tmp_path: Path) -> None:
-    from distill.training import Trainer, TrainSettings, copy_weights
-    from teacher.train import regression_loss
+    from distill.core.training import Trainer, TrainSettings, copy_weights
+    from teacher.objective import regression_loss
 
     data = load_data({"name": "digits", "max_train": 64})
     teacher = _random_student()
@@ -196,7 +197,7 @@ def test_resume_skips_finished_rounds_and_continues_a_partial_one(progressive_ru
 
 @pytest.mark.slow
 def test_evaluate_teacher_against_several_students(progressive_run: Path, tmp_path: Path) -> None:
-    from distill.evaluate import run_evaluate
+    from distill.jobs.evaluate import run_evaluate
 
     run = _copy_run(progressive_run, tmp_path / "eval", ("teacher", "student", "progressive"))
     p2 = run / "progressive" / "steps_2" / "checkpoint.safetensors"
@@ -213,7 +214,7 @@ def test_evaluate_teacher_against_several_students(progressive_run: Path, tmp_pa
 
 
 def test_eval_students_spec(tmp_path: Path) -> None:
-    from distill.evaluate import student_specs
+    from distill.jobs.evaluate import student_specs
 
     assert student_specs(compose_cfg(tmp_path)) == [("student", None, 3)]  # default: the run's student
     assert student_specs(compose_cfg(tmp_path, "eval.student=/a.safetensors")) == [("student", Path("/a.safetensors"), 3)]

@@ -15,17 +15,17 @@ from mindspore import nn
 
 from conftest import compose_cfg
 from distill.app import resolve_task
-from distill.data import load_data
-from distill.errors import UserError
-from distill.images import load_samples_npz
-from distill.sampling import jit_predictor, sample_in_batches
+from distill.core.data import load_data
+from distill.core.errors import UserError
+from distill.core.images import load_samples_npz
+from distill.core.sampling import jit_predictor, sample_in_batches
 from student import from_pretrained
-from student import publish
+from distill.jobs import publish, sample as sample_job
 from student.bundle import verify_manifest
 from student.card import evaluation_section, per_w_rows
-from student.job import load_student
+from student.loading import load_student
 from teacher.guidance import ConditionalPrediction
-from teacher.job import guided_samples
+from distill.jobs.common import guided_samples
 
 FILES = {"config.json", "model.safetensors", "model.mindir", "README.md", "samples.png", "manifest.json"}
 
@@ -61,7 +61,7 @@ def test_bundle_is_complete_and_self_describing(bundle: Path) -> None:
     assert config["training"]["teacher_steps"] == 4 and config["training"]["student_steps"] == 4
     card = (bundle / "README.md").read_text()
     assert "Not evaluated yet" in card and "samples.png" in card and "fixed batch of 16" in card
-    assert resolve_task("publish") is publish.run_publish and resolve_task("sample") is publish.run_sample
+    assert resolve_task("publish") is publish.run_publish and resolve_task("sample") is sample_job.run_sample
 
 
 def test_import_student_is_cheap() -> None:
@@ -195,19 +195,19 @@ def test_sample_task_writes_files_and_is_reproducible(bundle: Path, tiny_run: Pa
     out = tmp_path / "out"
     args = [f"sample.bundle={bundle}", f"sample.out={out}", "sample.classes=[1,3]", "sample.per_class=2",
             "sample.w=1.5", "sample.steps=2", "sample.seed=4"]
-    first = publish.run_sample(compose_cfg(tiny_run, *args))
+    first = sample_job.run_sample(compose_cfg(tiny_run, *args))
     assert first.name == "student_w1.5_seed4_steps2.npz" and first.with_suffix(".png").is_file()
     a = load_samples_npz(first)
     assert a["images"].dtype == np.uint8 and a["images"].shape == (4, 8, 8, 1)
     assert a["labels"].tolist() == [1, 1, 3, 3] and a["w"] == 1.5 and a["steps"] == 2 and a["seed"] == 4
 
-    second = publish.run_sample(compose_cfg(tiny_run, *args))  # never overwrites: a new name, the same images
+    second = sample_job.run_sample(compose_cfg(tiny_run, *args))  # never overwrites: a new name, the same images
     assert second.name == "student_w1.5_seed4_steps2-2.npz" and first.is_file()
     np.testing.assert_array_equal(load_samples_npz(second)["images"], a["images"])
 
-    other = publish.run_sample(compose_cfg(tiny_run, *args[:-1], "sample.seed=5"))
+    other = sample_job.run_sample(compose_cfg(tiny_run, *args[:-1], "sample.seed=5"))
     assert not np.array_equal(load_samples_npz(other)["images"], a["images"])
     with pytest.raises(UserError, match="outside the distilled range"):
-        publish.run_sample(compose_cfg(tiny_run, *args[:4], "sample.w=9"))
+        sample_job.run_sample(compose_cfg(tiny_run, *args[:4], "sample.w=9"))
     with pytest.raises(UserError, match="sample.classes"):
-        publish.run_sample(compose_cfg(tiny_run, *args[:2], "sample.classes=[12]"))
+        sample_job.run_sample(compose_cfg(tiny_run, *args[:2], "sample.classes=[12]"))

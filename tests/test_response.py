@@ -8,10 +8,11 @@ import mindspore as ms
 import pytest
 
 from conftest import compose_cfg
-from distill.errors import UserError
-from distill import diffusion as dm
+from distill.core.errors import UserError
+from distill.core import diffusion as dm
 from student.model import student_from_teacher
-from student.response import effective_w, guidance_response, relative_error, run_response
+from distill.jobs.response import run_response
+from student.response import effective_w, guidance_response, relative_error
 from teacher.guidance import ConditionalPrediction, GuidanceBranches
 from teacher.unet import UNet, UNetConfig
 

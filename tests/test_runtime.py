@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import compose_cfg
-from distill.data import load_data
-from distill.errors import UserError
-from distill import runtime
-from distill.runtime import Runtime, check_jit_options, setup_from_config, setup_runtime
-from distill.training import Trainer, TrainSettings, net_state
-from teacher.train import regression_loss, teacher_batch_maker
+from distill.core.data import load_data
+from distill.core.errors import UserError
+from distill.core import runtime
+from distill.core.runtime import Runtime, check_jit_options, setup_from_config, setup_runtime
+from distill.core.training import Trainer, TrainSettings, net_state
+from teacher.objective import regression_loss, teacher_batch_maker
 from teacher.unet import UNet, UNetConfig
 
 NET = UNetConfig(channels=8, channel_mult=(1, 2), groups=4, attention=False, image_size=8, num_classes=10)
@@ -39,7 +39,7 @@ def test_fp16_trains_on_cpu_with_finite_loss_and_keeps_ema_fp32(tmp_path: Path) 
     assert any(not np.array_equal(before[k], after[k]) for k in before)
     assert all(p.dtype == ms.float32 for p in trainer.net.trainable_params() + trainer.ema.trainable_params())
     # the loss scale is part of the checkpoint, so a resumed fp16 run continues with it
-    from distill.checkpoint import load_checkpoint
+    from distill.core.checkpoint import load_checkpoint
 
     tensors, meta = load_checkpoint(tmp_path / "checkpoint.safetensors")
     assert meta["precision"] == "fp16" and float(tensors["amp.scale_value"]) == 2.0 ** 16

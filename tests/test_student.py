@@ -6,16 +6,18 @@ import mindspore as ms
 import pytest
 
 from conftest import compose_cfg
-from distill import diffusion as dm
-from distill.data import load_data
-from distill.errors import UserError
-from distill.sampling import jit_predictor
+from distill.core import diffusion as dm
+from distill.core.data import load_data
+from distill.core.errors import UserError
+from distill.core.sampling import jit_predictor
 from student.distill import distill_inputs, guidance_loss_weight, regression_batch, sample_w, teacher_targets
-from student.job import distill_batches, load_student, run_distill
+from distill.jobs.distill import distill_batches, run_distill
+from student.loading import load_student
 from student.model import student_from_teacher
-from student.targets import run_targets, shard_reader
+from distill.jobs.targets import run_targets
+from student.targets import shard_reader
 from teacher.guidance import GuidanceBranches, GuidedPrediction
-from teacher.job import load_teacher
+from teacher.loading import load_teacher
 from teacher.unet import UNet, UNetConfig
 
 
@@ -86,8 +88,8 @@ def _random_teacher(seed: int = 0) -> UNet:
 
 
 def test_distillation_loss_falls(tmp_path) -> None:
-    from distill.training import Trainer, TrainSettings
-    from teacher.train import regression_loss
+    from distill.core.training import Trainer, TrainSettings
+    from teacher.objective import regression_loss
 
     data = load_data({"name": "digits", "max_train": 64})
     teacher = _random_teacher()
@@ -211,7 +213,7 @@ def test_the_lr_schedule_reaches_the_distillation_step(tiny_run, tmp_path) -> No
     import sys
 
     from conftest import TINY
-    from distill.training import net_state
+    from distill.core.training import net_state
 
     def moved(name: str, *overrides: str) -> float:
         run = tmp_path / name

@@ -8,12 +8,13 @@ import mindspore as ms
 import pytest
 
 from conftest import compose_cfg
-from distill.data import load_data
-from distill.errors import UserError
-from distill.training import CHECKPOINT_NAME, Trainer, net_state
+from distill.core.data import load_data
+from distill.core.errors import UserError
+from distill.core.training import CHECKPOINT_NAME, Trainer, net_state
 from teacher.guidance import ConditionalPrediction, GuidedPrediction
-from teacher.job import load_teacher, run_teacher
-from teacher.train import regression_loss, teacher_batch_maker
+from teacher.loading import load_teacher
+from distill.jobs.teacher import run_teacher
+from teacher.objective import regression_loss, teacher_batch_maker
 from teacher.unet import UNet, UNetConfig
 
 TINY_NET = UNetConfig(channels=8, channel_mult=(1, 2), groups=4, attention=True, image_size=8, num_classes=3)
@@ -77,7 +78,7 @@ def test_condition_dropout_rate_and_range_check() -> None:
 
 
 def _tiny_trainer(tmp_path, steps: int, lr: float = 3e-3, **settings_overrides) -> Trainer:
-    from distill.training import TrainSettings
+    from distill.core.training import TrainSettings
 
     data = load_data({"name": "digits", "max_train": 64})
     cfg = UNetConfig(channels=8, channel_mult=(1, 2), groups=4, attention=False, image_size=8, num_classes=10)
@@ -141,7 +142,7 @@ def test_rerun_on_a_finished_dir_does_not_retrain_or_overwrite(tiny_run) -> None
 
 
 def test_learning_rate_warms_up_then_holds_or_follows_a_cosine_to_zero() -> None:
-    from distill.training import learning_rate
+    from distill.core.training import learning_rate
     constant = [learning_rate(s, 1e-3, 100, warmup_steps=10) for s in range(100)]
     assert constant[0] == pytest.approx(1e-4) and constant[9] == pytest.approx(1e-3)
     assert constant[10:] == [1e-3] * 90
@@ -183,7 +184,7 @@ def test_param_lr_scale_gives_matching_parameters_their_own_learning_rate(tmp_pa
 
 
 def test_lr_groups_take_the_first_matching_prefix_and_refuse_bad_factors() -> None:
-    from distill.training import TrainSettings, lr_groups
+    from distill.core.training import TrainSettings, lr_groups
     names = ["guidance_embed.fc1.weight", "guidance_gate.fc2.bias", "time_embed.fc1.weight"]
     assert lr_groups(names, {"guidance_embed.": 5.0, "guidance_": 2.0}) == [5.0, 2.0, 1.0]
     assert lr_groups(names, {}) == [1.0, 1.0, 1.0]
@@ -192,6 +193,6 @@ def test_lr_groups_take_the_first_matching_prefix_and_refuse_bad_factors() -> No
 
 
 def test_unknown_lr_decay_is_refused() -> None:
-    from distill.training import TrainSettings
+    from distill.core.training import TrainSettings
     with pytest.raises(UserError, match="lr_decay 'linear'"):
         TrainSettings(steps=10, batch_size=2, lr_decay="linear").validate()

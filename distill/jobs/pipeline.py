@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
-from distill import build
-from distill.report import write_json
-from distill.runtime import is_main
+from distill.core import build
+from distill.core.report import write_json
+from distill.core.runtime import is_main
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +28,32 @@ def is_fresh(outputs: list[Path], inputs: list[Path]) -> bool:
     return min(p.stat().st_mtime for p in outputs) >= newest_input
 
 
+def _main_rank_only(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Report stages run on rank 0; under msrun the other workers skip them."""
+    return job if is_main() else (lambda cfg: None)
+
+
 def stages(cfg: DictConfig) -> list[tuple[str, Callable[[DictConfig], Any], list[Path]]]:
     """(name, job, outputs that make it complete; [] = the job resumes or skips by itself)."""
-    from distill.app import resolve_task
+    from distill.jobs.bench import run_bench
+    from distill.jobs.distill import run_distill
+    from distill.jobs.evaluate import run_evaluate
+    from distill.jobs.publish import run_publish
+    from distill.jobs.teacher import run_teacher
 
     run = build.run_dir(cfg)
     bundle = Path(str(cfg.publish.dir)) if cfg.publish.get("dir") else run / "bundle"
     return [
-        ("teacher", resolve_task("teacher"), []),
-        ("distill", resolve_task("distill"), []),
-        ("evaluate", resolve_task("evaluate"), [run / "evaluate" / "report.json"]),
-        ("bench", resolve_task("bench"), [run / "bench" / "bench.json"]),
-        ("publish", resolve_task("publish"), [bundle / "manifest.json"]),
+        ("teacher", run_teacher, []),
+        ("distill", run_distill, []),
+        ("evaluate", _main_rank_only(run_evaluate), [run / "evaluate" / "report.json"]),
+        ("bench", _main_rank_only(run_bench), [run / "bench" / "bench.json"]),
+        ("publish", _main_rank_only(run_publish), [bundle / "manifest.json"]),
     ]
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
-    from student.job import student_checkpoint_path
+    from student.loading import student_checkpoint_path
 
     run = build.run_dir(cfg)
     timings: dict[str, Any] = {}

@@ -6,9 +6,9 @@ from typing import Callable
 import numpy as np
 import mindspore as ms
 
-from distill import diffusion as dm
-from distill.data import ImageData, iterate_batches
-from distill.errors import UserError
+from distill.core import diffusion as dm
+from distill.core.data import ImageData, iterate_batches
+from distill.core.errors import UserError
 from teacher.unet import UNet
 
 

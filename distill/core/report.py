@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from distill.fileio import atomic_write  # noqa: E402
+from distill.core.fileio import atomic_write  # noqa: E402
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -14,8 +14,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
 
-from distill.errors import UserError
-from distill.fileio import atomic_write
+from distill.core.errors import UserError
+from distill.core.fileio import atomic_write
 
 
 def save_checkpoint(path: Path, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from distill.fileio import atomic_write
+from distill.core.fileio import atomic_write
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

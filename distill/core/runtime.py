@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 import mindspore as ms
 
-from distill.errors import UserError
+from distill.core.errors import UserError
 
 DEVICES = ("CPU", "GPU", "Ascend")
 PRECISIONS = ("fp32", "fp16", "bf16")

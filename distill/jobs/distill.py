@@ -5,59 +5,28 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 from omegaconf import DictConfig
 
-from distill import build
-from distill.checkpoint import read_meta
-from distill.fileio import atomic_write
-from distill.data import ImageData, load_data
-from distill.errors import UserError
-from distill.runtime import is_main, local_batch_size, shard
-from distill.sampling import jit_predictor
-from distill.training import CHECKPOINT_NAME, Trainer, load_ema_weights
+from distill.core import build
+from distill.core.fileio import atomic_write
+from distill.core.data import ImageData, load_data
+from distill.core.errors import UserError
+from distill.core.runtime import is_main, local_batch_size, shard
+from distill.core.sampling import jit_predictor
+from distill.core.training import CHECKPOINT_NAME, Trainer
 from student.distill import (check_w_loss_power, check_w_range, check_ws_per_input, describe_w, distill_inputs,
                              regression_batch, teacher_targets, w_distribution)
+from student.loading import student_meta
 from student.model import student_from_teacher
 from teacher.guidance import GuidanceBranches
-from teacher.job import load_teacher
-from teacher.train import regression_loss
-from teacher.unet import UNet, UNetConfig
+from teacher.loading import load_teacher
+from teacher.objective import regression_loss
+from teacher.unet import UNet
 
 log = logging.getLogger(__name__)
-
-
-def student_checkpoint_path(cfg: DictConfig) -> Path:
-    return build.run_dir(cfg) / "student" / CHECKPOINT_NAME
-
-
-def student_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str, Any]:
-    s = cfg.student
-    w_min, w_max, w_power = w_distribution(s)
-    return {"kind": "student", "model": ucfg.to_dict(), "schedule": cfg.diffusion.schedule,
-            "prediction": cfg.diffusion.prediction, "w_min": w_min, "w_max": w_max, "w_power": w_power,
-            "w_convention": "uncond + w * (cond - uncond)", "loss": str(s.loss),
-            "w_loss_power": float(s.w_loss_power), "ws_per_input": int(s.ws_per_input),
-            "data": str(cfg.data.name), "class_names": list(data.class_names)}
-
-
-def load_student(cfg: DictConfig, data: ImageData, path: Path | None = None) -> tuple[UNet, dict[str, Any]]:
-    """A distilled student (EMA weights) and its metadata."""
-    path = path or student_checkpoint_path(cfg)
-    if not path.is_file():
-        raise UserError(f"student checkpoint not found: {path} (run task=distill first)")
-    meta = read_meta(path)
-    if meta.get("kind") != "student" or "model" not in meta:
-        raise UserError(f"{path} is not a student checkpoint (kind={meta.get('kind')})")
-    net = UNet(UNetConfig.from_dict(meta["model"]))
-    if net.config.image_size != data.image_shape[1] or net.config.num_classes != data.num_classes:
-        raise UserError(f"student {path} was trained on {net.config.image_size}px images with "
-                        f"{net.config.num_classes} classes, not on this data")
-    load_ema_weights(path, net)
-    net.set_train(False)
-    return net, meta
 
 
 def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None

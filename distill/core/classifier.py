@@ -19,9 +19,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from distill.errors import UserError
-from distill.fileio import atomic_write
-from distill.metrics import accuracy
+from distill.core.errors import UserError
+from distill.core.fileio import atomic_write
+from distill.core.metrics import accuracy
 
 log = logging.getLogger(__name__)
 

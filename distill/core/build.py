@@ -6,11 +6,9 @@ from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 
-from distill.data import ImageData
-from distill.errors import UserError
-from distill.sampling import SamplerSettings
-from distill.training import TrainSettings
-from teacher.unet import UNetConfig
+from distill.core.errors import UserError
+from distill.core.sampling import SamplerSettings
+from distill.core.training import TrainSettings
 
 
 def plain(section: Any) -> dict[str, Any]:
@@ -18,17 +16,6 @@ def plain(section: Any) -> dict[str, Any]:
     if OmegaConf.is_config(section):
         return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]
     return dict(section)
-
-
-def unet_config(model_cfg: Mapping[str, Any], data: ImageData, guidance_embed_dim: int = 0,
-                guidance_scale: float = 100.0) -> UNetConfig:
-    c, h, w = data.image_shape
-    if h != w:
-        raise UserError(f"model: images must be square, got {h}x{w}")
-    cfg = UNetConfig.from_dict(dict(plain(model_cfg), in_channels=c, image_size=h, num_classes=data.num_classes,
-                                    guidance_embed_dim=guidance_embed_dim, guidance_scale=guidance_scale))
-    cfg.validate()
-    return cfg
 
 
 def train_settings(train_cfg: Mapping[str, Any], seed: int, use_jit: bool) -> TrainSettings:

@@ -18,23 +18,17 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from distill import build
-from distill.classifier import EvalClassifier, features_and_predictions, load_or_train_classifier
-from distill.data import ImageData, load_data
-from distill.errors import UserError
-from distill.images import save_side_by_side_png, save_samples_npz
-from distill.metrics import accuracy, frechet_distance, mean_psnr, mse
-from distill.report import write_evaluation_report
-from distill.sampling import jit_predictor
+from distill.core import build
+from distill.core.classifier import features_and_predictions
+from distill.core.data import ImageData, load_data
+from distill.core.errors import UserError
+from distill.core.images import save_side_by_side_png, save_samples_npz
+from distill.core.metrics import accuracy, frechet_distance, mean_psnr, mse
+from distill.core.report import write_evaluation_report
+from distill.core.sampling import jit_predictor
+from distill.jobs.common import evaluation_classifier
 
 log = logging.getLogger(__name__)
-
-
-def evaluation_classifier(cfg: DictConfig, data: ImageData) -> EvalClassifier:
-    """The classifier whose features and predictions judge samples; trained once per run, cached."""
-    path = build.run_dir(cfg) / "eval_classifier" / "classifier.safetensors"
-    c = cfg.eval.classifier
-    return load_or_train_classifier(path, data, steps=int(c.steps), batch_size=int(c.batch_size), seed=int(cfg.seed))
 
 
 def real_floor(feats: np.ndarray, seed: int) -> float:
@@ -80,9 +74,9 @@ def student_specs(cfg: DictConfig) -> list[tuple[str, Path | None, int | None]]:
 
 def evaluation_models(cfg: DictConfig, data: ImageData) -> dict[str, tuple[Any, int]]:
     """name -> (prediction cell, sampling steps): the two-pass teacher, then the one-pass student(s)."""
-    from student.job import load_student
+    from student.loading import load_student
     from teacher.guidance import ConditionalPrediction, GuidedPrediction
-    from teacher.job import load_teacher
+    from teacher.loading import load_teacher
 
     teacher_steps = cfg.eval.get("teacher_steps")
     models = {"teacher": (GuidedPrediction(load_teacher(cfg, data)),
@@ -96,7 +90,7 @@ def evaluation_models(cfg: DictConfig, data: ImageData) -> dict[str, tuple[Any, 
 
 def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     from tensorboardX import SummaryWriter
-    from teacher.job import guided_samples
+    from distill.jobs.common import guided_samples
 
     data = load_data(cfg.data)
     out = build.run_dir(cfg) / "evaluate"

@@ -17,11 +17,11 @@ from typing import Any, Sequence
 import numpy as np
 from omegaconf import DictConfig
 
-from distill import build
-from distill.fileio import atomic_write
-from distill.data import load_data
-from distill.errors import UserError
-from distill.sampling import jit_predictor, sample
+from distill.core import build
+from distill.core.fileio import atomic_write
+from distill.core.data import load_data
+from distill.core.errors import UserError
+from distill.core.sampling import jit_predictor, sample
 
 log = logging.getLogger(__name__)
 MODELS = ("teacher", "student")
@@ -93,9 +93,10 @@ def machine_info(device: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- timing
 def run_bench(cfg: DictConfig) -> Path:
     from tqdm import tqdm
-    from student.job import load_student
+    from student.loading import load_student
     from teacher.guidance import ConditionalPrediction, GuidedPrediction
-    from teacher.job import load_teacher, uncond_labels
+    from teacher.loading import load_teacher
+    from distill.jobs.common import uncond_labels
 
     opts = bench_options(cfg.bench)
     data = load_data(cfg.data)

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from distill.errors import UserError
+from distill.core.errors import UserError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")

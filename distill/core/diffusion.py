@@ -20,7 +20,7 @@ import numpy as np
 from mindspore import ops
 from mindspore.ops import constexpr
 
-from distill.errors import UserError
+from distill.core.errors import UserError
 
 Array = Any  # numpy array or mindspore Tensor
 

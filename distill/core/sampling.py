@@ -13,9 +13,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from distill import diffusion as dm
-from distill import runtime
-from distill.errors import UserError
+from distill.core import diffusion as dm
+from distill.core import runtime
+from distill.core.errors import UserError
 
 
 @dataclass(frozen=True)

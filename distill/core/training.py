@@ -37,9 +37,9 @@ import mindspore as ms
 from mindspore import amp, nn, ops
 from tqdm import tqdm
 
-from distill import runtime
-from distill.checkpoint import load_checkpoint, save_checkpoint
-from distill.errors import UserError
+from distill.core import runtime
+from distill.core.checkpoint import load_checkpoint, save_checkpoint
+from distill.core.errors import UserError
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.safetensors"

@@ -1,0 +1,109 @@
+"""``task=progressive``: halve the one-pass student's sampling steps round by round (16 -> 8 -> 4)."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from distill.core import build
+from distill.core import diffusion as dm
+from distill.core.data import ImageData, load_data
+from distill.core.errors import UserError
+from distill.core.fileio import atomic_write
+from distill.core.runtime import is_main
+from distill.core.sampling import jit_predictor
+from distill.core.training import Trainer, copy_weights
+from student.distill import describe_w, w_distribution
+from student.loading import load_student, student_checkpoint_path
+from student.progressive import (finished_round, progressive_batches, progressive_dir, round_checkpoint_path,
+                                 round_meta, round_plan)
+from teacher.guidance import ConditionalPrediction
+from teacher.objective import regression_loss
+from teacher.unet import UNet
+
+log = logging.getLogger(__name__)
+
+
+def run_progressive(cfg: DictConfig) -> Path:
+    """Train the rounds that are not finished; returns the last round's checkpoint."""
+    from tensorboardX import SummaryWriter
+
+    p = cfg.progressive
+    plan = round_plan(int(p.start_steps), int(p.min_steps))
+    schedule, prediction = str(cfg.diffusion.schedule), str(cfg.diffusion.prediction)
+    dm.output_space_weight(str(p.loss), prediction, np.ones(1), np.ones(1))  # validates the loss name early
+    data = load_data(cfg.data)
+    source = Path(str(p.student)).expanduser() if p.get("student") else student_checkpoint_path(cfg)
+    _, source_meta = load_student(cfg, data, source)
+    for key, want in (("schedule", schedule), ("prediction", prediction)):
+        if source_meta.get(key, want) != want:
+            raise UserError(f"student {source} was trained with {key}={source_meta[key]} but the config says {want}")
+    if int(source_meta.get("step", 0)) < int(source_meta.get("total_steps", 0)):
+        log.warning("progressive: stage-one student %s is only trained to step %s of %s", source,
+                    source_meta.get("step"), source_meta.get("total_steps"))
+    w_min, w_max, w_power = w_distribution(source_meta)
+    settings = build.train_settings(p.train, int(cfg.seed), bool(cfg.jit))
+    log.info("progressive: %d -> %s sampling steps, %s, %d steps per round at batch %d",
+             int(p.start_steps), " -> ".join(map(str, plan)),
+             describe_w(w_min, w_max, w_power), settings.steps, settings.batch_size)
+    rounds: list[dict[str, Any]] = []
+    teacher_path = source
+    for round_index, num_steps in enumerate(plan, start=1):
+        path = round_checkpoint_path(cfg, num_steps)
+        entry: dict[str, Any] = {"round": round_index, "steps": num_steps, "teacher_steps": 2 * num_steps,
+                                 "teacher": str(teacher_path), "checkpoint": str(path)}
+        if finished_round(path, settings.steps, source_meta["model"], num_steps):
+            log.info("progressive: round %d (%d -> %d steps) already done in %s, skipped",
+                     round_index, 2 * num_steps, num_steps, path)
+            rounds.append(dict(entry, status="skipped"))
+            teacher_path = path
+            continue
+        writer = SummaryWriter(str(build.run_dir(cfg) / "tb" / f"progressive_steps_{num_steps}")) if is_main() else None
+        entry.update(train_round(cfg, data, teacher_path, source_meta, num_steps, round_index, settings, writer))
+        rounds.append(entry)
+        teacher_path = path
+    out = progressive_dir(cfg)
+    summary = {"start_steps": int(p.start_steps), "min_steps": int(p.min_steps), "source": str(source),
+               "w_min": w_min, "w_max": w_max, "rounds": rounds}
+    if is_main():
+        atomic_write(out / "rounds.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    return teacher_path
+
+
+def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_meta: dict[str, Any],
+                num_steps: int, round_index: int, settings: Any, writer: Any) -> dict[str, Any]:
+    """One round: a copy of the teacher learns two teacher DDIM steps as one, on the N-step grid."""
+    p = cfg.progressive
+    teacher, _ = load_student(cfg, data, teacher_path)
+    student, ema = UNet(teacher.config), UNet(teacher.config)
+    copy_weights(teacher, student)
+    predict = jit_predictor(ConditionalPrediction(teacher), bool(cfg.jit))
+    factory = progressive_batches(
+        data, predict, num_steps, round_index, settings.batch_size, settings.seed, str(cfg.diffusion.schedule),
+        str(cfg.diffusion.prediction), str(p.loss), *w_distribution(source_meta),
+        bool(p.clip_x0))
+    out = round_checkpoint_path(cfg, num_steps).parent
+    meta = round_meta(source_meta, num_steps, round_index, teacher_path, cfg)
+    trainer = Trainer(student, ema, regression_loss, factory, settings, out, meta, writer)
+    trainer.try_resume()
+    log.info("progressive: round %d, %d -> %d sampling steps, from step %d of %d", round_index, 2 * num_steps,
+             num_steps, trainer.step, settings.steps)
+    start_step, t0 = trainer.step, time.perf_counter()
+    losses = trainer.run()
+    seconds = time.perf_counter() - t0
+    if writer is not None:
+        writer.close()
+    ran = trainer.step - start_step
+    result = {"status": "trained", "trained_steps": ran, "seconds": round(seconds, 1),
+              "seconds_per_step": round(seconds / max(ran, 1), 4),
+              "first_loss": float(np.mean(losses[:20])), "last_loss": float(np.mean(losses[-20:]))}
+    if is_main():
+        atomic_write(out / "train_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    log.info("progressive: round %d done, %d steps in %.1f s, loss %.4f -> %.4f", round_index, ran, seconds,
+             result["first_loss"], result["last_loss"])
+    return result

@@ -1,0 +1,86 @@
+"""``task=teacher``: train (or load) the CFG teacher, then check its guided samples."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from distill.core import build
+from distill.core.fileio import atomic_write
+from distill.core.data import ImageData, load_data
+from distill.core.images import save_grid_png, save_samples_npz
+from distill.core.runtime import is_main
+from distill.jobs.common import guided_samples
+from distill.core.sampling import jit_predictor
+from distill.core.training import CHECKPOINT_NAME, Trainer
+from teacher.guidance import GuidedPrediction
+from teacher.loading import load_teacher, teacher_checkpoint_path, teacher_meta, unet_config
+from teacher.objective import regression_loss, teacher_batch_maker
+from teacher.unet import UNet, count_parameters
+
+log = logging.getLogger(__name__)
+
+
+def run_teacher(cfg: DictConfig) -> Path:
+    """Train the teacher in <run>/teacher (resuming if a checkpoint is there) or load teacher.checkpoint."""
+    data = load_data(cfg.data)
+    if cfg.teacher.checkpoint:
+        load_teacher(cfg, data)  # validates; nothing to train
+        log.info("using the trained teacher at %s", cfg.teacher.checkpoint)
+        return teacher_checkpoint_path(cfg)
+    from tensorboardX import SummaryWriter
+
+    out = build.run_dir(cfg) / "teacher"
+    ucfg = unet_config(cfg.model, data)
+    net, ema = UNet(ucfg), UNet(ucfg)
+    settings = build.train_settings(cfg.teacher.train, int(cfg.seed), bool(cfg.jit))
+    p_uncond = float(cfg.teacher.p_uncond)
+
+    def batches(start: int):
+        return teacher_batch_maker(data, settings.batch_size, settings.seed, start, cfg.diffusion.schedule,
+                                   cfg.diffusion.prediction, p_uncond)
+
+    writer = SummaryWriter(str(build.run_dir(cfg) / "tb")) if is_main() else None  # rank 0 writes
+    trainer = Trainer(net, ema, regression_loss, batches, settings, out, teacher_meta(ucfg, cfg, data), writer)
+    trainer.try_resume()
+    log.info("teacher: %d parameters, %d train images %s, %d steps at batch %d",
+             count_parameters(net), len(data.train_images), data.image_shape, settings.steps, settings.batch_size)
+    done_before = trainer.step >= settings.steps
+    t0 = time.perf_counter()
+    trainer.run()
+    train_seconds = time.perf_counter() - t0
+    ema.set_train(False)
+    if writer is not None:  # rank 0 only; also after a restart that found training done but no report
+        if not done_before or not (out / "report.json").is_file():
+            check_teacher(cfg, data, ema, out, writer, train_seconds, trainer.step)
+        writer.close()
+    return out / CHECKPOINT_NAME
+
+
+def check_teacher(cfg: DictConfig, data: ImageData, ema: UNet, out: Path, writer, train_seconds: float,
+                  steps: int) -> dict[str, Any]:
+    """Guided samples at a few w, judged by the evaluation classifier: does the teacher draw digits?"""
+    from distill.jobs.common import evaluation_classifier
+    from distill.core.classifier import features_and_predictions
+    from distill.core.metrics import accuracy
+
+    clf = evaluation_classifier(cfg, data)
+    predict = jit_predictor(GuidedPrediction(ema), bool(cfg.jit))
+    n = int(cfg.teacher.check.num_samples)
+    report: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "steps": steps,
+                              "sampler_steps": int(cfg.sampler.num_steps), "accuracy": {}}
+    for w in cfg.teacher.check.ws:
+        imgs, labels = guided_samples(predict, data, cfg, float(w), n, int(cfg.seed))
+        _, pred = features_and_predictions(clf, imgs)
+        acc = accuracy(pred, labels)
+        report["accuracy"][str(float(w))] = round(acc, 4)
+        save_grid_png(imgs[: 10 * data.num_classes], out / f"samples_w{float(w):g}.png", nrow=data.num_classes)
+        save_samples_npz(out / f"samples_w{float(w):g}.npz", imgs, labels, w=float(w), model="teacher")
+        writer.add_scalar("teacher/sample_accuracy", acc, int(10 * float(w)))
+        log.info("teacher: w=%g class accuracy of %d guided samples = %.3f", float(w), n, acc)
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    return report

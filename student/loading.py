@@ -1,0 +1,46 @@
+"""A distilled student on disk: its checkpoint path, metadata and loader (stage one and progressive rounds)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from distill.core import build
+from distill.core.checkpoint import read_meta
+from distill.core.data import ImageData
+from distill.core.errors import UserError
+from distill.core.training import CHECKPOINT_NAME, load_ema_weights
+from student.distill import w_distribution
+from teacher.unet import UNet, UNetConfig
+
+
+def student_checkpoint_path(cfg: DictConfig) -> Path:
+    return build.run_dir(cfg) / "student" / CHECKPOINT_NAME
+
+
+def student_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str, Any]:
+    s = cfg.student
+    w_min, w_max, w_power = w_distribution(s)
+    return {"kind": "student", "model": ucfg.to_dict(), "schedule": cfg.diffusion.schedule,
+            "prediction": cfg.diffusion.prediction, "w_min": w_min, "w_max": w_max, "w_power": w_power,
+            "w_convention": "uncond + w * (cond - uncond)", "loss": str(s.loss),
+            "w_loss_power": float(s.w_loss_power), "ws_per_input": int(s.ws_per_input),
+            "data": str(cfg.data.name), "class_names": list(data.class_names)}
+
+
+def load_student(cfg: DictConfig, data: ImageData, path: Path | None = None) -> tuple[UNet, dict[str, Any]]:
+    """A distilled student (EMA weights) and its metadata."""
+    path = path or student_checkpoint_path(cfg)
+    if not path.is_file():
+        raise UserError(f"student checkpoint not found: {path} (run task=distill first)")
+    meta = read_meta(path)
+    if meta.get("kind") != "student" or "model" not in meta:
+        raise UserError(f"{path} is not a student checkpoint (kind={meta.get('kind')})")
+    net = UNet(UNetConfig.from_dict(meta["model"]))
+    if net.config.image_size != data.image_shape[1] or net.config.num_classes != data.num_classes:
+        raise UserError(f"student {path} was trained on {net.config.image_size}px images with "
+                        f"{net.config.num_classes} classes, not on this data")
+    load_ema_weights(path, net)
+    net.set_train(False)
+    return net, meta
