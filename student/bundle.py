@@ -205,9 +205,30 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def from_pretrained(path: str | Path) -> Pretrained:
-    """Verify a published bundle's manifest, rebuild the student from config.json, load its weights."""
+def variant_config(config: dict[str, Any], variant: Optional[str], listed: set[str]) -> tuple[str, dict[str, Any]]:
+    """(weights file, config with the variant's sampler steps) of ``variant`` (None = the bundle's default)."""
+    variants = config.get("variants")
+    if not variants:  # a bundle with one student
+        if variant is not None:
+            raise UserError(f"this bundle has one student and no variants (asked for variant {variant!r})")
+        return WEIGHTS, config
+    name = variant if variant is not None else str(config.get("default_variant"))
+    if name not in variants:
+        raise UserError(f"bundle has no variant {name!r} (it has: {', '.join(variants)})")
+    entry = variants[name]
+    if entry.get("weights") not in listed:
+        raise UserError(f"bundle variant {name!r}: weights {entry.get('weights')!r} are not in manifest.json")
+    config = dict(config, variant=name, sampler=dict(config["sampler"], num_steps=int(entry["num_steps"])))
+    return str(entry["weights"]), config
+
+
+def from_pretrained(path: str | Path, variant: Optional[str] = None) -> Pretrained:
+    """Verify a published bundle's manifest, rebuild the student from config.json, load its weights.
+
+    ``variant`` picks one of the bundle's students by its steps, e.g. ``"16step"`` (the stage-one student);
+    None = the bundle's default (the few-step student). ``sample`` then uses that variant's steps.
+    """
     folder = Path(path).expanduser()
-    verify_manifest(folder)
-    config = read_config(folder)
-    return Pretrained(build_net(config, folder / WEIGHTS), config, folder)
+    manifest = verify_manifest(folder)
+    weights, config = variant_config(read_config(folder), variant, set(manifest["files"]))
+    return Pretrained(build_net(config, folder / weights), config, folder)

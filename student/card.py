@@ -105,6 +105,32 @@ def _gate_text(model: dict[str, Any]) -> str:
     return text
 
 
+def variants_section(config: dict[str, Any]) -> str:
+    """The bundle's students (variants) as a table, and how to load one that is not the default."""
+    variants = config.get("variants")
+    if not variants:
+        return "One student, used at the default sampler's steps."
+    default = config.get("default_variant")
+    rows = ["| variant | sampling steps | network passes per image | stage | weights |", "|---|---|---|---|---|"]
+    for name, v in variants.items():
+        mark = " (default)" if name == default else ""
+        rows.append(f"| `{name}`{mark} | {v['num_steps']} | {v['num_steps']} | {v.get('stage', '')} | `{v['weights']}` |")
+    other = next((n for n in variants if n != default), None)
+    pick = (f"\n\nAnother variant: `from_pretrained(path, variant=\"{other}\")` "
+            f"(command line: `sample.variant={other}`).") if other else ""
+    return "\n".join(rows) + pick
+
+
+def progressive_text(training: dict[str, Any]) -> str:
+    rounds = training.get("progressive") or []
+    if not rounds:
+        return ""
+    steps = " -> ".join([str(rounds[0]["teacher_steps"])] + [str(r["steps"]) for r in rounds])
+    return (f"\n- Few-step students: progressive distillation of that student, {steps} sampling steps, each round "
+            "learning two of its teacher's deterministic DDIM steps in one (Salimans & Ho 2022; Meng et al. 2023, "
+            "stage 2).")
+
+
 def model_card(config: dict[str, Any], report: Optional[dict[str, Any]], card_ws: list[float]) -> str:
     g, c, img, s = config["guidance"], config["classes"], config["image"], config["sampler"]
     m, mx = config["model"], config["mindir"]
@@ -136,6 +162,10 @@ images = model.sample(labels=[0, 1, 2], w={s['w']:g}, seed=0)  # N x C x H x W i
 Or from the command line: `distill task=sample sample.bundle=path/to/bundle sample.w=2`.
 Default sampler: {s['kind']}, {s['num_steps']} steps, eta {s['eta']:g}, w = {s['w']:g} ({s['w_schedule']} schedule).
 
+### Variants
+
+{variants_section(config)}
+
 `{MINDIR}` is the network alone (one pass: `(x, t, y, w) -> output`) exported for inference on Ascend with a
 **fixed batch of {mx['batch_size']}** (MINDIR fixes the traced shapes; pad smaller batches). Run the sampling loop around it.
 
@@ -146,7 +176,7 @@ Default sampler: {s['kind']}, {s['num_steps']} steps, eta {s['eta']:g}, w = {s['
 - Student: the teacher's backbone plus a guidance-weight embedding added to the timestep embedding, initialised
   from the teacher, then {t.get('student_steps', 'unknown')} steps regressing onto the teacher's two-pass guided output
   with {describe_w(g['w_min'], g['w_max'], float(t.get('w_power', 1.0)))} per example (loss `{t.get('loss', 'unknown')}` x (1 + w)^-{t.get('w_loss_power', 0.0):g}, targets {t.get('targets', 'unknown')});
-  these are the EMA weights (Meng et al., CVPR 2023, "On Distillation of Guided Diffusion Models", stage 1).
+  these are the EMA weights (Meng et al., CVPR 2023, "On Distillation of Guided Diffusion Models", stage 1).{progressive_text(config.get('training', {}))}
 
 ## Evaluation
 

@@ -31,8 +31,9 @@ from distill.core.checkpoint import read_meta
 from distill.core.data import ImageData, iterate_batches
 from distill.core.errors import UserError
 from distill.core.runtime import shard
-from distill.core.training import CHECKPOINT_NAME
+from distill.core.training import CHECKPOINT_NAME, weights_digest
 from student.distill import check_w_range, sample_w
+from student.loading import load_student, student_checkpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,12 @@ def round_plan(start_steps: int, min_steps: int) -> list[int]:
 
 def progressive_dir(cfg: DictConfig) -> Path:
     return build.run_dir(cfg) / "progressive"
+
+
+def source_checkpoint(cfg: DictConfig) -> Path:
+    """The stage-one student the rounds start from: ``progressive.student``, else the run's student."""
+    p = cfg.progressive
+    return Path(str(p.student)).expanduser() if p.get("student") else student_checkpoint_path(cfg)
 
 
 def round_checkpoint_path(cfg: DictConfig, num_steps: int) -> Path:
@@ -117,24 +124,56 @@ def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_
 
 
 def round_meta(source_meta: dict[str, Any], num_steps: int, round_index: int, teacher_path: Path,
-               cfg: DictConfig) -> dict[str, Any]:
-    """Stage-one metadata (model, w range, schedule, classes) plus what this round is."""
+               source_digest: str, cfg: DictConfig) -> dict[str, Any]:
+    """Stage-one metadata (model, w range, schedule, classes) plus what this round is and which
+    stage-one student it descends from (``source_digest``: the weights digest of that student)."""
     p = cfg.progressive
     meta = {k: v for k, v in source_meta.items() if k not in ("step", "total_steps")}
     meta.update({"kind": "student", "stage": "progressive", "sampling_steps": int(num_steps),
                  "round": int(round_index), "teacher_steps": 2 * int(num_steps),
-                 "teacher_checkpoint": str(teacher_path), "loss": str(p.loss), "clip_x0": bool(p.clip_x0)})
+                 "teacher_checkpoint": str(teacher_path), "source_digest": str(source_digest),
+                 "loss": str(p.loss), "clip_x0": bool(p.clip_x0)})
     return meta
 
 
-def finished_round(path: Path, steps: int, model: dict[str, Any], num_steps: int) -> bool:
-    """True when ``path`` holds this round fully trained (same model and step count)."""
+def check_round(path: Path, model: dict[str, Any], num_steps: int, source_digest: str) -> dict[str, Any]:
+    """The metadata of round checkpoint ``path``, after checking it is a round of this run: same model,
+    ``num_steps`` sampling steps, distilled from the stage-one student whose weights digest is given."""
     if not path.is_file():
-        return False
+        raise UserError(f"progressive round of {num_steps} steps not found: {path} (run task=progressive)")
     meta = read_meta(path)
     if meta.get("kind") != "student" or meta.get("model") != model or meta.get("sampling_steps") != num_steps:
         raise UserError(f"{path} holds another run (kind {meta.get('kind')}, sampling_steps "
                         f"{meta.get('sampling_steps')}); use another run_dir or remove it")
-    return int(meta.get("step", 0)) >= steps
+    if meta.get("source_digest") != source_digest:
+        raise UserError(f"{path} was distilled from another stage-one student (weights digest "
+                        f"{meta.get('source_digest')}, the run's student has {source_digest}); remove "
+                        f"{path.parent.parent} to distil the rounds again")
+    return meta
 
 
+def finished_round(path: Path, steps: int, model: dict[str, Any], num_steps: int, source_digest: str) -> bool:
+    """True when ``path`` holds this round fully trained; False when absent or part-trained."""
+    if not path.is_file():
+        return False
+    return int(check_round(path, model, num_steps, source_digest).get("step", 0)) >= steps
+
+
+
+
+def verified_rounds(cfg: DictConfig, data: ImageData) -> list[tuple[int, Path]]:
+    """(steps, checkpoint) of every round of the configured plan, each checked to descend from the
+    run's stage-one student; a missing round or one of another student is a UserError."""
+    p = cfg.progressive
+    plan = round_plan(int(p.start_steps), int(p.min_steps))
+    net, meta = load_student(cfg, data, source_checkpoint(cfg))
+    digest = weights_digest(net)
+    rounds = []
+    for n in plan:
+        path = round_checkpoint_path(cfg, n)
+        if not path.is_file():
+            raise UserError(f"progressive round of {n} steps not found: {path} (run task=progressive first; "
+                            f"evaluation without the rounds: eval.progressive=false)")
+        check_round(path, meta["model"], n, digest)
+        rounds.append((n, path))
+    return rounds

@@ -34,7 +34,8 @@ def bundle_dir(cfg: DictConfig) -> Path:
 
 
 def training_info(cfg: DictConfig, meta: dict[str, Any]) -> dict[str, Any]:
-    """What the checkpoints say about how the teacher and the student were trained."""
+    """What the checkpoints say about how the teacher and the student were trained (``meta``: the
+    stage-one student's metadata; the progressive rounds are read from their summary)."""
     from teacher.loading import teacher_checkpoint_path
 
     tpath = teacher_checkpoint_path(cfg)
@@ -45,16 +46,46 @@ def training_info(cfg: DictConfig, meta: dict[str, Any]) -> dict[str, Any]:
             "student_steps": meta.get("step"), "student_total_steps": meta.get("total_steps"),
             "loss": meta.get("loss"), "w_power": meta.get("w_power", 1.0),
             "w_loss_power": meta.get("w_loss_power", 0.0), "targets": summary.get("targets"),
-            "weights": "EMA"}
+            "weights": "EMA", "progressive": progressive_info(build.run_dir(cfg) / "progressive" / "rounds.json")}
 
 
-def bundle_config(cfg: DictConfig, net: Any, meta: dict[str, Any], mindir_batch: int) -> dict[str, Any]:
+def progressive_info(path: Path) -> Optional[list[dict[str, Any]]]:
+    """(steps, teacher steps, training steps) of each progressive round, from ``rounds.json``."""
+    if not path.is_file():
+        return None
+    try:
+        rounds = json.loads(path.read_text())["rounds"]
+        return [{"steps": int(r["steps"]), "teacher_steps": int(r["teacher_steps"])} for r in rounds]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"cannot read the progressive summary {path} ({e})") from e
+
+
+def variant_name(num_steps: int) -> str:
+    return f"{int(num_steps)}step"
+
+
+def variant_weights(num_steps: int, default: bool) -> str:
+    """The default variant's weights are ``model.safetensors``; the others ``model_<N>step.safetensors``."""
+    return WEIGHTS if default else f"model_{variant_name(num_steps)}.safetensors"
+
+
+def variants_entry(stages: list[tuple[int, str]], default_steps: int) -> dict[str, Any]:
+    """config.json's ``variants``: name -> {weights, num_steps, stage}, for (steps, stage) of each student."""
+    return {variant_name(n): {"weights": variant_weights(n, n == default_steps), "num_steps": int(n), "stage": stage}
+            for n, stage in stages}
+
+
+def bundle_config(cfg: DictConfig, net: Any, meta: dict[str, Any], mindir_batch: int,
+                  stages: list[tuple[int, str]], stage_one_meta: dict[str, Any]) -> dict[str, Any]:
+    """config.json for a bundle whose default student is ``net`` (``meta``: its checkpoint metadata);
+    ``stages``: (sampling steps, stage) of every student in the bundle, the default one among them."""
     import mindspore as ms
 
     ucfg = net.config
+    default_steps = int(meta.get("sampling_steps") or cfg.sampler.num_steps)
     c, h = ucfg.in_channels, ucfg.image_size
     w_min, w_max = float(meta["w_min"]), float(meta["w_max"])
-    settings = build.sampler_settings(cfg)
+    settings = build.sampler_settings(cfg, default_steps)
     w = float(cfg.sampler.w)
     if not w_min <= w <= w_max:
         raise UserError(f"sampler.w={w:g} (the bundle's default) is outside the student's range [{w_min:g}, {w_max:g}]")
@@ -73,13 +104,15 @@ def bundle_config(cfg: DictConfig, net: Any, meta: dict[str, Any], mindir_batch:
                     "w_schedule": settings.w_schedule, "clip_x0": settings.clip_x0,
                     "dynamic_threshold": settings.dynamic_threshold, "batch_size": int(cfg.sampler.batch_size)},
         "weights": WEIGHTS,
+        "default_variant": variant_name(default_steps),
+        "variants": variants_entry(stages, default_steps),
         "mindir": {"file": MINDIR, "batch_size": b, "dynamic_shapes": False,
                    "inputs": [{"name": "x", "shape": [b, c, h, h], "dtype": "float32"},
                               {"name": "t", "shape": [b], "dtype": "float32"},
                               {"name": "y", "shape": [b], "dtype": "int32"},
                               {"name": "w", "shape": [b], "dtype": "float32"}],
                    "output": {"name": meta["prediction"], "shape": [b, c, h, h], "dtype": "float32"}},
-        "training": training_info(cfg, meta),
+        "training": training_info(cfg, stage_one_meta),
         "created_with": {"mindspore": ms.__version__},
     }
 

@@ -21,7 +21,9 @@ TINY = [
     "teacher.train.checkpoint_every=2", "teacher.train.log_every=2", "teacher.train.warmup_steps=0",
     "teacher.check.num_samples=20", "student.train.steps=4", "student.train.batch_size=16",
     "student.train.checkpoint_every=2", "student.train.log_every=2", "student.targets_per_shard=3",
-    "student.embed_dim=8", "eval.classifier.steps=20", "sampler.num_steps=3", "sampler.batch_size=20",
+    "student.embed_dim=8", "eval.classifier.steps=20", "sampler.num_steps=4", "sampler.batch_size=20",
+    "progressive.min_steps=2", "progressive.train.steps=2", "progressive.train.batch_size=16",
+    "progressive.train.checkpoint_every=2", "progressive.train.log_every=2",
 ]
 
 
@@ -46,12 +48,15 @@ def _chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder with a tiny trained teacher and student (shared by the tests that only read it)."""
-    from distill.jobs.teacher import run_teacher
+    """A run folder with a tiny trained teacher, student and progressive round (shared by the tests that
+    only read it)."""
     from distill.jobs.distill import run_distill
+    from distill.jobs.progressive import run_progressive
+    from distill.jobs.teacher import run_teacher
 
     run_dir = tmp_path_factory.mktemp("tiny_run")
     cfg = compose_cfg(run_dir)
     run_teacher(cfg)
     run_distill(cfg)
+    run_progressive(cfg)
     return run_dir

@@ -74,6 +74,10 @@ def _rows(files: Path) -> list[Row]:
             "model: images must be square, got 6x8"),
         Row("non-finite loss (absurd lr)", ("task=teacher", "teacher.train.steps=8", "teacher.train.lr=1e30"),
             "training: loss became non-finite"),
+        Row("progressive steps that halving does not reach", ("task=pipeline", "progressive.min_steps=3"),
+            "progressive: halving start_steps 4 skips min_steps 3", start="empty"),
+        Row("a bundle variant that does not exist", ("task=sample", "sample.variant=8step"),
+            "bundle has no variant '8step' (it has: 4step, 2step)"),
         Row("bundle with a wrong checksum", ("task=sample", f"sample.bundle={files / 'tampered_bundle'}"),
             "checksum mismatch for model.safetensors"),
     ]
@@ -100,7 +104,7 @@ def outcomes(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
     root = tmp_path_factory.mktemp("cli_errors")
     trained = root / "trained"
-    for stage in ("teacher", "student"):
+    for stage in ("teacher", "student", "progressive"):
         shutil.copytree(tiny_run / stage, trained / stage)
     run_publish(compose_cfg(trained))  # -> trained/bundle
     files = root / "files"

@@ -19,12 +19,15 @@ def evaluated(tiny_run):
 
 def test_report_files_and_keys(evaluated) -> None:
     report, out = evaluated
-    for name in ("report.json", "report.md", "metrics_vs_w.png", "speed.png", "samples_side_by_side.png"):
+    for name in ("report.json", "report.md", "metrics_vs_w.png", "speed.png", "samples_side_by_side.png",
+                 "grid_w0.png", "grid_w2.png"):
         assert (out / name).is_file(), name
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["ws"] == [0.0, 2.0]
-    assert on_disk["models"]["teacher"]["passes"] == 2 and on_disk["models"]["student"]["passes"] == 1
-    for model in ("teacher", "student"):
+    # by default: the two-pass teacher, the stage-one student and every progressive round, each at its own steps
+    assert {m: (r["passes"], r["steps"]) for m, r in on_disk["models"].items()} == {
+        "teacher": (2, 4), "student_4step": (1, 4), "student_2step": (1, 2)}
+    for model in ("teacher", "student_4step", "student_2step"):
         for w in ("0.0", "2.0"):
             m = on_disk["models"][model]["per_w"][w]
             assert m["fd"] >= 0 and 0 <= m["accuracy"] <= 1
@@ -34,8 +37,10 @@ def test_report_files_and_keys(evaluated) -> None:
 
 def test_samples_are_saved_and_agreement_is_recomputable(evaluated) -> None:
     report, out = evaluated
-    t = np.load(out / "samples" / "teacher_w2.npz")
-    s = np.load(out / "samples" / "student_w2.npz")
+    assert {p.name for p in (out / "samples").iterdir()} == {
+        f"{m}_{n}step_w{w}.npz" for m, n in (("teacher", 4), ("student", 4), ("student", 2)) for w in (0, 2)}
+    t = np.load(out / "samples" / "teacher_4step_w2.npz")
+    s = np.load(out / "samples" / "student_4step_w2.npz")
     assert t["images"].shape == (20, 8, 8, 1) and t["images"].dtype == np.uint8
     np.testing.assert_array_equal(t["labels"], s["labels"])
     # the saved uint8 images give back the reported student-vs-teacher MSE (up to rounding)

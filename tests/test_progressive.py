@@ -210,19 +210,49 @@ def test_evaluate_teacher_against_several_students(progressive_run: Path, tmp_pa
     assert report["speedup"] == report["models"]["s4"]["speed"]["speedup"] > 0
     text = (run / "evaluate" / "report.md").read_text()
     assert "| w | teacher FD |" in text and "| s4 (4) |" in text and "| p2 (2) |" in text
-    assert np.load(run / "evaluate" / "samples" / "p2_w2.npz")["steps"] == 2
+    assert np.load(run / "evaluate" / "samples" / "p2_2step_w2.npz")["steps"] == 2
 
 
-def test_eval_students_spec(tmp_path: Path) -> None:
+def test_eval_students_spec(tiny_run: Path, tmp_path: Path) -> None:
     from distill.jobs.evaluate import student_specs
 
-    assert student_specs(compose_cfg(tmp_path)) == [("student", None, 3)]  # default: the run's student
-    assert student_specs(compose_cfg(tmp_path, "eval.student=/a.safetensors")) == [("student", Path("/a.safetensors"), 3)]
-    specs = student_specs(compose_cfg(tmp_path, "eval.students=[{name:s,steps:8},{name:p,path:/p.safetensors}]"))
-    assert specs == [("s", None, 8), ("p", Path("/p.safetensors"), None)]
-    for bad in ("eval.students=[{name:teacher}]", "eval.students=[{name:a},{name:a}]", "eval.students=[a]",
-                "eval.students=[{name:a,step:4}]", "eval.students=[{name:a,steps:0}]"):
-        with pytest.raises(UserError):
-            student_specs(compose_cfg(tmp_path, bad))
-    with pytest.raises(UserError):
-        student_specs(compose_cfg(tmp_path, "eval.student=/a", "eval.students=[{name:a}]"))
+    data = load_data(compose_cfg(tiny_run).data)
+    rounds = tiny_run / "progressive"
+    # default: the run's stage-one student at the sampler's steps, then every progressive round
+    assert student_specs(compose_cfg(tiny_run), data) == [
+        ("student_4step", None, 4), ("student_2step", rounds / "steps_2" / "checkpoint.safetensors", 2)]
+    assert student_specs(compose_cfg(tiny_run, "eval.progressive=false"), data) == [("student_4step", None, 4)]
+    one = tiny_run / "student" / "checkpoint.safetensors"
+    assert student_specs(compose_cfg(tmp_path, f"eval.student={one}"), data) == [("student", one, 4)]
+    specs = student_specs(compose_cfg(tmp_path, f"eval.students=[{{name:s,steps:8}},{{name:p,path:'{one}'}}]"), data)
+    assert specs == [("s", None, 8), ("p", one, None)]
+    for bad, message in (("eval.students=[{name:teacher}]", "unique name"), ("eval.students=[{name:a},{name:a}]", "unique"),
+                         ("eval.students=[a]", "mapping"), ("eval.students=[{name:a,step:4}]", "mapping"),
+                         ("eval.students=[{name:a,steps:0}]", "must be >= 1"),
+                         ("eval.students=[{name:'../x'}]", "used in file names"),
+                         ("eval.students=[{name:a,path:/absent.safetensors}]", "checkpoint not found: /absent"),
+                         ("eval.student=/a.safetensors", "checkpoint not found: /a.safetensors"),
+                         (f"eval.student={one}", "not both")):
+        extra = ("eval.students=[{name:a}]",) if message == "not both" else ()
+        with pytest.raises(UserError, match=message):
+            student_specs(compose_cfg(tmp_path, bad, *extra), data)
+    shutil.copytree(tiny_run / "student", tmp_path / "student")  # a run without its progressive rounds
+    with pytest.raises(UserError, match="progressive round of 2 steps not found.*eval.progressive=false"):
+        student_specs(compose_cfg(tmp_path), data)
+
+
+def test_rounds_of_another_stage_one_student_are_refused(tiny_run: Path, tmp_path: Path) -> None:
+    """A run whose stage-one student was retrained keeps rounds made from the old one: every consumer refuses them."""
+    from distill.jobs.distill import run_distill
+    from distill.jobs.evaluate import run_evaluate
+    from distill.jobs.publish import run_publish
+
+    for stage in ("teacher", "progressive"):
+        shutil.copytree(tiny_run / stage, tmp_path / stage)
+    run_distill(compose_cfg(tmp_path, "seed=1"))  # another stage-one student
+    round_file = tmp_path / "progressive" / "steps_2" / "checkpoint.safetensors"
+    before = round_file.read_bytes()
+    for job in (run_progressive, run_evaluate, run_publish):
+        with pytest.raises(UserError, match="was distilled from another stage-one student"):
+            job(compose_cfg(tmp_path, "eval.num_samples=4"))
+    assert round_file.read_bytes() == before and not (tmp_path / "bundle").exists()

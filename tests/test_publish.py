@@ -27,14 +27,15 @@ from student.loading import load_student
 from teacher.guidance import ConditionalPrediction
 from distill.jobs.common import guided_samples
 
-FILES = {"config.json", "model.safetensors", "model.mindir", "README.md", "samples.png", "manifest.json"}
+FILES = {"config.json", "model.safetensors", "model_4step.safetensors", "model.mindir", "README.md", "samples.png",
+         "manifest.json"}
 
 
 @pytest.fixture(scope="module")
 def bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Published from a private copy of the run's checkpoints (other tests add an evaluation to tiny_run)."""
     run = tmp_path_factory.mktemp("published")
-    for stage in ("teacher", "student"):
+    for stage in ("teacher", "student", "progressive"):
         shutil.copytree(tiny_run / stage, run / stage)
     dest = run / "bundle"
     assert publish.run_publish(compose_cfg(run, f"publish.dir={dest}")) == dest
@@ -47,7 +48,7 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 
 def test_bundle_is_complete_and_self_describing(bundle: Path) -> None:
     assert {p.name for p in bundle.iterdir()} == FILES
-    assert sorted(p.name for p in bundle.parent.iterdir()) == ["bundle", "student", "teacher"]  # no temp folders
+    assert sorted(p.name for p in bundle.parent.iterdir()) == ["bundle", "progressive", "student", "teacher"]
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert set(manifest["files"]) == FILES - {"manifest.json"}
     for name, entry in manifest["files"].items():
@@ -69,11 +70,32 @@ def test_import_student_is_cheap() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
+def test_default_variant_is_the_last_progressive_round(bundle: Path, tiny_run: Path) -> None:
+    """The bundle samples with the few-step round by default, at its steps; the stage-one student is one argument away."""
+    cfg = compose_cfg(tiny_run)
+    data = load_data(cfg.data)
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["default_variant"] == "2step" and config["sampler"]["num_steps"] == 2
+    assert config["variants"]["4step"] == {"weights": "model_4step.safetensors", "num_steps": 4, "stage": "distill"}
+    model = from_pretrained(bundle)
+    assert model.settings().num_steps == 2
+    round_net, _ = load_student(cfg, data, tiny_run / "progressive" / "steps_2" / "checkpoint.safetensors")
+    loaded = dict(model.net.parameters_and_names())
+    for name, p in round_net.parameters_and_names():
+        np.testing.assert_array_equal(loaded[name].asnumpy(), p.asnumpy(), err_msg=name)
+    predict = jit_predictor(ConditionalPrediction(round_net))
+    expected, labels = guided_samples(predict, data, cfg, 2.0, 6, 1, model.settings())
+    np.testing.assert_array_equal(model.sample(labels, 2.0, seed=1, batch_size=int(cfg.sampler.batch_size)), expected)
+    with pytest.raises(UserError, match="no variant '8step' .*it has: 4step, 2step"):
+        from_pretrained(bundle, variant="8step")
+
+
 def test_from_pretrained_samples_bit_identical_to_in_memory_student(bundle: Path, tiny_run: Path) -> None:
     cfg = compose_cfg(tiny_run)
     data = load_data(cfg.data)
     net, _ = load_student(cfg, data)
-    model = from_pretrained(bundle)
+    model = from_pretrained(bundle, variant="4step")
+    assert model.settings().num_steps == 4
     loaded = dict(model.net.parameters_and_names())
     for name, p in net.parameters_and_names():
         np.testing.assert_array_equal(loaded[name].asnumpy(), p.asnumpy(), err_msg=name)

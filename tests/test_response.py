@@ -52,7 +52,7 @@ def test_response_job_writes_a_report(tiny_run) -> None:
     report = run_response(compose_cfg(tiny_run, "response.ws=[0.5,2.0]", "response.num_images=16"))
     on_disk = json.loads((tiny_run / "response" / "response.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
-    assert report["num_images"] == 16 and len(report["rows"]) == 3  # sampler.num_steps=3 in the tiny config
+    assert report["num_images"] == 16 and len(report["rows"]) == 4  # sampler.num_steps=4 in the tiny config
     assert all(np.isfinite(r["effective_w"]["2.0"]) for r in report["rows"])
     assert "## Effective w" in (tiny_run / "response" / "response.md").read_text()
 

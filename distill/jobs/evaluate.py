@@ -10,6 +10,7 @@ each student of ``eval.students`` at its own (e.g. progressive rounds at 8 and 4
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +27,11 @@ from distill.core.images import save_side_by_side_png, save_samples_npz
 from distill.core.metrics import accuracy, frechet_distance, mean_psnr, mse
 from distill.core.report import write_evaluation_report
 from distill.core.sampling import jit_predictor
-from distill.jobs.common import evaluation_classifier
+from distill.jobs.common import evaluation_classifier, guided_samples
+from student.loading import load_student
+from student.progressive import verified_rounds
+from teacher.guidance import ConditionalPrediction, GuidedPrediction
+from teacher.loading import load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +49,32 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def student_specs(cfg: DictConfig) -> list[tuple[str, Path | None, int | None]]:
+def default_student_specs(cfg: DictConfig, data: ImageData) -> list[tuple[str, Path | None, int | None]]:
+    """The run's one-pass students: stage one at ``sampler.num_steps``, then (``eval.progressive``)
+    every round of the progressive plan at its own steps, each checked to descend from that student."""
+    specs: list[tuple[str, Path | None, int | None]] = []
+    steps = int(cfg.sampler.num_steps)
+    specs.append((f"student_{steps}step", None, steps))
+    if cfg.eval.get("progressive", True):
+        for n, path in verified_rounds(cfg, data):
+            specs.append((f"student_{n}step", path, n))
+    return specs
+
+
+def student_specs(cfg: DictConfig, data: ImageData) -> list[tuple[str, Path | None, int | None]]:
     """(name, checkpoint or None = the run's student, steps or None = its own) for each one-pass student.
 
-    ``eval.students`` lists {name, path, steps}; empty means the run's student (or ``eval.student``)
-    at ``sampler.num_steps``. A listed student without steps uses the ``sampling_steps`` it was
-    distilled for (progressive rounds), else ``sampler.num_steps``.
+    ``eval.student`` (one path) or ``eval.students`` ({name, path, steps} each) name them; neither
+    means :func:`default_student_specs`. A listed student without steps uses the ``sampling_steps``
+    it was distilled for (progressive rounds), else ``sampler.num_steps``.
     """
     listed = cfg.eval.get("students") or []
-    if not listed:
-        path = Path(str(cfg.eval.student)) if cfg.eval.get("student") else None
-        return [("student", path, int(cfg.sampler.num_steps))]
-    if cfg.eval.get("student"):
+    if cfg.eval.get("student") and listed:
         raise UserError("set eval.student (one student) or eval.students (several), not both")
+    if cfg.eval.get("student"):
+        return [("student", checked_path(str(cfg.eval.student), "eval.student"), int(cfg.sampler.num_steps))]
+    if not listed:
+        return default_student_specs(cfg, data)
     specs: list[tuple[str, Path | None, int | None]] = []
     for entry in listed:
         keys = set(entry) if hasattr(entry, "keys") else set()
@@ -64,33 +82,42 @@ def student_specs(cfg: DictConfig) -> list[tuple[str, Path | None, int | None]]:
         if not name or name == "teacher" or name in [n for n, _, _ in specs] or keys - {"name", "path", "steps"}:
             raise UserError(f"eval.students: each entry is a mapping {{name, path, steps}} with a unique name "
                             f"other than 'teacher', got {entry}")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+            raise UserError(f"eval.students: name {name!r} is used in file names: letters, digits, _ . - only")
         steps = entry.get("steps")
         if steps is not None and int(steps) < 1:
             raise UserError(f"eval.students: steps of '{name}' must be >= 1, got {steps}")
-        specs.append((name, Path(str(entry["path"])) if entry.get("path") else None,
-                      None if steps is None else int(steps)))
+        path = checked_path(str(entry["path"]), f"eval.students '{name}'") if entry.get("path") else None
+        specs.append((name, path, None if steps is None else int(steps)))
     return specs
+
+
+def checked_path(path: str, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{what}: checkpoint not found: {p}")
+    return p
 
 
 def evaluation_models(cfg: DictConfig, data: ImageData) -> dict[str, tuple[Any, int]]:
     """name -> (prediction cell, sampling steps): the two-pass teacher, then the one-pass student(s)."""
-    from student.loading import load_student
-    from teacher.guidance import ConditionalPrediction, GuidedPrediction
-    from teacher.loading import load_teacher
-
     teacher_steps = cfg.eval.get("teacher_steps")
     models = {"teacher": (GuidedPrediction(load_teacher(cfg, data)),
                           int(cfg.sampler.num_steps if teacher_steps is None else teacher_steps))}
-    for name, path, steps in student_specs(cfg):
+    for name, path, steps in student_specs(cfg, data):
         student, meta = load_student(cfg, data, path)
         models[name] = (ConditionalPrediction(student),
                         int(steps or meta.get("sampling_steps") or cfg.sampler.num_steps))
     return models
 
 
+def sample_stem(name: str, steps: int) -> str:
+    """File-name stem of a model's samples: ``teacher_16step``, ``student_4step`` (steps added once)."""
+    return name if re.search(rf"_{steps}step$", name) else f"{name}_{steps}step"
+
+
 def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     from tensorboardX import SummaryWriter
-    from distill.jobs.common import guided_samples
 
     data = load_data(cfg.data)
     out = build.run_dir(cfg) / "evaluate"
@@ -118,7 +145,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     rows: list[tuple[str, np.ndarray]] = []
     samples_dir = out / "samples"
     for w in ws:
-        images = {}
+        images, grid_rows = {}, []
         for name, predict in predictors.items():
             (imgs, labels), dt = timed(lambda: guided_samples(predict, data, cfg, w, n, seed, settings[name]))
             seconds[name] += dt
@@ -128,9 +155,12 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
             if name != "teacher":  # student-vs-teacher agreement on the same noise
                 metrics.update(psnr=mean_psnr(imgs, images["teacher"]), mse=float(mse(imgs, images["teacher"]).mean()))
             report["models"][name]["per_w"][str(w)] = metrics
-            save_samples_npz(samples_dir / f"{name}_w{w:g}.npz", imgs, labels, w=w, model=name,
-                             steps=settings[name].num_steps)
-            rows.append((f"{name} ({settings[name].num_steps} steps) w={w:g}", imgs[: 2 * data.num_classes]))
+            steps = settings[name].num_steps
+            save_samples_npz(samples_dir / f"{sample_stem(name, steps)}_w{w:g}.npz", imgs, labels, w=w, model=name,
+                             steps=steps)
+            grid_rows.append((f"{name} ({steps} steps)", imgs[: 2 * data.num_classes]))
+            rows.append((f"{name} ({steps} steps) w={w:g}", imgs[: 2 * data.num_classes]))
+        save_side_by_side_png(grid_rows, out / f"grid_w{w:g}.png")  # the models side by side on the same noise
         first = report["models"][students[0]]["per_w"][str(w)]
         report["agreement"][str(w)] = {"psnr": first["psnr"], "mse": first["mse"]}
         log.info("evaluate: w=%g %s", w, "  ".join(

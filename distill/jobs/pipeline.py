@@ -1,7 +1,7 @@
-"""``task=pipeline``: teacher -> distill -> evaluate -> bench -> publish, each resumable.
+"""``task=pipeline``: teacher -> distill -> progressive -> evaluate -> bench -> publish, each resumable.
 
-Training stages resume from their checkpoints; report stages are skipped when their
-output is newer than the checkpoints they were made from. The time of every stage goes
+Training stages resume from their checkpoints (finished ones are skipped); report stages are
+skipped when their output is newer than the student checkpoints they were made from. The time of every stage goes
 to ``<run>/pipeline.json``.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from omegaconf import DictConfig
 from distill.core import build
 from distill.core.report import write_json
 from distill.core.runtime import is_main
+from student.loading import student_checkpoint_path
+from student.progressive import round_checkpoint_path, round_plan
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ def stages(cfg: DictConfig) -> list[tuple[str, Callable[[DictConfig], Any], list
     from distill.jobs.bench import run_bench
     from distill.jobs.distill import run_distill
     from distill.jobs.evaluate import run_evaluate
+    from distill.jobs.progressive import run_progressive
     from distill.jobs.publish import run_publish
     from distill.jobs.teacher import run_teacher
 
@@ -46,20 +49,26 @@ def stages(cfg: DictConfig) -> list[tuple[str, Callable[[DictConfig], Any], list
     return [
         ("teacher", run_teacher, []),
         ("distill", run_distill, []),
+        ("progressive", run_progressive, []),
         ("evaluate", _main_rank_only(run_evaluate), [run / "evaluate" / "report.json"]),
         ("bench", _main_rank_only(run_bench), [run / "bench" / "bench.json"]),
         ("publish", _main_rank_only(run_publish), [bundle / "manifest.json"]),
     ]
 
 
-def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
-    from student.loading import student_checkpoint_path
+def student_checkpoints(cfg: DictConfig) -> list[Path]:
+    """The checkpoints the report stages are made from: stage one and every progressive round."""
+    plan = round_plan(int(cfg.progressive.start_steps), int(cfg.progressive.min_steps))
+    return [student_checkpoint_path(cfg)] + [round_checkpoint_path(cfg, n) for n in plan]
 
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     run = build.run_dir(cfg)
+    inputs = student_checkpoints(cfg)  # also checks the progressive plan before any training
     timings: dict[str, Any] = {}
     t_all = time.perf_counter()
     for name, job, outputs in stages(cfg):
-        if outputs and is_fresh(outputs, [student_checkpoint_path(cfg)]):
+        if outputs and is_fresh(outputs, inputs):
             log.info("pipeline: %s is up to date (%s), skipped", name, outputs[0])
             timings[name] = "skipped"
             continue

@@ -17,11 +17,11 @@ from distill.core.errors import UserError
 from distill.core.fileio import atomic_write
 from distill.core.runtime import is_main
 from distill.core.sampling import jit_predictor
-from distill.core.training import Trainer, copy_weights
+from distill.core.training import Trainer, copy_weights, weights_digest
 from student.distill import describe_w, w_distribution
-from student.loading import load_student, student_checkpoint_path
+from student.loading import load_student
 from student.progressive import (finished_round, progressive_batches, progressive_dir, round_checkpoint_path,
-                                 round_meta, round_plan)
+                                 round_meta, round_plan, source_checkpoint)
 from teacher.guidance import ConditionalPrediction
 from teacher.objective import regression_loss
 from teacher.unet import UNet
@@ -38,8 +38,9 @@ def run_progressive(cfg: DictConfig) -> Path:
     schedule, prediction = str(cfg.diffusion.schedule), str(cfg.diffusion.prediction)
     dm.output_space_weight(str(p.loss), prediction, np.ones(1), np.ones(1))  # validates the loss name early
     data = load_data(cfg.data)
-    source = Path(str(p.student)).expanduser() if p.get("student") else student_checkpoint_path(cfg)
-    _, source_meta = load_student(cfg, data, source)
+    source = source_checkpoint(cfg)
+    source_net, source_meta = load_student(cfg, data, source)
+    source_digest = weights_digest(source_net)
     for key, want in (("schedule", schedule), ("prediction", prediction)):
         if source_meta.get(key, want) != want:
             raise UserError(f"student {source} was trained with {key}={source_meta[key]} but the config says {want}")
@@ -57,14 +58,15 @@ def run_progressive(cfg: DictConfig) -> Path:
         path = round_checkpoint_path(cfg, num_steps)
         entry: dict[str, Any] = {"round": round_index, "steps": num_steps, "teacher_steps": 2 * num_steps,
                                  "teacher": str(teacher_path), "checkpoint": str(path)}
-        if finished_round(path, settings.steps, source_meta["model"], num_steps):
+        if finished_round(path, settings.steps, source_meta["model"], num_steps, source_digest):
             log.info("progressive: round %d (%d -> %d steps) already done in %s, skipped",
                      round_index, 2 * num_steps, num_steps, path)
             rounds.append(dict(entry, status="skipped"))
             teacher_path = path
             continue
         writer = SummaryWriter(str(build.run_dir(cfg) / "tb" / f"progressive_steps_{num_steps}")) if is_main() else None
-        entry.update(train_round(cfg, data, teacher_path, source_meta, num_steps, round_index, settings, writer))
+        entry.update(train_round(cfg, data, teacher_path, source_meta, source_digest, num_steps, round_index,
+                                 settings, writer))
         rounds.append(entry)
         teacher_path = path
     out = progressive_dir(cfg)
@@ -75,7 +77,7 @@ def run_progressive(cfg: DictConfig) -> Path:
     return teacher_path
 
 
-def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_meta: dict[str, Any],
+def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_meta: dict[str, Any], source_digest: str,
                 num_steps: int, round_index: int, settings: Any, writer: Any) -> dict[str, Any]:
     """One round: a copy of the teacher learns two teacher DDIM steps as one, on the N-step grid."""
     p = cfg.progressive
@@ -88,7 +90,7 @@ def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_met
         str(cfg.diffusion.prediction), str(p.loss), *w_distribution(source_meta),
         bool(p.clip_x0))
     out = round_checkpoint_path(cfg, num_steps).parent
-    meta = round_meta(source_meta, num_steps, round_index, teacher_path, cfg)
+    meta = round_meta(source_meta, num_steps, round_index, teacher_path, source_digest, cfg)
     trainer = Trainer(student, ema, regression_loss, factory, settings, out, meta, writer)
     trainer.try_resume()
     log.info("progressive: round %d, %d -> %d sampling steps, from step %d of %d", round_index, 2 * num_steps,

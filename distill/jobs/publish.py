@@ -4,21 +4,36 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
+from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
 from distill.core.fileio import staged_folder
 from student.bundle import CARD, CONFIG, GRID, MINDIR, WEIGHTS, Pretrained, build_net, save_weights, write_manifest
-from student.publish import bundle_config, bundle_dir, export_mindir, read_report, write_sample_grid
+from student.loading import load_student
+from student.progressive import verified_rounds
+from student.publish import (bundle_config, bundle_dir, export_mindir, read_report, variant_weights,
+                             write_sample_grid)
 
 log = logging.getLogger(__name__)
 
 
+def bundle_students(cfg: DictConfig, data: ImageData, few_step: bool) -> list[tuple[int, Any, dict[str, Any]]]:
+    """(sampling steps, net, metadata) of the students to publish, the bundle's default last: the stage-one
+    student, then (``few_step``) every progressive round, each checked to descend from it."""
+    net, meta = load_student(cfg, data)
+    students = [(int(cfg.sampler.num_steps), net, dict(meta, stage="distill"))]
+    if few_step:
+        for n, path in verified_rounds(cfg, data):
+            net, meta = load_student(cfg, data, path)
+            students.append((n, net, dict(meta, stage=f"progressive round {meta.get('round')}")))
+    return students
+
+
 def run_publish(cfg: DictConfig) -> Path:
-    from distill.core.data import load_data
     from student.card import model_card
-    from student.loading import load_student
 
     p = cfg.publish
     dest, overwrite = bundle_dir(cfg), bool(p.overwrite)
@@ -28,14 +43,17 @@ def run_publish(cfg: DictConfig) -> Path:
         raise UserError(f"{dest} exists and is not a folder")
     if int(p.mindir_batch) < 1:
         raise UserError(f"publish.mindir_batch={p.mindir_batch} must be >= 1")
-    net, meta = load_student(cfg, load_data(cfg.data))
-    config = bundle_config(cfg, net, meta, int(p.mindir_batch))
+    students = bundle_students(cfg, load_data(cfg.data), bool(p.few_step))
+    default_steps, (net, meta) = students[-1][0], students[-1][1:]
+    stages = [(n, m.get("stage", "distill")) for n, _, m in students]
+    config = bundle_config(cfg, net, meta, int(p.mindir_batch), stages, students[0][2])
     card_ws = [float(w) for w in p.card_ws]
     lo, hi = config["guidance"]["w_min"], config["guidance"]["w_max"]
     if not card_ws or any(not lo <= w <= hi for w in card_ws):
         raise UserError(f"publish.card_ws {card_ws} must be a non-empty list inside the student's range [{lo:g}, {hi:g}]")
     with staged_folder(dest, overwrite) as tmp:
-        save_weights(net, tmp / WEIGHTS)
+        for n, student, _ in students:
+            save_weights(student, tmp / variant_weights(n, n == default_steps))
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         model = Pretrained(build_net(config, tmp / WEIGHTS), config, tmp)  # the card's samples come from the files
         export_mindir(model.net, tmp / MINDIR, int(p.mindir_batch))

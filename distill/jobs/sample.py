@@ -44,7 +44,8 @@ def _free_name(folder: Path, stem: str) -> str:
 def run_sample(cfg: DictConfig) -> Path:
     """Sample a published bundle: a PNG grid (one row per class) and an .npz; returns the .npz path."""
     s = cfg.sample
-    model = from_pretrained(Path(str(s.bundle)).expanduser() if s.bundle else build.run_dir(cfg) / "bundle")
+    variant = None if s.get("variant") is None else str(s.variant)
+    model = from_pretrained(Path(str(s.bundle)).expanduser() if s.bundle else build.run_dir(cfg) / "bundle", variant)
     classes = _classes(s.classes, model.class_names)
     per_class = int(s.per_class)
     if per_class < 1:
