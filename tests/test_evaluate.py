@@ -35,7 +35,7 @@ def test_a_model_against_itself(tiny_run, tmp_path) -> None:
     from distill.core.checkpoint import save_checkpoint
     from distill.core.classifier import features_and_predictions
     from distill.core.data import load_data
-    from distill.core.training import net_state
+    from distill.core.weights import net_state
     from distill.jobs.common import evaluation_classifier
     from student.loading import student_meta
     from student.model import student_from_teacher

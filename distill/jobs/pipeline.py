@@ -14,7 +14,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig
 
 from distill.core import build
-from distill.core.report import write_json
+from distill.core.fileio import write_json
 from distill.core.runtime import is_main
 
 log = logging.getLogger(__name__)

@@ -1,15 +1,15 @@
 """``task=publish``: the student as a self-contained bundle (built aside, renamed into place when complete)."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from distill.core.errors import UserError
-from distill.core.fileio import staged_folder
-from student.bundle import CARD, CONFIG, GRID, MINDIR, WEIGHTS, Pretrained, build_net, save_weights, write_manifest
+from distill.core.fileio import json_text, staged_folder
+from distill.core.weights import save_weights
+from student.bundle import CARD, CONFIG, GRID, MINDIR, WEIGHTS, Pretrained, build_net, write_manifest
 from student.publish import bundle_config, bundle_dir, export_mindir, read_report, write_sample_grid
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def run_publish(cfg: DictConfig) -> Path:
         raise UserError(f"publish.card_ws {card_ws} must be a non-empty list inside the student's range [{lo:g}, {hi:g}]")
     with staged_folder(dest, overwrite) as tmp:
         save_weights(net, tmp / WEIGHTS)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json_text(config))
         model = Pretrained(build_net(config, tmp / WEIGHTS), config, tmp)  # the card's samples come from the files
         export_mindir(model.net, tmp / MINDIR, int(p.mindir_batch))
         write_sample_grid(model, tmp / GRID, card_ws)
