@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from distill.core.errors import UserError
-from distill.core.fileio import sha256
+from distill.core.fileio import json_text, sha256
 
 FORMAT = "guidance-distilled-student"
 FORMAT_VERSION = 1
@@ -33,7 +33,7 @@ def write_manifest(folder: Path) -> dict[str, Any]:
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "files": {p.relative_to(folder).as_posix(): {"sha256": sha256(p), "size": p.stat().st_size}
                           for p in files}}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (folder / MANIFEST).write_text(json_text(manifest))
     return manifest
 
 
@@ -67,41 +67,9 @@ def verify_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-# ----------------------------------------------------------------------------- weights
-def save_weights(net: Any, path: Path) -> None:
-    """The net's parameters as safetensors, named relative to ``net``.
-
-    ``Parameter.name`` gains an outer cell's prefix once the net is wrapped (e.g. by
-    ConditionalPrediction), so pass explicit names instead of the Cell itself.
-    """
-    import mindspore as ms
-
-    params = [{"name": name, "data": p} for name, p in net.parameters_and_names()]
-    ms.save_checkpoint(params, str(path), format="safetensors")
-
-
-def load_weights(net: Any, path: Path) -> None:
-    """Load ``model.safetensors`` into a freshly built net; every name and shape must match."""
-    import mindspore as ms
-
-    try:
-        params = ms.load_checkpoint(str(path), format="safetensors")
-    except (ValueError, RuntimeError, OSError) as e:
-        raise UserError(f"cannot read weights {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-    expected = {name: p for name, p in net.parameters_and_names()}
-    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-    if missing or extra:
-        raise UserError(f"weights {path} do not fit the config's UNet (missing {missing[:3]}, unexpected {extra[:3]})")
-    for name, p in expected.items():
-        if tuple(params[name].shape) != tuple(p.shape):
-            raise UserError(f"weights {path}: {name} has shape {tuple(params[name].shape)}, the UNet wants {p.shape}")
-    not_loaded, _ = ms.load_param_into_net(net, {p.name: params[n] for n, p in expected.items()}, strict_load=True)
-    if not_loaded:
-        raise UserError(f"weights {path}: parameters not loaded {not_loaded[:3]}")
-
-
 def build_net(config: dict[str, Any], weights: Path) -> Any:
     """The student UNet described by ``config`` with the weights from ``weights``, in eval mode."""
+    from distill.core.weights import load_weights
     from teacher.unet import UNet, UNetConfig
 
     ucfg = UNetConfig.from_dict(config["model"])

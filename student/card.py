@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from distill.core.report import markdown_table, metrics_table, speed_table
 from student.bundle import GRID, MINDIR, W_CONVENTION
 from student.distill import describe_w
 
@@ -49,20 +50,16 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def markdown_table(rows: list[Row]) -> str:
+def rows_table(rows: list[Row]) -> str:
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
     cols = ["w"] + [c for c in cols if c != "w"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(cols, ([_fmt(r.get(c)) for c in cols] for r in rows))
 
 
 def project_tables(report: dict[str, Any]) -> Optional[str]:
     """The quality and speed tables exactly as ``task=evaluate`` renders them, if the report has that layout."""
-    from distill.core.report import metrics_table, speed_table
-
     try:
         text = f"{metrics_table(report)}\n\n{speed_table(report)}"
     except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError):
@@ -88,7 +85,7 @@ def evaluation_section(report: Optional[dict[str, Any]]) -> str:
     parts = ["From the run's last evaluation (`evaluate/report.json`): student and teacher on the same noise, "
              "classes and w grid."]
     if rows:
-        parts.append(markdown_table(rows))
+        parts.append(rows_table(rows))
     else:
         parts.append(f"The report has no per-w table; its keys are: {', '.join(map(str, report))}.")
     if scalars:

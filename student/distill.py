@@ -13,7 +13,7 @@ import numpy as np
 import mindspore as ms
 
 from distill.core import diffusion as dm
-from distill.core.data import ImageData, iterate_batches
+from distill.core.data import ImageData, step_batches
 from distill.core.errors import UserError
 
 
@@ -84,17 +84,15 @@ def distill_inputs(data: ImageData, batch_size: int, seed: int, start_step: int,
     check_w_range(w_min, w_max, power)
     check_ws_per_input(ws_per_input, batch_size)
     k = ws_per_input
-    stream = iterate_batches(data.train_images, data.train_labels, batch_size // k, seed, start_step)
+    draw = step_batches(data, batch_size // k, seed, start_step, 2)
 
     def make(step: int) -> tuple[np.ndarray, ...]:
-        x, y = next(stream)
-        rng = np.random.default_rng((seed, 2, step))
+        x, y, rng = draw(step)
         n = x.shape[0]
         t = rng.uniform(0.0, 1.0, n).astype(np.float32)
         w = sample_w(rng, n * k, w_min, w_max, power)
         eps = rng.standard_normal(x.shape).astype(np.float32)
-        alpha, sigma = dm.alpha_sigma(dm.logsnr_schedule(schedule, t))
-        z = dm.q_sample(x, eps, alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)).astype(np.float32)
+        z, alpha, sigma = dm.noisy_at(schedule, x, eps, t)
         z, t, y, alpha, sigma = (np.repeat(a, k, axis=0) for a in (z, t, y, alpha, sigma))
         return z, t, y.astype(np.int32), w, alpha, sigma
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from distill.core.errors import UserError
-from distill.core.training import load_net_state, net_state
+from distill.core.weights import load_net_state, net_state
 from teacher.unet import UNet, UNetConfig
 
 

@@ -28,10 +28,11 @@ from omegaconf import DictConfig
 from distill.core import build
 from distill.core import diffusion as dm
 from distill.core.checkpoint import read_meta
-from distill.core.data import ImageData, iterate_batches
+from distill.core.data import ImageData, step_batches
 from distill.core.errors import UserError
 from distill.core.runtime import shard
-from distill.core.training import CHECKPOINT_NAME, weights_digest
+from distill.core.training import CHECKPOINT_NAME
+from distill.core.weights import weights_digest
 from student.distill import check_w_range, sample_w
 from student.loading import load_student, student_checkpoint_path
 
@@ -100,11 +101,10 @@ def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_
     check_w_range(w_min, w_max, w_power)
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
-        stream = iterate_batches(data.train_images, data.train_labels, batch_size, seed, start)
+        draw = step_batches(data, batch_size, seed, start, 3, round_index)
 
         def make(step: int) -> tuple[np.ndarray, ...]:
-            x, y = next(stream)
-            rng = np.random.default_rng((seed, 3, round_index, step))
+            x, y, rng = draw(step)
             b = x.shape[0]
             i = rng.integers(1, num_steps + 1, b)
             w = sample_w(rng, b, w_min, w_max, w_power)
@@ -112,7 +112,7 @@ def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_
             x, y, i, w, eps = shard((x, y, i, w, eps), batch_size)  # this rank's slice (data parallel)
             times = dm.progressive_times(num_steps, i)
             a_t, s_t = dm.grid_alpha_sigma(schedule, times[0])
-            z = dm.q_sample(x, eps, a_t.reshape(-1, 1, 1, 1), s_t.reshape(-1, 1, 1, 1)).astype(np.float32)
+            z = dm.noisy(x, eps, a_t, s_t)
             denoise = teacher_denoiser(predict, y, w, data.num_classes, prediction, clip_x0)
             target, _, _ = dm.two_step_ddim_target(denoise, z, times, schedule, prediction)
             weight = dm.output_space_weight(loss_space, prediction, a_t, s_t)

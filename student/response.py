@@ -21,6 +21,7 @@ import numpy as np
 import mindspore as ms
 
 from distill.core import diffusion as dm
+from distill.core.report import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ def guidance_response(teacher: Callable[..., tuple[ms.Tensor, ms.Tensor]], stude
     rows = []
     for t in times:
         tt = np.full(n, t, np.float32)
-        alpha, sigma = (a.reshape(-1, 1, 1, 1) for a in dm.alpha_sigma(dm.logsnr_schedule(schedule, tt)))
-        z = dm.q_sample(x, eps, alpha, sigma).astype(np.float32)
+        z, alpha, sigma = dm.noisy_at(schedule, x, eps, tt)
+        alpha, sigma = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
         z_t, t_t = ms.Tensor(z), ms.Tensor(tt)
         to_x = lambda out: dm.x0_eps_from_output(z, out.asnumpy(), alpha, sigma, prediction)[0]  # noqa: E731
         cond, uncond = (to_x(o) for o in teacher(z_t, t_t, y_t, ms.Tensor(np.ones(n, np.float32)), y_null))
@@ -66,8 +67,9 @@ def guidance_response(teacher: Callable[..., tuple[ms.Tensor, ms.Tensor]], stude
 
 def response_markdown(rows: list[dict[str, Any]], ws: list[float], num_images: int) -> str:
     def table(title: str, key: str) -> list[str]:
-        lines = [f"## {title}\n", "| t | " + " | ".join(f"w={w:g}" for w in ws) + " |", "|---:|" + "---:|" * len(ws)]
-        return lines + [f"| {r['t']:.4f} | " + " | ".join(f"{r[key][w]:.3f}" for w in ws) + " |" for r in rows]
+        return [f"## {title}\n", markdown_table(["t"] + [f"w={w:g}" for w in ws],
+                                                ([f"{r['t']:.4f}"] + [f"{r[key][w]:.3f}" for w in ws] for r in rows),
+                                                right=True)]
 
     intro = ["# Guidance response of the student\n",
              f"{num_images} held-out images noised to each sampling time. Effective w: the projection of the "

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from distill.core import build
 from distill.core.checkpoint import load_checkpoint
-from distill.core.fileio import atomic_write, sha256
+from distill.core.fileio import sha256, write_json
 from distill.core.errors import UserError
 from student.distill import w_distribution
 from teacher.loading import teacher_checkpoint_path
@@ -56,7 +56,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
+    write_json(folder / MANIFEST, manifest)
 
 
 def shard_ok(folder: Path, shard: dict[str, Any]) -> bool:

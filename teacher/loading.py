@@ -8,10 +8,10 @@ from typing import Any, Mapping
 from omegaconf import DictConfig
 
 from distill.core import build
-from distill.core.checkpoint import read_meta
+from distill.core.checkpoint import CHECKPOINT_NAME, read_meta
 from distill.core.data import ImageData
 from distill.core.errors import UserError
-from distill.core.training import CHECKPOINT_NAME, load_ema_weights
+from distill.core.weights import load_ema_weights
 from teacher.unet import UNet, UNetConfig
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import numpy as np
 import mindspore as ms
 
 from distill.core import diffusion as dm
-from distill.core.data import ImageData, iterate_batches
+from distill.core.data import ImageData, step_batches
 from distill.core.errors import UserError
 from teacher.unet import UNet
 
@@ -35,20 +35,18 @@ def teacher_batch_maker(
     """
     if not 0.0 <= p_uncond < 1.0:
         raise UserError(f"teacher: p_uncond {p_uncond} must be in [0, 1)")
-    stream = iterate_batches(data.train_images, data.train_labels, batch_size, seed, start_step)
+    draw = step_batches(data, batch_size, seed, start_step, 1)
     null_class = data.num_classes
 
     def make(step: int) -> tuple[np.ndarray, ...]:
-        x, y = next(stream)
-        rng = np.random.default_rng((seed, 1, step))
+        x, y, rng = draw(step)
         b = x.shape[0]
         t = rng.uniform(0.0, 1.0, b).astype(np.float32)
         eps = rng.standard_normal(x.shape).astype(np.float32)
         drop = rng.uniform(size=b) < p_uncond
         y = np.where(drop, null_class, y).astype(np.int32)
-        alpha, sigma = dm.alpha_sigma(dm.logsnr_schedule(schedule, t))
+        z, alpha, sigma = dm.noisy_at(schedule, x, eps, t)
         a, s = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
-        z = dm.q_sample(x, eps, a, s).astype(np.float32)
         target = dm.output_from_x0_eps(x, eps, a, s, prediction).astype(np.float32)
         w = np.ones(b, np.float32)  # unused by the teacher's backbone
         weight = np.ones(b, np.float32)

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("GLOG_v", "3")
 
-import mindspore  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -60,3 +60,23 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_distill(cfg)
     run_progressive(cfg)
     return run_dir
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``folder``: tag -> [(step, value), ...].
+
+    Event files are TFRecord streams (length, length CRC, an ``Event`` protobuf, data CRC).
+    """
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(folder).rglob("events.out.tfevents.*")):
+        raw, pos = path.read_bytes(), 0
+        while pos + 12 <= len(raw):
+            (length,) = struct.unpack("<Q", raw[pos:pos + 8])
+            event = Event.FromString(raw[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+    return scalars

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import compose_cfg
+from conftest import compose_cfg, tensorboard_scalars
 from distill.jobs.bench import run_bench, speedup, spread, summarize
 from distill.core.errors import UserError
 
@@ -41,6 +42,7 @@ def test_speedup_ratio_of_medians_and_paired() -> None:
 
 
 def test_tiny_bench_writes_reports(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = tensorboard_scalars(tiny_run / "tb")
     path = run_bench(compose_cfg(tiny_run, *TINY_BENCH))
     out = tiny_run / "bench"
     assert path == out / "bench.json"
@@ -56,11 +58,18 @@ def test_tiny_bench_writes_reports(tiny_run: Path, capsys: pytest.CaptureFixture
         assert len(row[model]["seconds"]) == 2
         for key in ("seconds_per_image", "images_per_s", "ms_per_step"):
             assert {"median", "min", "max", "iqr"} <= set(row[model][key])
-    assert row["speedup"]["median_ratio"] > 0
+    t_med, s_med = (float(np.median(row[m]["seconds"])) for m in ("teacher", "student"))
+    assert row["speedup"]["median_ratio"] == pytest.approx(t_med / s_med)  # from the timings it reports
+    assert row["student"]["ms_per_step"]["median"] == pytest.approx(1000 * s_med / 2)
     table = (out / "bench.md").read_text()
     assert "| batch | steps | teacher ms/step | student ms/step | teacher img/s | student img/s | speed-up |" in table
     assert table.splitlines()[-1] in capsys.readouterr().out
-    assert any((tiny_run / "tb").iterdir())
+    # the run's TensorBoard log gains the bench's scalars, with the values of the report
+    added = {tag: v for tag, v in tensorboard_scalars(tiny_run / "tb").items()
+             if tag.startswith("bench/") and len(v) > len(before.get(tag, []))}
+    assert added, "no bench scalars written to TensorBoard"
+    speedups = [v[-1] for tag, v in added.items() if "speedup" in tag]
+    assert speedups and speedups[-1][1] == pytest.approx(row["speedup"]["median_ratio"], rel=1e-6)
 
 
 def test_other_student_and_fixed_teacher_steps(tiny_run: Path, tmp_path: Path) -> None:

@@ -110,7 +110,8 @@ def _random_student(seed: int = 0) -> UNet:
 
 @pytest.mark.slow
 def test_progressive_loss_falls(tmp_path: Path) -> None:
-    from distill.core.training import Trainer, TrainSettings, copy_weights
+    from distill.core.training import Trainer, TrainSettings
+    from distill.core.weights import copy_weights
     from teacher.objective import regression_loss
 
     data = load_data({"name": "digits", "max_train": 64})

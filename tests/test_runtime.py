@@ -13,7 +13,8 @@ from distill.core.data import load_data
 from distill.core.errors import UserError
 from distill.core import runtime
 from distill.core.runtime import Runtime, check_jit_options, setup_from_config, setup_runtime
-from distill.core.training import Trainer, TrainSettings, net_state
+from distill.core.training import Trainer, TrainSettings
+from distill.core.weights import net_state
 from teacher.objective import regression_loss, teacher_batch_maker
 from teacher.unet import UNet, UNetConfig
 

@@ -213,7 +213,7 @@ def test_the_lr_schedule_reaches_the_distillation_step(tiny_run, tmp_path) -> No
     import sys
 
     from conftest import TINY
-    from distill.core.training import net_state
+    from distill.core.weights import net_state
 
     def moved(name: str, *overrides: str) -> float:
         run = tmp_path / name

@@ -10,7 +10,8 @@ import pytest
 from conftest import compose_cfg
 from distill.core.data import load_data
 from distill.core.errors import UserError
-from distill.core.training import CHECKPOINT_NAME, Trainer, net_state
+from distill.core.training import CHECKPOINT_NAME, Trainer
+from distill.core.weights import net_state
 from teacher.guidance import ConditionalPrediction, GuidedPrediction
 from teacher.loading import load_teacher
 from distill.jobs.teacher import run_teacher

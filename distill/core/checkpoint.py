@@ -1,6 +1,6 @@
 """Training checkpoints: one safetensors file (no pickle) with a JSON metadata header.
 
-Writes are atomic (:func:`distill.fileio.atomic_write`), so a crash or a full disk never
+Writes are atomic (:func:`distill.core.fileio.atomic_write`), so a crash or a full disk never
 leaves a half-written checkpoint in place of the last good one.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from safetensors import safe_open
 
 from distill.core.errors import UserError
 from distill.core.fileio import atomic_write
+
+CHECKPOINT_NAME = "checkpoint.safetensors"  # a training run's checkpoint inside its output folder
 
 
 def save_checkpoint(path: Path, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:

@@ -7,7 +7,6 @@ fingerprint and its held-out accuracy, so every evaluation uses the same yardsti
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -20,7 +19,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from distill.core.errors import UserError
-from distill.core.fileio import atomic_write
+from distill.core.fileio import atomic_write, digest, write_json
 from distill.core.metrics import accuracy
 
 log = logging.getLogger(__name__)
@@ -188,10 +187,7 @@ def classifier_accuracy(
 
 def _fingerprint(data: ClassifierData) -> str:
     """Short hash of the training images and labels: a cached classifier must match its data."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(np.asarray(data.train_images, np.float32)).tobytes())
-    h.update(np.ascontiguousarray(np.asarray(data.train_labels, np.int64)).tobytes())
-    return h.hexdigest()[:16]
+    return digest(np.asarray(data.train_images, np.float32), np.asarray(data.train_labels, np.int64))[:16]
 
 
 def _data_desc(shape: Any, num_classes: int, n_train: int, fingerprint: str) -> str:
@@ -269,6 +265,6 @@ def load_or_train_classifier(
         "train_seconds": round(seconds, 2),
     }
     # Sidecar first: the weights file is the "cache exists" marker.
-    atomic_write(_sidecar(path), lambda t: Path(t).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(_sidecar(path), meta)
     atomic_write(path, lambda t: ms.save_checkpoint(net, t, format="safetensors"), ".safetensors")
     return net

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -305,3 +305,20 @@ def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, see
             epoch, offset = epoch + 1, 0
 
     return stream()
+
+
+def step_batches(data: ImageData, batch_size: int, seed: int, start_step: int, *stream: int
+                 ) -> Callable[[int], tuple[np.ndarray, np.ndarray, np.random.Generator]]:
+    """``step -> (x, y, rng)``: the next training batch (:func:`iterate_batches`) and the step's own
+    generator ``default_rng((seed, *stream, step))`` for everything else the step draws (t, noise, w).
+
+    ``stream`` keeps the objectives' draws apart (teacher, distillation, each progressive round), and
+    drawing per step means a resumed run replays exactly the stream an uninterrupted run saw.
+    """
+    batches = iterate_batches(data.train_images, data.train_labels, batch_size, seed, start_step)
+
+    def draw(step: int) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
+        x, y = next(batches)
+        return x, y, np.random.default_rng((seed, *stream, step))
+
+    return draw

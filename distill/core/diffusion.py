@@ -90,6 +90,18 @@ def q_sample(x0: Array, eps: Array, alpha: Array, sigma: Array) -> Array:
     return alpha * x0 + sigma * eps
 
 
+def noisy(x0: np.ndarray, eps: np.ndarray, alpha: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """z_t as float32 for a batch: :func:`q_sample` with per-example ``alpha``, ``sigma`` of shape (B,)."""
+    col = (-1,) + (1,) * (np.ndim(x0) - 1)
+    return q_sample(x0, eps, np.reshape(alpha, col), np.reshape(sigma, col)).astype(np.float32)
+
+
+def noisy_at(schedule: str, x0: np.ndarray, eps: np.ndarray, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z_t, alpha_t, sigma_t) for a batch at per-example times ``t`` of the ``schedule`` (alpha, sigma: (B,))."""
+    alpha, sigma = alpha_sigma(logsnr_schedule(schedule, t))
+    return noisy(x0, eps, alpha, sigma), alpha, sigma
+
+
 def x0_from_eps(z: Array, eps: Array, alpha: Array, sigma: Array) -> Array:
     """x0 = (z - sigma * eps) / alpha."""
     return (z - sigma * eps) / alpha

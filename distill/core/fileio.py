@@ -1,14 +1,18 @@
-"""Writing files so that a crash or a full disk never leaves a half-written one in place."""
+"""Files: atomic writes (a crash or a full disk never leaves a half-written file in place), JSON and
+text, SHA-256 digests, and folders that appear only when complete."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 from distill.core.errors import UserError
 
@@ -39,11 +43,35 @@ def atomic_write(path: Path, write: Callable[[str], object], suffix: str = ".tmp
     return path
 
 
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (with a final newline) to ``path`` atomically."""
+    return write_text(path, json_text(obj))
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as the project writes JSON files: indented by 2, a final newline."""
+    return json.dumps(obj, indent=2) + "\n"
+
+
 def sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def digest(*parts: bytes | np.ndarray) -> str:
+    """SHA-256 (hex) of byte strings and arrays in order (an array counts as its C-order bytes)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else np.ascontiguousarray(part).tobytes())
     return h.hexdigest()
 
 

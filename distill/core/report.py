@@ -1,27 +1,39 @@
-"""Evaluation reports: JSON for machines, Markdown for people, PNG plots, TensorBoard scalars."""
+"""Reports: Markdown tables for people, PNG plots, and the evaluation report (JSON, Markdown, PNG, TensorBoard)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from distill.core.fileio import atomic_write  # noqa: E402
+from distill.core.fileio import atomic_write, write_json, write_text
 
 
-def write_text(path: Path, text: str) -> Path:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return path
+# ----------------------------------------------------------------------------- shared helpers
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], right: bool = False) -> str:
+    """A Markdown table of already formatted cells (no final newline); ``right`` aligns every column right."""
+    sep = "---:" if right else "---"
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + f"{sep}|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
-def write_json(path: Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (imported on first use: it is slow to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
+    """Lay out ``fig``, write it as PNG to ``path`` atomically, close it."""
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    pyplot().close(fig)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- the evaluation report
 def student_names(report: dict[str, Any]) -> list[str]:
     """The one-pass students of a report, in evaluation order (everything but the teacher)."""
     return [name for name in report["models"] if name != "teacher"]
@@ -38,29 +50,29 @@ def _label(name: str, model: dict[str, Any]) -> str:
 
 def metrics_table(report: dict[str, Any]) -> str:
     """The per-w table: one row per w and student, beside the teacher at the same w."""
-    lines = ["| w | teacher FD | student FD | FD ratio | teacher acc | student acc | acc diff (pts) "
-             "| PSNR s-vs-t (dB) | student (steps) |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for w in report["ws"]:
         t = report["models"]["teacher"]["per_w"][str(w)]
         for name in student_names(report):
             s = report["models"][name]["per_w"][str(w)]
             psnr = s["psnr"] if "psnr" in s else report["agreement"][str(w)]["psnr"]  # older reports: one student
             ratio = s["fd"] / t["fd"] if t["fd"] > 0 else float("inf")
-            lines.append(f"| {w:g} | {t['fd']:.3f} | {s['fd']:.3f} | {ratio:.2f} | {t['accuracy']:.3f} | "
-                         f"{s['accuracy']:.3f} | {100 * (s['accuracy'] - t['accuracy']):+.1f} | {psnr:.1f} | "
-                         f"{_label(name, report['models'][name])} |")
-    return "\n".join(lines)
+            rows.append([f"{w:g}", f"{t['fd']:.3f}", f"{s['fd']:.3f}", f"{ratio:.2f}", f"{t['accuracy']:.3f}",
+                         f"{s['accuracy']:.3f}", f"{100 * (s['accuracy'] - t['accuracy']):+.1f}", f"{psnr:.1f}",
+                         _label(name, report["models"][name])])
+    return markdown_table(["w", "teacher FD", "student FD", "FD ratio", "teacher acc", "student acc",
+                           "acc diff (pts)", "PSNR s-vs-t (dB)", "student (steps)"], rows)
 
 
 def speed_table(report: dict[str, Any]) -> str:
-    lines = ["| model | steps | passes/step | net evals/image | s/image | images/s | speed-up vs teacher |",
-             "|---|---|---|---|---|---|---|"]
+    rows = []
     for name, m in report["models"].items():
         sp = m["speed"]
         up = f"{sp['speedup']:.2f}x" if "speedup" in sp else ""
-        lines.append(f"| {name} | {_steps(m)} | {m['passes']} | {sp['network_evals_per_image']} | "
-                     f"{sp['seconds_per_image']:.4f} | {sp['images_per_s']:.1f} | {up} |")
-    return "\n".join(lines)
+        rows.append([name, _steps(m), m["passes"], sp["network_evals_per_image"], f"{sp['seconds_per_image']:.4f}",
+                     f"{sp['images_per_s']:.1f}", up])
+    return markdown_table(["model", "steps", "passes/step", "net evals/image", "s/image", "images/s",
+                           "speed-up vs teacher"], rows)
 
 
 def speedup_lines(report: dict[str, Any]) -> str:
@@ -105,7 +117,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plot_metrics(report: dict[str, Any], path: Path) -> Path:
     ws = report["ws"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    fig, axes = pyplot().subplots(1, 3, figsize=(12, 3.5))
     for name, m in report["models"].items():
         axes[0].plot(ws, [m["per_w"][str(w)]["fd"] for w in ws], marker="o", label=name)
         axes[1].plot(ws, [m["per_w"][str(w)]["accuracy"] for w in ws], marker="o", label=name)
@@ -117,24 +129,17 @@ def plot_metrics(report: dict[str, Any], path: Path) -> Path:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_speed(report: dict[str, Any], path: Path) -> Path:
     names = list(report["models"])
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names)), 3.5))
+    fig, ax = pyplot().subplots(figsize=(max(5, 1.2 * len(names)), 3.5))
     ax.bar([f"{n}\n{_steps(report['models'][n])} steps" for n in names],
            [report["models"][n]["speed"]["images_per_s"] for n in names], color=[f"C{i}" for i in range(len(names))])
     ax.set_ylabel("images / s")
     ax.set_title("sampling speed (same batch)")
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_evaluation_report(report: dict[str, Any], out: Path, writer: Any = None) -> None:

@@ -6,7 +6,6 @@ run is one full :func:`distill.sampling.sample` call. :func:`summarize` holds th
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -18,9 +17,10 @@ import numpy as np
 from omegaconf import DictConfig
 
 from distill.core import build
-from distill.core.fileio import atomic_write
+from distill.core.fileio import write_json, write_text
 from distill.core.data import load_data
 from distill.core.errors import UserError
+from distill.core.report import markdown_table, pyplot, save_figure
 from distill.core.sampling import jit_predictor, sample
 
 log = logging.getLogger(__name__)
@@ -152,42 +152,38 @@ def run_bench(cfg: DictConfig) -> Path:
               "student_kind": student_meta.get("kind"), "speedup_definition": "teacher seconds / student seconds",
               "results": results}
     out = build.run_dir(cfg) / "bench"
-    table = markdown_table(report)
-    atomic_write(out / "bench.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
-    atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(table))
-    atomic_write(out / "bench.png", lambda tmp: plot(report, tmp))
+    table = bench_markdown(report)
+    write_json(out / "bench.json", report)
+    write_text(out / "bench.md", table)
+    plot(report, out / "bench.png")
     write_tensorboard(report, build.run_dir(cfg) / "tb")
     print(table)
     return out / "bench.json"
 
 
 # ----------------------------------------------------------------------------- reports
-def markdown_table(report: dict[str, Any]) -> str:
+def bench_markdown(report: dict[str, Any]) -> str:
     m, o = report["machine"], report["options"]
-    lines = ["# Sampling speed: one-pass student vs two-pass CFG teacher\n",
-             f"{m['device']} / {m['platform']} / {m['cpu_count']} CPUs / MindSpore {m['mindspore']}; "
-             f"load average {m['load_average_1_5_15']} before, {m['load_average_after']} after. "
-             f"Medians of {o['repeats']} interleaved runs (spread in bench.json); speed-up = teacher time / "
-             f"student time per image.\n",
-             "| batch | steps | teacher ms/step | student ms/step | teacher img/s | student img/s | speed-up |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for r in report["results"]:
         t, s = r["teacher"], r["student"]
         steps = str(r["steps"]) if t["steps"] == s["steps"] else f"{s['steps']} (teacher {t['steps']})"
-        lines.append(f"| {r['batch']} | {steps} | {t['ms_per_step']['median']:.2f} | {s['ms_per_step']['median']:.2f}"
-                     f" | {t['images_per_s']['median']:.1f} | {s['images_per_s']['median']:.1f}"
-                     f" | {r['speedup']['median_ratio']:.2f}x |")
-    return "\n".join(lines) + "\n"
+        rows.append([r["batch"], steps, f"{t['ms_per_step']['median']:.2f}", f"{s['ms_per_step']['median']:.2f}",
+                     f"{t['images_per_s']['median']:.1f}", f"{s['images_per_s']['median']:.1f}",
+                     f"{r['speedup']['median_ratio']:.2f}x"])
+    table = markdown_table(["batch", "steps", "teacher ms/step", "student ms/step", "teacher img/s", "student img/s",
+                            "speed-up"], rows, right=True)
+    return "\n".join(["# Sampling speed: one-pass student vs two-pass CFG teacher\n",
+                      f"{m['device']} / {m['platform']} / {m['cpu_count']} CPUs / MindSpore {m['mindspore']}; "
+                      f"load average {m['load_average_1_5_15']} before, {m['load_average_after']} after. "
+                      f"Medians of {o['repeats']} interleaved runs (spread in bench.json); speed-up = teacher time / "
+                      f"student time per image.\n", table]) + "\n"
 
 
-def plot(report: dict[str, Any], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict[str, Any], path: Path) -> Path:
     rows, step_counts = report["results"], report["options"]["step_counts"]
     batches = report["options"]["batch_sizes"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4.2))
     for steps in step_counts:
         sel = [r for r in rows if r["steps"] == steps]
         for model, style in (("teacher", "o--"), ("student", "s-")):
@@ -204,9 +200,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     ax2.set(xticks=np.arange(len(batches)), xticklabels=[str(b) for b in batches], xlabel="batch size",
             ylabel="teacher time / student time", title="Speed-up of the one-pass student")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    return save_figure(fig, path, dpi=110)
 
 
 def write_tensorboard(report: dict[str, Any], tb_dir: Path) -> None:

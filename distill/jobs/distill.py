@@ -1,7 +1,6 @@
 """``task=distill``: train the one-pass student on the two-pass teacher's guided outputs."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from distill.core import build
-from distill.core.fileio import atomic_write
+from distill.core.fileio import write_json
 from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
 from distill.core.runtime import is_main, local_batch_size, shard
@@ -89,7 +88,7 @@ def run_distill(cfg: DictConfig) -> Path:
         ran = trainer.step - start_step
         summary = {"steps": trainer.step, "targets": str(s.targets), "seconds": round(seconds, 1),
                    "seconds_per_step": round(seconds / ran, 4), "first_loss": losses[0], "last_loss": losses[-1]}
-        atomic_write(out / "train_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        write_json(out / "train_summary.json", summary)
         log.info("distill: %d steps in %.1f s (%.3f s/step, %s targets), loss %.4f -> %.4f", ran, seconds,
                  seconds / ran, s.targets, float(np.mean(losses[:20])), float(np.mean(losses[-20:])))
     return out / CHECKPOINT_NAME

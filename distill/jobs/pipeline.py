@@ -14,7 +14,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig
 
 from distill.core import build
-from distill.core.report import write_json
+from distill.core.fileio import write_json
 from distill.core.runtime import is_main
 from student.loading import student_checkpoint_path
 from student.progressive import round_checkpoint_path, round_plan

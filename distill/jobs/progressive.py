@@ -1,7 +1,6 @@
 """``task=progressive``: halve the one-pass student's sampling steps round by round (16 -> 8 -> 4)."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -14,10 +13,11 @@ from distill.core import build
 from distill.core import diffusion as dm
 from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
-from distill.core.fileio import atomic_write
+from distill.core.fileio import write_json
 from distill.core.runtime import is_main
 from distill.core.sampling import jit_predictor
-from distill.core.training import Trainer, copy_weights, weights_digest
+from distill.core.training import Trainer
+from distill.core.weights import copy_weights, weights_digest
 from student.distill import describe_w, w_distribution
 from student.loading import load_student
 from student.progressive import (finished_round, progressive_batches, progressive_dir, round_checkpoint_path,
@@ -73,7 +73,7 @@ def run_progressive(cfg: DictConfig) -> Path:
     summary = {"start_steps": int(p.start_steps), "min_steps": int(p.min_steps), "source": str(source),
                "w_min": w_min, "w_max": w_max, "rounds": rounds}
     if is_main():
-        atomic_write(out / "rounds.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        write_json(out / "rounds.json", summary)
     return teacher_path
 
 
@@ -105,7 +105,7 @@ def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_met
               "seconds_per_step": round(seconds / max(ran, 1), 4),
               "first_loss": float(np.mean(losses[:20])), "last_loss": float(np.mean(losses[-20:]))}
     if is_main():
-        atomic_write(out / "train_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+        write_json(out / "train_summary.json", result)
     log.info("progressive: round %d done, %d steps in %.1f s, loss %.4f -> %.4f", round_index, ran, seconds,
              result["first_loss"], result["last_loss"])
     return result

@@ -1,7 +1,6 @@
 """``task=publish``: the student as a self-contained bundle (built aside, renamed into place when complete)."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,8 +9,9 @@ from omegaconf import DictConfig
 
 from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
-from distill.core.fileio import staged_folder
-from student.bundle import CARD, CONFIG, GRID, MINDIR, WEIGHTS, Pretrained, build_net, save_weights, write_manifest
+from distill.core.fileio import json_text, staged_folder
+from distill.core.weights import save_weights
+from student.bundle import CARD, CONFIG, GRID, MINDIR, WEIGHTS, Pretrained, build_net, write_manifest
 from student.loading import load_student
 from student.progressive import verified_rounds
 from student.publish import (bundle_config, bundle_dir, export_mindir, read_report, variant_weights,
@@ -54,7 +54,7 @@ def run_publish(cfg: DictConfig) -> Path:
     with staged_folder(dest, overwrite) as tmp:
         for n, student, _ in students:
             save_weights(student, tmp / variant_weights(n, n == default_steps))
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json_text(config))
         model = Pretrained(build_net(config, tmp / WEIGHTS), config, tmp)  # the card's samples come from the files
         export_mindir(model.net, tmp / MINDIR, int(p.mindir_batch))
         write_sample_grid(model, tmp / GRID, card_ws)

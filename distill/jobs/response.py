@@ -11,7 +11,7 @@ from distill.core import build
 from distill.core import diffusion as dm
 from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
-from distill.core.report import write_json, write_text
+from distill.core.fileio import write_json, write_text
 from distill.core.sampling import jit_predictor
 from distill.jobs.common import check_w
 from student.loading import load_student

@@ -1,7 +1,6 @@
 """``task=teacher``: train (or load) the CFG teacher, then check its guided samples."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from distill.core import build
-from distill.core.fileio import atomic_write
+from distill.core.fileio import write_json
 from distill.core.data import ImageData, load_data
 from distill.core.images import save_grid_png, save_samples_npz
 from distill.core.runtime import is_main
@@ -82,5 +81,5 @@ def check_teacher(cfg: DictConfig, data: ImageData, ema: UNet, out: Path, writer
         save_samples_npz(out / f"samples_w{float(w):g}.npz", imgs, labels, w=float(w), model="teacher")
         writer.add_scalar("teacher/sample_accuracy", acc, int(10 * float(w)))
         log.info("teacher: w=%g class accuracy of %d guided samples = %.3f", float(w), n, acc)
-    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    write_json(out / "report.json", report)
     return report
