@@ -9,6 +9,7 @@ import pytest
 
 os.environ.setdefault("GLOG_v", "3")
 
+import mindspore  # noqa: E402,F401  (imported after GLOG_v is set, so its C++ logging is quiet)
 from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
