@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import mindspore as ms
@@ -33,7 +33,7 @@ from distill.core.errors import UserError
 from distill.core.runtime import shard
 from distill.core.training import CHECKPOINT_NAME
 from distill.core.weights import weights_digest
-from student.distill import check_w_range, sample_w
+from student.distill import check_w_loss_power, check_w_range, guidance_loss_weight, sample_w, w_distribution
 from student.loading import load_student, student_checkpoint_path
 
 log = logging.getLogger(__name__)
@@ -90,15 +90,17 @@ def teacher_denoiser(predict: Callable[..., ms.Tensor], y: np.ndarray, w: np.nda
 
 def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_steps: int, round_index: int,
                         batch_size: int, seed: int, schedule: str, prediction: str, loss_space: str,
-                        w_min: float, w_max: float, w_power: float, clip_x0: bool
+                        w_min: float, w_max: float, w_power: float, clip_x0: bool, w_loss_power: float = 0.0
                         ) -> Callable[[int], Callable[[int], tuple[np.ndarray, ...]]]:
     """start_step -> step -> (z_t, t, y, w, target, weight) for :func:`teacher.objective.regression_loss`.
 
     t is drawn on the N-step grid the sampler uses; all randomness comes from
     ``default_rng((seed, 3, round, step))``, so a resumed round replays the same batches.
     Under data parallelism each rank runs the teacher on its own slice of the global batch only.
+    Each example's loss is weighted by ``(1 + w) ** -w_loss_power``, as in stage one.
     """
     check_w_range(w_min, w_max, w_power)
+    check_w_loss_power(w_loss_power)
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
         draw = step_batches(data, batch_size, seed, start, 3, round_index)
@@ -115,12 +117,22 @@ def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_
             z = dm.noisy(x, eps, a_t, s_t)
             denoise = teacher_denoiser(predict, y, w, data.num_classes, prediction, clip_x0)
             target, _, _ = dm.two_step_ddim_target(denoise, z, times, schedule, prediction)
-            weight = dm.output_space_weight(loss_space, prediction, a_t, s_t)
+            weight = dm.output_space_weight(loss_space, prediction, a_t, s_t) * guidance_loss_weight(w, w_loss_power)
             return z, times[0], y.astype(np.int32), w, target.astype(np.float32), weight
 
         return make
 
     return factory
+
+
+def round_w_settings(p: Mapping[str, Any], source_meta: Mapping[str, Any]) -> tuple[float, float, float, float]:
+    """(w_min, w_max, w_power, w_loss_power) of the rounds: the stage-one student's, unless the
+    progressive config sets its own ``w_power`` / ``w_loss_power``."""
+    w_min, w_max, w_power = w_distribution(source_meta)
+    if p.get("w_power") is not None:
+        w_power = float(p["w_power"])
+    w_loss_power = p.get("w_loss_power")
+    return w_min, w_max, w_power, float(source_meta.get("w_loss_power", 0.0) if w_loss_power is None else w_loss_power)
 
 
 def round_meta(source_meta: dict[str, Any], num_steps: int, round_index: int, teacher_path: Path,
@@ -132,7 +144,10 @@ def round_meta(source_meta: dict[str, Any], num_steps: int, round_index: int, te
     meta.update({"kind": "student", "stage": "progressive", "sampling_steps": int(num_steps),
                  "round": int(round_index), "teacher_steps": 2 * int(num_steps),
                  "teacher_checkpoint": str(teacher_path), "source_digest": str(source_digest),
-                 "loss": str(p.loss), "clip_x0": bool(p.clip_x0)})
+                 "loss": str(p.loss), "clip_x0": bool(p.clip_x0),
+                 "first_teacher": str(p.get("first_teacher", "student")) if round_index == 1 else "student",
+                 "round_w_power": round_w_settings(p, source_meta)[2],
+                 "round_w_loss_power": round_w_settings(p, source_meta)[3]})
     return meta
 
 

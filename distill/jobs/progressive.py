@@ -18,11 +18,12 @@ from distill.core.runtime import is_main
 from distill.core.sampling import jit_predictor
 from distill.core.training import Trainer
 from distill.core.weights import copy_weights, weights_digest
-from student.distill import describe_w, w_distribution
+from student.distill import check_w_loss_power, check_w_range, describe_w
 from student.loading import load_student
 from student.progressive import (finished_round, progressive_batches, progressive_dir, round_checkpoint_path,
-                                 round_meta, round_plan, source_checkpoint)
-from teacher.guidance import ConditionalPrediction
+                                 round_meta, round_plan, round_w_settings, source_checkpoint)
+from teacher.guidance import ConditionalPrediction, GuidedPrediction
+from teacher.loading import load_teacher
 from teacher.objective import regression_loss
 from teacher.unet import UNet
 
@@ -35,6 +36,7 @@ def run_progressive(cfg: DictConfig) -> Path:
 
     p = cfg.progressive
     plan = round_plan(int(p.start_steps), int(p.min_steps))
+    first_teacher(p)
     schedule, prediction = str(cfg.diffusion.schedule), str(cfg.diffusion.prediction)
     dm.output_space_weight(str(p.loss), prediction, np.ones(1), np.ones(1))  # validates the loss name early
     data = load_data(cfg.data)
@@ -47,11 +49,14 @@ def run_progressive(cfg: DictConfig) -> Path:
     if int(source_meta.get("step", 0)) < int(source_meta.get("total_steps", 0)):
         log.warning("progressive: stage-one student %s is only trained to step %s of %s", source,
                     source_meta.get("step"), source_meta.get("total_steps"))
-    w_min, w_max, w_power = w_distribution(source_meta)
+    w_min, w_max, w_power, w_loss_power = round_w_settings(p, source_meta)
+    check_w_range(w_min, w_max, w_power)
+    check_w_loss_power(w_loss_power)
     settings = build.train_settings(p.train, int(cfg.seed), bool(cfg.jit))
     log.info("progressive: %d -> %s sampling steps, %s, %d steps per round at batch %d",
              int(p.start_steps), " -> ".join(map(str, plan)),
-             describe_w(w_min, w_max, w_power), settings.steps, settings.batch_size)
+             describe_w(w_min, w_max, w_power) + f", loss x (1 + w)^-{w_loss_power:g}", settings.steps,
+             settings.batch_size)
     rounds: list[dict[str, Any]] = []
     teacher_path = source
     for round_index, num_steps in enumerate(plan, start=1):
@@ -77,6 +82,13 @@ def run_progressive(cfg: DictConfig) -> Path:
     return teacher_path
 
 
+def first_teacher(p: DictConfig) -> str:
+    kind = str(p.get("first_teacher", "student"))
+    if kind not in ("student", "cfg"):
+        raise UserError(f"progressive: first_teacher '{kind}' must be student or cfg")
+    return kind
+
+
 def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_meta: dict[str, Any], source_digest: str,
                 num_steps: int, round_index: int, settings: Any, writer: Any) -> dict[str, Any]:
     """One round: a copy of the teacher learns two teacher DDIM steps as one, on the N-step grid."""
@@ -84,11 +96,15 @@ def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_met
     teacher, _ = load_student(cfg, data, teacher_path)
     student, ema = UNet(teacher.config), UNet(teacher.config)
     copy_weights(teacher, student)
-    predict = jit_predictor(ConditionalPrediction(teacher), bool(cfg.jit))
+    # Round 1 learns two steps of the stage-one student, or (first_teacher=cfg) of the two-pass CFG teacher
+    # itself, so the stage-one student's own error does not carry into the rounds.
+    two_pass = round_index == 1 and first_teacher(p) == "cfg"
+    guide = GuidedPrediction(load_teacher(cfg, data)) if two_pass else ConditionalPrediction(teacher)
+    predict = jit_predictor(guide, bool(cfg.jit))
+    w_min, w_max, w_power, w_loss_power = round_w_settings(p, source_meta)
     factory = progressive_batches(
         data, predict, num_steps, round_index, settings.batch_size, settings.seed, str(cfg.diffusion.schedule),
-        str(cfg.diffusion.prediction), str(p.loss), *w_distribution(source_meta),
-        bool(p.clip_x0))
+        str(cfg.diffusion.prediction), str(p.loss), w_min, w_max, w_power, bool(p.clip_x0), w_loss_power)
     out = round_checkpoint_path(cfg, num_steps).parent
     meta = round_meta(source_meta, num_steps, round_index, teacher_path, source_digest, cfg)
     trainer = Trainer(student, ema, regression_loss, factory, settings, out, meta, writer)
