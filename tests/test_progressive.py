@@ -257,3 +257,36 @@ def test_rounds_of_another_stage_one_student_are_refused(tiny_run: Path, tmp_pat
         with pytest.raises(UserError, match="was distilled from another stage-one student"):
             job(compose_cfg(tmp_path, "eval.num_samples=4"))
     assert round_file.read_bytes() == before and not (tmp_path / "bundle").exists()
+
+
+def test_round_loss_is_weighted_by_w_like_stage_one() -> None:
+    """Each example's weight is the loss-space weight times (1 + w)^-w_loss_power; the rest of the batch
+    does not depend on the power (same draws)."""
+    data = load_data({"name": "digits", "max_train": 64})
+    predict = jit_predictor(ConditionalPrediction(_random_student()))
+
+    def batch(power: float) -> tuple[np.ndarray, ...]:
+        return progressive_batches(data, predict, 4, 1, 16, 0, "cosine", "v", "x_snr_trunc", 0.0, 5.0, 1.5, False,
+                                   power)(0)(0)
+
+    plain, weighted = batch(0.0), batch(2.0)
+    for a, b in zip(plain[:5], weighted[:5]):
+        np.testing.assert_array_equal(a, b)
+    w = plain[3]
+    np.testing.assert_allclose(weighted[5], plain[5] * (1.0 + w) ** -2.0, rtol=1e-6)
+    assert w.min() < 1.0 < w.max()  # the weights really differ across the batch
+
+
+def test_first_round_can_learn_from_the_two_pass_teacher(tiny_run: Path, tmp_path: Path) -> None:
+    for stage in ("teacher", "student"):
+        shutil.copytree(tiny_run / stage, tmp_path / stage)
+    with pytest.raises(UserError, match="first_teacher 'x' must be student or cfg"):
+        run_progressive(compose_cfg(tmp_path, "progressive.first_teacher=x"))
+    assert not (tmp_path / "progressive").exists()
+    run_progressive(compose_cfg(tmp_path, "progressive.first_teacher=cfg"))
+    meta = read_meta(tmp_path / "progressive" / "steps_2" / "checkpoint.safetensors")
+    assert meta["first_teacher"] == "cfg" and meta["round_w_loss_power"] == 2.0
+    # a different teacher gives different weights than the stage-one-student teacher of tiny_run
+    a = load_checkpoint(tmp_path / "progressive" / "steps_2" / "checkpoint.safetensors")[0]
+    b = load_checkpoint(tiny_run / "progressive" / "steps_2" / "checkpoint.safetensors")[0]
+    assert any(not np.array_equal(a[k], b[k]) for k in a if k.startswith("net."))
