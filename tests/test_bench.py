@@ -16,7 +16,7 @@ from distill.jobs.bench import busy_warning, flop_rate, forward_flops, run_bench
 from distill.core.errors import UserError
 
 TINY_BENCH = ["bench.batch_sizes=[2]", "bench.step_counts=[2]", "bench.reference_steps=2", "bench.repeats=2",
-              "bench.warmup=1", "bench.peak_matmul_size=64"]
+              "bench.warmup=1", "bench.peak_matmul_size=64", "bench.eager_models=[teacher,student]"]
 
 
 def test_spread_hand_values() -> None:
@@ -112,7 +112,7 @@ def test_few_step_student_is_benched_against_the_teacher(tiny_run: Path, tmp_pat
     for n in (4, 2):  # two rounds on disk: the bench takes the last (smallest N)
         (run / "progressive" / f"steps_{n}").mkdir(parents=True)
         shutil.copy(student, run / "progressive" / f"steps_{n}" / "checkpoint.safetensors")
-    cfg = compose_cfg(run, *TINY_BENCH, "bench.repeats=1", "bench.eager_reference=false",
+    cfg = compose_cfg(run, *TINY_BENCH, "bench.repeats=1", "bench.eager_models=[]",
                       f"teacher.checkpoint={tiny_run / 'teacher' / 'checkpoint.safetensors'}", f"bench.student={student}")
     report = json.loads(run_bench(cfg).read_text())
     assert [m["name"] for m in report["models"]] == ["teacher", "student", "student_2steps"]
@@ -126,7 +126,8 @@ def test_few_step_student_is_benched_against_the_teacher(tiny_run: Path, tmp_pat
 
 @pytest.mark.parametrize("override", ["bench.batch_sizes=[]", "bench.step_counts=[0]", "bench.batch_sizes=[4,-1]",
                                       "bench.repeats=0", "bench.reference_steps=0", "bench.step_counts=8",
-                                      "bench.engine=eager", "bench.reference_steps=3"])
+                                      "bench.engine=eager", "bench.reference_steps=3",
+                                      "bench.eager_models=[pupil]"])
 def test_bad_config_is_a_user_error(tmp_path: Path, override: str) -> None:
     with pytest.raises(UserError) as e:
         run_bench(compose_cfg(tmp_path, override))

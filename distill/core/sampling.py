@@ -146,8 +146,26 @@ class SamplerLoop(nn.Cell):
         ones = ops.ones_like(w)
         for i in range(self.num_steps):
             w_i = w if self.constant_w else w * self.w_factor[i]
-            z, x0 = self.step(z, ones * self.times[i], y, w_i, y_uncond, self.coef[i], step_noise[i])
+            noise_i = step_noise[i] if self.step.stochastic else z
+            z, x0 = self.step(z, ones * self.times[i], y, w_i, y_uncond, self.coef[i], noise_i)
         return x0
+
+
+class ServingSampler(nn.Cell):
+    """The whole sampler for serving: ``(noise, labels, w) -> images`` in [-1, 1], the unconditional
+    branch on ``null_class``; deterministic samplers only (a stochastic one would need its step noise)."""
+
+    def __init__(self, cell: nn.Cell, settings: SamplerSettings, null_class: int) -> None:
+        super().__init__()
+        if settings.stochastic:
+            raise UserError(f"sampler: a {settings.kind} sampler with eta={settings.eta} draws noise every step; "
+                            f"only deterministic samplers (ddim, eta 0) export as one graph")
+        self.loop = SamplerLoop(cell, settings)
+        self.null_class = int(null_class)
+
+    def construct(self, noise, labels, w):
+        y_uncond = ops.ones_like(labels) * self.null_class
+        return ops.clamp(self.loop(noise, labels, w, y_uncond, noise), -1.0, 1.0)
 
 
 class Predictor:
@@ -162,6 +180,7 @@ class Predictor:
         self.use_jit = bool(use_jit)
         self._call = _compiled(cell) if use_jit else cell
         self._samplers: dict[tuple, Callable[..., Any]] = {}
+        self._plans: dict[tuple, list[tuple[ms.Tensor, ...]]] = {}
 
     @property
     def passes(self) -> int:
@@ -182,6 +201,22 @@ class Predictor:
             cell.set_train(False)
             self._samplers[static] = _compiled(cell) if self.use_jit else cell
         return self._samplers[static]
+
+
+    def plan(self, settings: SamplerSettings, batch: int, ws: np.ndarray) -> list[tuple[ms.Tensor, ...]]:
+        """Per step (t, w, coefficients) as tensors, made once per sampler and batch (a few recent kept)."""
+        key = (settings, batch, ws.tobytes())
+        if key not in self._plans:
+            coef, times = step_coefficients(settings), dm.sampling_times(settings.num_steps)
+            self._plans[key] = [(ms.Tensor(np.full(batch, times[i], np.float32)),
+                                 ms.Tensor(np.full(batch, ws[i], np.float32)), ms.Tensor(coef[i]))
+                                for i in range(settings.num_steps)]
+            while len(self._plans) > PLANS_KEPT:
+                self._plans.pop(next(iter(self._plans)))
+        return self._plans[key]
+
+
+PLANS_KEPT = 16
 
 
 def _compiled(cell: nn.Cell) -> Callable[..., Any]:
@@ -216,26 +251,20 @@ def sample(
     if settings.engine == "eager" or not isinstance(predict, Predictor):
         return _sample_eager(predict, noise, labels, w, settings, uncond_labels, seed)
     b, n = noise.shape[0], settings.num_steps
-    ws = dm.guidance_schedule(settings.w_schedule, w, n)
+    ws = dm.guidance_schedule(settings.w_schedule, w, n)  # float32 per step, as the eager sampler uses
     z = ms.Tensor(noise.astype(np.float32))
     y = ms.Tensor(labels.astype(np.int32))
     y_uncond = ms.Tensor(uncond_labels.astype(np.int32))
     step_noise = _step_noise(settings, noise.shape, seed)
     run = predict.compiled(settings)
-    if settings.engine == "loop":
-        noise_all = ms.Tensor(step_noise) if step_noise is not None else z.reshape(1, *noise.shape)
-        if step_noise is None:  # read by stochastic samplers only; a broadcast view keeps one graph input
-            noise_all = ops.broadcast_to(noise_all, (n, *noise.shape))
+    if settings.engine == "loop":  # step noise is read by stochastic samplers only
+        noise_all = ms.Tensor(step_noise) if step_noise is not None else z
         x0 = run(z, y, ms.Tensor(np.full(b, w, np.float32)), y_uncond, noise_all)
         return np.clip(x0.asnumpy(), -1.0, 1.0)
-    coef = step_coefficients(settings)
-    times = dm.sampling_times(n)
     x0 = z
-    for i in range(n):
-        t_vec = ms.Tensor(np.full(b, times[i], np.float32))
-        w_vec = ms.Tensor(np.full(b, ws[i], np.float32))
+    for i, (t_vec, w_vec, coef) in enumerate(predict.plan(settings, b, ws)):
         noise_i = ms.Tensor(step_noise[i]) if step_noise is not None else z
-        z, x0 = run(z, t_vec, y, w_vec, y_uncond, ms.Tensor(coef[i]), noise_i)
+        z, x0 = run(z, t_vec, y, w_vec, y_uncond, coef, noise_i)
     return np.clip(x0.asnumpy(), -1.0, 1.0)
 
 
@@ -293,8 +322,12 @@ def sample_in_batches(
     seed: int = 0,
 ) -> np.ndarray:
     """:func:`sample` over fixed-size chunks (the last one padded, so one compiled shape)."""
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise UserError(f"sampler: batch size {batch_size} must be an integer >= 1")
     out = []
     n = noise.shape[0]
+    if n < 1:
+        raise UserError("sampler: no images to sample (0 noise samples)")
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size) % n  # pad by wrapping; dropped below
         imgs = sample(predict, noise[idx], labels[idx], w, settings, uncond_labels[idx], seed=seed + start)

@@ -30,6 +30,7 @@ from distill.core.report import write_json, write_text
 from distill.core.sampling import Predictor, SamplerSettings, jit_predictor, sample
 
 log = logging.getLogger(__name__)
+GRID_MODELS = ("teacher", "student")  # timed at every grid step count; may also run eager
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -144,12 +145,15 @@ def bench_options(b: Any) -> dict[str, Any]:
             "repeats": _positive_int(b.get("repeats"), "repeats"),
             "warmup": _positive_int(b.get("warmup"), "warmup", 0),
             "reference_steps": _positive_int(b.get("reference_steps"), "reference_steps"),
-            "eager_reference": bool(b.get("eager_reference", True)),
+            "eager_models": [str(m) for m in (b.get("eager_models") or [])],
             "peak_matmul_size": _positive_int(b.get("peak_matmul_size", 1024), "peak_matmul_size", 64)}
     engine = str(b.get("engine") or "step")
     if engine not in ("step", "loop"):
         raise UserError(f"bench: engine '{engine}' must be a compiled engine (step or loop)")
     opts["engine"] = engine
+    unknown = sorted(set(opts["eager_models"]) - set(GRID_MODELS))
+    if unknown:
+        raise UserError(f"bench: eager_models {unknown} must be among {list(GRID_MODELS)}")
     if opts["reference_steps"] not in opts["step_counts"]:
         raise UserError(f"bench: reference_steps {opts['reference_steps']} must be one of step_counts {opts['step_counts']}")
     return opts
@@ -245,13 +249,12 @@ class Entry:
 
 def entries(models: list[BenchModel], opts: dict[str, Any]) -> list[Entry]:
     """Compiled: each model at every grid step count (a few-step student at its own); eager: the
-    two grid models at the reference step count."""
+    ``eager_models`` at the reference step count."""
     out = []
     for m in models:
         for s in ([m.steps] if m.steps else opts["step_counts"]):
             out.append(Entry(m.name, opts["engine"], s))
-    if opts["eager_reference"]:
-        out += [Entry(m.name, "eager", opts["reference_steps"]) for m in models if m.steps is None]
+    out += [Entry(name, "eager", opts["reference_steps"]) for name in opts["eager_models"]]
     return list(dict.fromkeys(out))
 
 
