@@ -15,7 +15,7 @@ from conftest import compose_cfg
 from distill.jobs.bench import busy_warning, flop_rate, forward_flops, run_bench, speedup, spread, summarize
 from distill.core.errors import UserError
 
-TINY_BENCH = ["bench.batch_sizes=[2]", "bench.step_counts=[2]", "bench.reference_steps=2", "bench.repeats=2",
+TINY_BENCH = ["bench.batch_sizes=[2]", "bench.step_counts=[2]", "bench.repeats=2",
               "bench.warmup=1", "bench.peak_matmul_size=64", "bench.eager_models=[teacher,student]"]
 
 

@@ -144,7 +144,8 @@ def bench_options(b: Any) -> dict[str, Any]:
             "step_counts": _positive_ints(b.get("step_counts"), "step_counts"),
             "repeats": _positive_int(b.get("repeats"), "repeats"),
             "warmup": _positive_int(b.get("warmup"), "warmup", 0),
-            "reference_steps": _positive_int(b.get("reference_steps"), "reference_steps"),
+            "reference_steps": (None if b.get("reference_steps") is None
+                                else _positive_int(b.get("reference_steps"), "reference_steps")),
             "eager_models": [str(m) for m in (b.get("eager_models") or [])],
             "peak_matmul_size": _positive_int(b.get("peak_matmul_size", 1024), "peak_matmul_size", 64)}
     engine = str(b.get("engine") or "step")
@@ -154,6 +155,8 @@ def bench_options(b: Any) -> dict[str, Any]:
     unknown = sorted(set(opts["eager_models"]) - set(GRID_MODELS))
     if unknown:
         raise UserError(f"bench: eager_models {unknown} must be among {list(GRID_MODELS)}")
+    if opts["reference_steps"] is None:
+        opts["reference_steps"] = max(opts["step_counts"])
     if opts["reference_steps"] not in opts["step_counts"]:
         raise UserError(f"bench: reference_steps {opts['reference_steps']} must be one of step_counts {opts['step_counts']}")
     return opts
