@@ -1,8 +1,9 @@
 """A published student bundle and :func:`from_pretrained`, its one-call loader.
 
 A bundle is a folder of plain files: ``config.json`` (everything needed to rebuild and
-sample), ``model.safetensors`` (the EMA weights), ``model.mindir`` (a fixed-batch export
-for inference on Ascend), ``README.md`` (model card), ``samples.png`` and
+sample), ``model.safetensors`` (the EMA weights), ``model.mindir`` (one network call) and
+``sampler.mindir`` (the whole default sampler, noise / labels / w in, images out), both
+fixed-batch exports for serving runtimes, ``README.md`` (model card), ``samples.png`` and
 ``manifest.json`` (SHA-256 and size of every other file). Loading verifies the manifest
 first, then rebuilds the UNet from JSON and reads the weights from safetensors: no pickle
 anywhere.
@@ -21,7 +22,7 @@ from distill.core.fileio import json_text, sha256
 
 FORMAT = "guidance-distilled-student"
 FORMAT_VERSION = 1
-CONFIG, WEIGHTS, MINDIR = "config.json", "model.safetensors", "model.mindir"
+CONFIG, WEIGHTS, MINDIR, SAMPLER_MINDIR = "config.json", "model.safetensors", "model.mindir", "sampler.mindir"
 CARD, GRID, MANIFEST = "README.md", "samples.png", "manifest.json"
 W_CONVENTION = "uncond + w * (cond - uncond)"
 
@@ -90,6 +91,7 @@ class Pretrained:
     config: dict[str, Any]
     path: Optional[Path] = None
     _predictors: dict[bool, Callable[..., Any]] = field(default_factory=dict, repr=False)  # by use_jit
+    _graph: Any = field(default=None, repr=False)  # sampler.mindir, loaded on first use
 
     @property
     def w_range(self) -> tuple[float, float]:
@@ -105,7 +107,7 @@ class Pretrained:
         i = self.config["image"]
         return int(i["channels"]), int(i["height"]), int(i["width"])
 
-    def settings(self, num_steps: Optional[int] = None, w_schedule: str = "constant") -> Any:
+    def settings(self, num_steps: Optional[int] = None, w_schedule: str = "constant", engine: str = "step") -> Any:
         from distill.core.sampling import SamplerSettings
 
         s, d = self.config["sampler"], self.config["diffusion"]
@@ -113,7 +115,8 @@ class Pretrained:
             num_steps=int(num_steps if num_steps is not None else s["num_steps"]), kind=str(s["kind"]),
             eta=float(s["eta"]), schedule=str(d["schedule"]), prediction=str(d["prediction"]),
             w_schedule=str(w_schedule), clip_x0=bool(s["clip_x0"]),
-            dynamic_threshold=None if s.get("dynamic_threshold") is None else float(s["dynamic_threshold"]))
+            dynamic_threshold=None if s.get("dynamic_threshold") is None else float(s["dynamic_threshold"]),
+            engine=str(engine))
         settings.validate()
         return settings
 
@@ -137,8 +140,10 @@ class Pretrained:
 
     def sample(self, labels: Sequence[int] | np.ndarray, w: float, num_steps: Optional[int] = None, seed: int = 0,
                w_schedule: str = "constant", batch_size: Optional[int] = None, allow_extrapolation: bool = False,
-               noise: Optional[np.ndarray] = None, use_jit: bool = True) -> np.ndarray:
-        """Images (N x C x H x W float32 in [-1, 1]) for class ``labels`` at guidance ``w``, one pass per step."""
+               noise: Optional[np.ndarray] = None, use_jit: bool = True, engine: str = "step") -> np.ndarray:
+        """Images (N x C x H x W float32 in [-1, 1]) for class ``labels`` at guidance ``w``, one pass per step.
+
+        ``engine``: ``step`` (each step one compiled call), ``loop`` (the whole loop one call) or ``eager``."""
         from distill.core.sampling import jit_predictor, sample_in_batches
         from teacher.guidance import ConditionalPrediction
 
@@ -146,18 +151,53 @@ class Pretrained:
         k = len(self.class_names)
         if labels.size == 0 or labels.min() < 0 or labels.max() >= k:
             raise UserError(f"labels must be a non-empty list of class indices in [0, {k})")
-        settings = self.settings(num_steps, w_schedule)
+        settings = self.settings(num_steps, w_schedule, engine)
         self.check_w(float(w), settings.w_schedule, settings.num_steps, allow_extrapolation)
         n = labels.size
-        noise = self.noise(n, seed) if noise is None else np.asarray(noise, np.float32)
-        if noise.shape != (n, *self.image_shape):
-            raise UserError(f"noise has shape {noise.shape}, expected {(n, *self.image_shape)}")
+        noise = self._noise(n, seed, noise)
         if use_jit not in self._predictors:
             self._predictors[use_jit] = jit_predictor(ConditionalPrediction(self.net), use_jit)
-        batch = int(batch_size or min(n, int(self.config["sampler"]["batch_size"])))
+        batch = int(min(n, int(self.config["sampler"]["batch_size"])) if batch_size is None else batch_size)
         null = np.full(n, int(self.config["classes"]["null_class"]), np.int32)
         return sample_in_batches(self._predictors[use_jit], noise, labels.astype(np.int32), float(w), settings, null,
                                  batch, seed=int(seed))
+
+
+    def _noise(self, n: int, seed: int, noise: Optional[np.ndarray]) -> np.ndarray:
+        noise = self.noise(n, seed) if noise is None else np.asarray(noise, np.float32)
+        if noise.shape != (n, *self.image_shape):
+            raise UserError(f"noise has shape {noise.shape}, expected {(n, *self.image_shape)}")
+        return noise
+
+    def sample_mindir(self, labels: Sequence[int] | np.ndarray, w: float, seed: int = 0,
+                      noise: Optional[np.ndarray] = None, num_steps: Optional[int] = None) -> np.ndarray:
+        """:meth:`sample` through the bundle's ``sampler.mindir`` (what a serving runtime runs).
+
+        The graph was built for one step count, w schedule and batch size (``config.json``
+        ``mindir_sampler``); anything else is refused, never answered with other images.
+        """
+        import mindspore as ms
+        from mindspore import nn
+
+        spec = self.config.get("mindir_sampler")
+        if not spec or self.path is None or not (self.path / spec["file"]).is_file():
+            raise UserError(f"bundle {self.path} holds no whole-sampler MINDIR (config.json mindir_sampler)")
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        b, steps = int(spec["batch_size"]), int(spec["num_steps"])
+        if num_steps is not None and int(num_steps) != steps:
+            raise UserError(f"{spec['file']} was built for {steps} steps, not {num_steps}: use sample(num_steps="
+                            f"{num_steps}), which compiles any step count")
+        if labels.size != b:
+            raise UserError(f"{spec['file']} was built for batch {b}, got {labels.size} labels")
+        k = len(self.class_names)
+        if labels.min() < 0 or labels.max() >= k:
+            raise UserError(f"labels must be class indices in [0, {k})")
+        self.check_w(float(w), str(spec["w_schedule"]), steps)
+        if self._graph is None:
+            self._graph = nn.GraphCell(ms.load(str(self.path / spec["file"])))
+        out = self._graph(ms.Tensor(self._noise(b, seed, noise)), ms.Tensor(labels.astype(np.int32)),
+                                     ms.Tensor(np.full(b, float(w), np.float32)))
+        return out.asnumpy()
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -128,6 +128,13 @@ def progressive_text(training: dict[str, Any]) -> str:
             "stage 2).")
 
 
+def _sampler_mindir_text(ms_cfg: Optional[dict[str, Any]]) -> str:
+    if not ms_cfg:
+        return ""
+    return (f"`{ms_cfg['file']}` is the whole default sampler ({ms_cfg['num_steps']} {ms_cfg['kind']} steps: noise, labels "
+            f"and w in, images out), at the same fixed batch: a serving runtime needs no Python sampling loop.")
+
+
 def model_card(config: dict[str, Any], report: Optional[dict[str, Any]], card_ws: list[float]) -> str:
     g, c, img, s = config["guidance"], config["classes"], config["image"], config["sampler"]
     m, mx = config["model"], config["mindir"]
@@ -165,6 +172,7 @@ Default sampler: {s['kind']}, {s['num_steps']} steps, eta {s['eta']:g}, w = {s['
 
 `{MINDIR}` is the network alone (one pass: `(x, t, y, w) -> output`) exported for inference on Ascend with a
 **fixed batch of {mx['batch_size']}** (MINDIR fixes the traced shapes; pad smaller batches). Run the sampling loop around it.
+{_sampler_mindir_text(config.get('mindir_sampler'))}
 
 ## Training
 

@@ -19,7 +19,7 @@ from distill.core import build
 from distill.core.checkpoint import read_meta
 from distill.core.errors import UserError
 from distill.core.images import save_side_by_side_png
-from student.bundle import (FORMAT, FORMAT_VERSION, MINDIR, WEIGHTS, W_CONVENTION, Pretrained)
+from student.bundle import (FORMAT, FORMAT_VERSION, MINDIR, SAMPLER_MINDIR, WEIGHTS, W_CONVENTION, Pretrained)
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,21 @@ def bundle_config(cfg: DictConfig, net: Any, meta: dict[str, Any], mindir_batch:
         "weights": WEIGHTS,
         "default_variant": variant_name(default_steps),
         "variants": variants_entry(stages, default_steps),
-        "mindir": {"file": MINDIR, "batch_size": b, "dynamic_shapes": False,
+        "mindir": {"file": MINDIR, "role": "one network call; the sampling loop is the caller's",
+                   "batch_size": b, "dynamic_shapes": False,
                    "inputs": [{"name": "x", "shape": [b, c, h, h], "dtype": "float32"},
                               {"name": "t", "shape": [b], "dtype": "float32"},
                               {"name": "y", "shape": [b], "dtype": "int32"},
                               {"name": "w", "shape": [b], "dtype": "float32"}],
                    "output": {"name": meta["prediction"], "shape": [b, c, h, h], "dtype": "float32"}},
+        "mindir_sampler": None if settings.stochastic else {
+            "file": SAMPLER_MINDIR, "role": "the whole sampler: noise, labels and w in, images out (no Python DDIM)",
+            "batch_size": b, "dynamic_shapes": False, "num_steps": settings.num_steps, "kind": settings.kind,
+            "w_schedule": settings.w_schedule, "null_class": ucfg.num_classes,
+            "inputs": [{"name": "noise", "shape": [b, c, h, h], "dtype": "float32"},
+                       {"name": "labels", "shape": [b], "dtype": "int32"},
+                       {"name": "w", "shape": [b], "dtype": "float32"}],
+            "output": {"name": "images", "shape": [b, c, h, h], "dtype": "float32", "range": [-1.0, 1.0]}},
         "training": training_info(cfg, stage_one_meta),
         "created_with": {"mindspore": ms.__version__},
     }
@@ -125,8 +134,30 @@ def export_mindir(net: Any, path: Path, batch: int) -> None:
     x = rng.standard_normal((batch, ucfg.in_channels, ucfg.image_size, ucfg.image_size)).astype(np.float32)
     inputs = (ms.Tensor(x), ms.Tensor(np.full(batch, 0.5, np.float32)),
               ms.Tensor(np.arange(batch, dtype=np.int32) % ucfg.num_classes), ms.Tensor(np.ones(batch, np.float32)))
+    _export(net, inputs, path)
+
+
+def export_sampler_mindir(model: Pretrained, path: Path) -> None:
+    """The bundle's default sampler as one graph ``(noise, labels, w) -> images`` (config ``mindir_sampler``)."""
+    import mindspore as ms
+    from distill.core.sampling import ServingSampler
+    from teacher.guidance import ConditionalPrediction
+
+    spec = model.config["mindir_sampler"]
+    settings = model.settings(int(spec["num_steps"]), str(spec["w_schedule"]))
+    cell = ServingSampler(ConditionalPrediction(model.net), settings, int(spec["null_class"]))
+    cell.set_train(False)
+    b = int(spec["batch_size"])
+    inputs = (ms.Tensor(model.noise(b, 0)), ms.Tensor(np.arange(b, dtype=np.int32) % len(model.class_names)),
+              ms.Tensor(np.full(b, float(model.config["sampler"]["w"]), np.float32)))
+    _export(cell, inputs, path)
+
+
+def _export(cell: Any, inputs: tuple[Any, ...], path: Path) -> None:
+    import mindspore as ms
+
     try:
-        ms.export(net, *inputs, file_name=str(path), file_format="MINDIR")
+        ms.export(cell, *inputs, file_name=str(path), file_format="MINDIR")
     except (RuntimeError, ValueError, TypeError) as e:
         raise UserError(f"MINDIR export failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
 

@@ -5,16 +5,18 @@ No test asserts a timing threshold: speed claims come from `distill task=bench`,
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import compose_cfg, tensorboard_scalars
-from distill.jobs.bench import run_bench, speedup, spread, summarize
+from distill.jobs.bench import busy_warning, flop_rate, forward_flops, run_bench, speedup, spread, summarize
 from distill.core.errors import UserError
 
-TINY_BENCH = ["bench.batch_sizes=[2]", "bench.step_counts=[2]", "bench.repeats=2", "bench.warmup=1"]
+TINY_BENCH = ["bench.batch_sizes=[2]", "bench.step_counts=[2]", "bench.repeats=2",
+              "bench.warmup=1", "bench.peak_matmul_size=64", "bench.eager_models=[teacher,student]"]
 
 
 def test_spread_hand_values() -> None:
@@ -41,6 +43,38 @@ def test_speedup_ratio_of_medians_and_paired() -> None:
     assert r["paired"]["median"] == pytest.approx(2.0) and r["paired"]["max"] == pytest.approx(3.0)
 
 
+def test_flop_rate_hand_values() -> None:
+    r = flop_rate(1e9, 2, 3, 2.0, {"numpy_matmul": 6.0, "mindspore_matmul": 1.5})
+    assert r["gflops"] == pytest.approx(3.0)  # 1 GFLOP x 2 evals x 3 images / 2 s
+    assert r["pct_of_numpy_matmul"] == pytest.approx(50.0) and r["pct_of_mindspore_matmul"] == pytest.approx(200.0)
+
+
+def test_forward_flops_counts_each_layer_once() -> None:
+    from mindspore import nn, ops
+
+    class Toy(nn.Cell):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, pad_mode="pad", padding=1, has_bias=True)
+            self.down = nn.Conv2d(4, 4, 3, stride=2, pad_mode="pad", padding=1, has_bias=True, group=2)
+            self.fc = nn.Dense(3, 5)
+
+        def construct(self, x, t, y, w):
+            self.fc(ops.ones((2, 3), x.dtype))
+            return self.down(self.conv(x))
+
+    f = forward_flops(Toy(), (1, 8, 8), 10)
+    assert f["conv"] == 2 * (4 * 8 * 8 * 1 * 9) + 2 * (4 * 4 * 4 * 2 * 9)  # out elements x in/group x k^2
+    assert f["dense"] == 2 * (2 * 5 * 3) and f["attention"] == 0
+    assert f["total"] == f["conv"] + f["dense"]
+
+
+def test_busy_warning_only_above_the_core_count() -> None:
+    assert busy_warning({"cpu_count": 2, "load_average_1_5_15": [1.5, 1, 1], "load_average_after": [2.0, 1, 1]}) is None
+    msg = busy_warning({"cpu_count": 2, "load_average_1_5_15": [1.0, 1, 1], "load_average_after": [3.5, 1, 1]})
+    assert msg and "3.5" in msg and "2 cores" in msg
+
+
 def test_tiny_bench_writes_reports(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = tensorboard_scalars(tiny_run / "tb")
     path = run_bench(compose_cfg(tiny_run, *TINY_BENCH))
@@ -50,41 +84,54 @@ def test_tiny_bench_writes_reports(tiny_run: Path, capsys: pytest.CaptureFixture
         assert (out / name).stat().st_size > 0
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads(path.read_text())
-    assert {"platform", "cpu_count", "mindspore", "device"} <= set(report["machine"])
+    assert {"platform", "cpu_count", "mindspore", "device", "load_average_after"} <= set(report["machine"])
+    assert report["peak_gflops"]["numpy_matmul"] > 0 and report["peak_gflops"]["mindspore_matmul"] > 0
+    flops = {m["name"]: m["forward_flops_per_image"] for m in report["models"]}
+    assert flops["student"] > flops["teacher"] > 0  # same backbone, plus the guidance embedding
     (row,) = report["results"]
-    assert (row["batch"], row["steps"]) == (2, 2)
-    assert row["teacher"]["evals_per_step"] == 2 and row["student"]["evals_per_step"] == 1
-    for model in ("teacher", "student"):
-        assert len(row[model]["seconds"]) == 2
+    assert row["batch"] == 2
+    got = {(e["model"], e["engine"], e["steps"]): e for e in row["entries"]}
+    assert set(got) == {("teacher", "step", 2), ("student", "step", 2), ("teacher", "eager", 2), ("student", "eager", 2)}
+    for (model, _, steps), e in got.items():
+        assert len(e["seconds"]) == 2 and e["evals_per_image"] == (2 if model == "teacher" else 1) * steps
         for key in ("seconds_per_image", "images_per_s", "ms_per_step"):
-            assert {"median", "min", "max", "iqr"} <= set(row[model][key])
-    t_med, s_med = (float(np.median(row[m]["seconds"])) for m in ("teacher", "student"))
-    assert row["speedup"]["median_ratio"] == pytest.approx(t_med / s_med)  # from the timings it reports
-    assert row["student"]["ms_per_step"]["median"] == pytest.approx(1000 * s_med / 2)
+            assert {"median", "min", "max", "iqr", "q25", "q75"} <= set(e[key])
+        expected = flops[model] * e["evals_per_image"] * 2 / np.median(e["seconds"]) / 1e9
+        assert e["gflops"] == pytest.approx(expected)
+    r = row["ratios"]["one_pass_vs_two_pass_2steps"]
+    teacher, student = got[("teacher", "step", 2)]["seconds"], got[("student", "step", 2)]["seconds"]
+    assert r["median_ratio"] == pytest.approx(np.median(teacher) / np.median(student)) and r["limit"] == 2.0
+    assert {"student_step_vs_eager_2steps", "teacher_step_vs_eager_2steps"} <= set(row["ratios"])
     table = (out / "bench.md").read_text()
-    assert "| batch | steps | teacher ms/step | student ms/step | teacher img/s | student img/s | speed-up |" in table
+    assert "| batch | model | engine | steps | ms/step | images/s | GFLOP/s | % numpy peak | compile s |" in table
     assert table.splitlines()[-1] in capsys.readouterr().out
     # the run's TensorBoard log gains the bench's scalars, with the values of the report
     added = {tag: v for tag, v in tensorboard_scalars(tiny_run / "tb").items()
              if tag.startswith("bench/") and len(v) > len(before.get(tag, []))}
     assert added, "no bench scalars written to TensorBoard"
-    speedups = [v[-1] for tag, v in added.items() if "speedup" in tag]
-    assert speedups and speedups[-1][1] == pytest.approx(row["speedup"]["median_ratio"], rel=1e-6)
+    logged = added["bench/speedup/one_pass_vs_two_pass_2steps"][-1]
+    assert logged[0] == 2 and logged[1] == pytest.approx(r["median_ratio"], rel=1e-6)
 
 
-def test_other_student_and_fixed_teacher_steps(tiny_run: Path, tmp_path: Path) -> None:
-    student = tiny_run / "student" / "checkpoint.safetensors"
-    cfg = compose_cfg(tmp_path / "run", *TINY_BENCH, "bench.repeats=1", "bench.teacher_steps=3",
-                      f"teacher.checkpoint={tiny_run / 'teacher' / 'checkpoint.safetensors'}",
-                      f"bench.student={student}")
+def test_few_step_student_is_benched_against_the_teacher(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for stage in ("teacher", "student", "progressive"):  # the run's 2-step round descends from its student
+        shutil.copytree(tiny_run / stage, run / stage)
+    cfg = compose_cfg(run, *TINY_BENCH, "bench.repeats=1", "bench.eager_models=[]")
     report = json.loads(run_bench(cfg).read_text())
+    assert [m["name"] for m in report["models"]] == ["teacher", "student", "student_2step"]
     (row,) = report["results"]
-    assert (row["teacher"]["steps"], row["student"]["steps"]) == (3, 2)
-    assert report["student_checkpoint"] == str(student)
+    assert {(e["model"], e["engine"], e["steps"]) for e in row["entries"]} == {
+        ("teacher", "step", 2), ("student", "step", 2), ("student_2step", "step", 2)}
+    r = row["ratios"]["student_2step_vs_teacher_2steps"]
+    assert r["limit"] == 2.0 and "student_step_vs_eager_2steps" not in row["ratios"]  # 2 x 2 steps / 2 steps
+    assert report["models"][2]["checkpoint"] == str(run / "progressive" / "steps_2" / "checkpoint.safetensors")
 
 
 @pytest.mark.parametrize("override", ["bench.batch_sizes=[]", "bench.step_counts=[0]", "bench.batch_sizes=[4,-1]",
-                                      "bench.repeats=0", "bench.teacher_steps=0", "bench.step_counts=8"])
+                                      "bench.repeats=0", "bench.reference_steps=0", "bench.step_counts=8",
+                                      "bench.engine=eager", "bench.reference_steps=3",
+                                      "bench.eager_models=[pupil]"])
 def test_bad_config_is_a_user_error(tmp_path: Path, override: str) -> None:
     with pytest.raises(UserError) as e:
         run_bench(compose_cfg(tmp_path, override))

@@ -27,7 +27,8 @@ from student.loading import load_student
 from teacher.guidance import ConditionalPrediction
 from distill.jobs.common import guided_samples
 
-FILES = {"config.json", "model.safetensors", "model_4step.safetensors", "model.mindir", "README.md", "samples.png",
+FILES = {"config.json", "model.safetensors", "model_4step.safetensors", "model.mindir", "sampler.mindir",
+         "README.md", "samples.png",
          "manifest.json"}
 
 
@@ -222,6 +223,26 @@ def test_mindir_runs_like_the_network(bundle: Path) -> None:
               ms.Tensor(rng.uniform(0, 5, b).astype(np.float32)))
     graph = nn.GraphCell(ms.load(str(bundle / "model.mindir")))
     np.testing.assert_allclose(graph(*inputs).asnumpy(), model.net(*inputs).asnumpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_sampler_mindir_gives_the_python_samplers_images(bundle: Path) -> None:
+    model = from_pretrained(bundle)
+    spec = model.config["mindir_sampler"]
+    b = spec["batch_size"]
+    assert spec["num_steps"] == model.config["sampler"]["num_steps"] == 3 and spec["file"] == "sampler.mindir"
+    labels = np.arange(b) % 10
+    for w, seed in ((0.0, 1), (2.5, 2)):
+        expected = model.sample(labels, w, seed=seed, batch_size=b)
+        got = model.sample_mindir(labels, w, seed=seed)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    # the noise reaches the graph (labels and w barely move the tiny, hardly trained student)
+    assert np.abs(model.sample_mindir(labels, 2.5, seed=3) - got).max() > 1e-3
+    with pytest.raises(UserError, match="built for 3 steps, not 4"):
+        model.sample_mindir(labels, 2.0, num_steps=4)
+    with pytest.raises(UserError, match=f"built for batch {b}, got 2"):
+        model.sample_mindir(labels[:2], 2.0)
+    with pytest.raises(UserError, match="outside the distilled range"):
+        model.sample_mindir(labels, 6.0)
 
 
 def test_sample_task_writes_files_and_is_reproducible(bundle: Path, tiny_run: Path, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ def sampler_settings(cfg: Any, num_steps: int | None = None) -> SamplerSettings:
         schedule=cfg.diffusion.schedule, prediction=cfg.diffusion.prediction, w_schedule=s.w_schedule,
         clip_x0=bool(s.clip_x0),
         dynamic_threshold=None if s.dynamic_threshold is None else float(s.dynamic_threshold),
+        engine=str(s.get("engine", "step")),
     )
     settings.validate()
     return settings

@@ -162,36 +162,50 @@ def _relu(x: Array) -> Array:
     return (x + abs(x)) * 0.5
 
 
-def ddim_step(x0: Array, eps: Array, alpha_t: Array, sigma_t: Array, alpha_s: Array,
-              sigma_s: Array, eta: float = 0.0, noise: Array = None) -> Array:
-    """DDIM step from t to an earlier time s < t given predicted (x0, eps).
+def ddim_coefficients(alpha_t: Array, sigma_t: Array, alpha_s: Array, sigma_s: Array,
+                      eta: float = 0.0) -> Tuple[Array, Array, Array]:
+    """(c_x0, c_eps, c_noise) of a DDIM step t -> s: z_s = c_x0 * x0 + c_eps * eps + c_noise * noise.
 
-    With abar = alpha^2: c = eta * sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)),
-    z_s = alpha_s * x0 + sqrt(max(sigma_s^2 - c^2, 0)) * eps + c * noise.
-    eta = 0 is deterministic; eta = 1 is ancestral (equals ``ddpm_step``).
-    sigma_s^2 - c^2 is evaluated in the equivalent VP form
+    With abar = alpha^2: c_noise = eta * sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)),
+    c_eps = sqrt(max(sigma_s^2 - c_noise^2, 0)), evaluated in the equivalent VP form
     sigma_s^2 / sigma_t^2 * ((1 - eta^2)(1 - a^2) + a^2 sigma_s^2), a = alpha_t / alpha_s,
     which avoids catastrophic cancellation near t = 1.
     """
     if isinstance(eta, (int, float)) and eta == 0:
-        return alpha_s * x0 + sigma_s * eps
-    if noise is None:
-        raise ValueError("ddim_step with eta > 0 needs noise")
+        return alpha_s, sigma_s, 0.0
     ratio = sigma_s**2 / sigma_t**2
     one_minus_a2 = 1.0 - alpha_t**2 / alpha_s**2
     c = eta * _relu(ratio * one_minus_a2) ** 0.5
     eps_var = ratio * ((1.0 - eta**2) * one_minus_a2 + alpha_t**2 / alpha_s**2 * sigma_s**2)
-    return alpha_s * x0 + _relu(eps_var) ** 0.5 * eps + c * noise
+    return alpha_s, _relu(eps_var) ** 0.5, c
+
+
+def ddim_step(x0: Array, eps: Array, alpha_t: Array, sigma_t: Array, alpha_s: Array,
+              sigma_s: Array, eta: float = 0.0, noise: Array = None) -> Array:
+    """DDIM step from t to an earlier time s < t given predicted (x0, eps) (:func:`ddim_coefficients`).
+
+    eta = 0 is deterministic; eta = 1 is ancestral (equals ``ddpm_step``).
+    """
+    c_x0, c_eps, c_noise = ddim_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, eta)
+    if isinstance(eta, (int, float)) and eta == 0:
+        return c_x0 * x0 + c_eps * eps
+    if noise is None:
+        raise ValueError("ddim_step with eta > 0 needs noise")
+    return c_x0 * x0 + c_eps * eps + c_noise * noise
+
+
+def ddpm_coefficients(alpha_t: Array, sigma_t: Array, alpha_s: Array, sigma_s: Array) -> Tuple[Array, Array, Array]:
+    """(c_z, c_x0, var) of the true posterior q(z_s | z_t, x0) = N(c_z z_t + c_x0 x0, var), s < t."""
+    alpha_ts = alpha_t / alpha_s
+    sigma2_ts = sigma_t**2 - alpha_ts**2 * sigma_s**2
+    return (alpha_ts * sigma_s**2 / sigma_t**2), (alpha_s * sigma2_ts / sigma_t**2), sigma2_ts * sigma_s**2 / sigma_t**2
 
 
 def ddpm_posterior(z_t: Array, x0: Array, alpha_t: Array, sigma_t: Array, alpha_s: Array,
                    sigma_s: Array):
     """Mean and variance of the true posterior q(z_s | z_t, x0) for s < t."""
-    alpha_ts = alpha_t / alpha_s
-    sigma2_ts = sigma_t**2 - alpha_ts**2 * sigma_s**2
-    mean = (alpha_ts * sigma_s**2 / sigma_t**2) * z_t + (alpha_s * sigma2_ts / sigma_t**2) * x0
-    var = sigma2_ts * sigma_s**2 / sigma_t**2
-    return mean, var
+    c_z, c_x0, var = ddpm_coefficients(alpha_t, sigma_t, alpha_s, sigma_s)
+    return c_z * z_t + c_x0 * x0, var
 
 
 def ddpm_step(z_t: Array, x0: Array, alpha_t: Array, sigma_t: Array, alpha_s: Array,

@@ -7,7 +7,7 @@ All noise comes from a seeded numpy generator, so the same seed gives the same i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import mindspore as ms
@@ -16,6 +16,9 @@ from mindspore import nn, ops
 from distill.core import diffusion as dm
 from distill.core import runtime
 from distill.core.errors import UserError
+
+
+ENGINES = ("step", "loop", "eager")
 
 
 @dataclass(frozen=True)
@@ -28,16 +31,23 @@ class SamplerSettings:
     w_schedule: str = "constant"       # constant | linear | cosine (each has mean w)
     clip_x0: bool = True
     dynamic_threshold: Optional[float] = None  # percentile, e.g. 0.995; None = plain clip
+    engine: str = "step"               # step | loop (compiled, see SamplerStep / SamplerLoop) | eager (reference)
 
     def validate(self) -> None:
         if self.kind not in ("ddim", "ddpm"):
             raise UserError(f"sampler: unknown kind '{self.kind}' (choose ddim or ddpm)")
-        if self.num_steps < 1:
-            raise UserError(f"sampler: num_steps {self.num_steps} must be >= 1")
+        if isinstance(self.num_steps, bool) or int(self.num_steps) != self.num_steps or self.num_steps < 1:
+            raise UserError(f"sampler: num_steps {self.num_steps} must be an integer >= 1")
         if not 0.0 <= self.eta <= 1.0:
             raise UserError(f"sampler: eta {self.eta} must be in [0, 1]")
         if self.dynamic_threshold is not None and not 0.5 < self.dynamic_threshold <= 1.0:
             raise UserError(f"sampler: dynamic_threshold {self.dynamic_threshold} must be a percentile in (0.5, 1]")
+        if self.engine not in ENGINES:
+            raise UserError(f"sampler: unknown engine '{self.engine}' (choose {', '.join(ENGINES)})")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.kind == "ddpm" or self.eta > 0
 
 
 NOISE_STREAM = 7  # a fixed sub-stream of the run's seed, apart from training's (seed, 1|2|3, step)
@@ -46,12 +56,6 @@ NOISE_STREAM = 7  # a fixed sub-stream of the run's seed, apart from training's 
 def initial_noise(seed: int, n: int, shape: tuple[int, ...]) -> np.ndarray:
     """The starting noise of ``n`` samples: the same seed gives the same noise everywhere."""
     return np.random.default_rng((int(seed), NOISE_STREAM)).standard_normal((n, *shape)).astype(np.float32)
-
-
-def jit_predictor(cell: nn.Cell, use_jit: bool = True) -> Callable[..., ms.Tensor]:
-    def predict(z, t, y, w, y_uncond):
-        return cell(z, t, y, w, y_uncond)
-    return runtime.jit(predict) if use_jit else predict
 
 
 def step_times(settings: SamplerSettings) -> list[tuple[float, float, float, float, float, float]]:
@@ -64,6 +68,169 @@ def step_times(settings: SamplerSettings) -> list[tuple[float, float, float, flo
              float(alpha[i + 1]), float(sigma[i + 1])) for i in range(settings.num_steps)]
 
 
+def step_coefficients(settings: SamplerSettings) -> np.ndarray:
+    """(N, 5) float32 per step: alpha_t, sigma_t and the update's three coefficients.
+
+    DDIM: z_s = c1 x0 + c2 eps + c3 noise; DDPM: z_s = c1 z_t + c2 x0 + c3 noise. Made on the
+    host in float64 from the same formulas the eager sampler evaluates, then rounded once.
+    """
+    rows = []
+    for _, _, a_t, s_t, a_s, s_s in step_times(settings):
+        if settings.kind == "ddpm":
+            c_z, c_x0, var = dm.ddpm_coefficients(a_t, s_t, a_s, s_s)
+            update = (c_z, c_x0, dm._relu(var) ** 0.5)
+        else:
+            update = dm.ddim_coefficients(a_t, s_t, a_s, s_s, settings.eta)
+        rows.append((a_t, s_t, *update))
+    return np.asarray(rows, np.float64).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- compiled engine
+class SamplerStep(nn.Cell):
+    """One sampler step as one graph: network, x0 / eps, clipping or thresholding, DDIM / DDPM update.
+
+    The step's coefficients come in as a tensor (a row of :func:`step_coefficients`), so one
+    compiled graph serves every step of every step count. Returns ``(z_s, x0)``; the last step
+    of a sampler keeps ``x0``.
+    """
+
+    def __init__(self, cell: nn.Cell, settings: SamplerSettings) -> None:
+        super().__init__()
+        self.cell = cell
+        self.prediction = settings.prediction
+        self.threshold = settings.dynamic_threshold
+        self.clip = bool(settings.clip_x0) and settings.dynamic_threshold is None
+        self.ddpm = settings.kind == "ddpm"
+        self.stochastic = settings.stochastic
+
+    def construct(self, z, t, y, w, y_uncond, coef, noise):
+        out = self.cell(z, t, y, w, y_uncond)
+        a_t = coef[0]
+        s_t = coef[1]
+        x0, eps = dm.x0_eps_from_output(z, out, a_t, s_t, self.prediction)
+        if self.threshold is not None:
+            x0 = dm.dynamic_threshold(x0, self.threshold)
+            eps = dm.eps_from_x0(z, x0, a_t, s_t)
+        elif self.clip:
+            x0 = ops.clamp(x0, -1.0, 1.0)
+            eps = dm.eps_from_x0(z, x0, a_t, s_t)
+        if self.ddpm:
+            z_s = coef[2] * z + coef[3] * x0 + coef[4] * noise
+        elif self.stochastic:
+            z_s = coef[2] * x0 + coef[3] * eps + coef[4] * noise
+        else:
+            z_s = coef[2] * x0 + coef[3] * eps
+        return z_s, x0
+
+
+class SamplerLoop(nn.Cell):
+    """The whole N-step sampler as one graph: ``(noise, y, w, y_uncond, step_noise) -> x0``.
+
+    The step times, coefficients and the w schedule's per-step factors are constants of the
+    cell (made once); the loop unrolls at compile time, so one graph serves one step count.
+    ``w`` is per example (B,); ``step_noise`` (N, B, C, H, W) is read only by stochastic samplers.
+    """
+
+    def __init__(self, cell: nn.Cell, settings: SamplerSettings) -> None:
+        super().__init__()
+        self.step = SamplerStep(cell, settings)
+        self.num_steps = int(settings.num_steps)
+        self.times = ms.Tensor(dm.sampling_times(settings.num_steps)[:-1])
+        self.coef = ms.Tensor(step_coefficients(settings))
+        self.w_factor = ms.Tensor(dm.guidance_schedule(settings.w_schedule, 1.0, settings.num_steps))
+        self.constant_w = settings.w_schedule == "constant"
+
+    def construct(self, noise, y, w, y_uncond, step_noise):
+        z = noise
+        x0 = noise
+        ones = ops.ones_like(w)
+        for i in range(self.num_steps):
+            w_i = w if self.constant_w else w * self.w_factor[i]
+            noise_i = step_noise[i] if self.step.stochastic else z
+            z, x0 = self.step(z, ones * self.times[i], y, w_i, y_uncond, self.coef[i], noise_i)
+        return x0
+
+
+class ServingSampler(nn.Cell):
+    """The whole sampler for serving: ``(noise, labels, w) -> images`` in [-1, 1], the unconditional
+    branch on ``null_class``; deterministic samplers only (a stochastic one would need its step noise)."""
+
+    def __init__(self, cell: nn.Cell, settings: SamplerSettings, null_class: int) -> None:
+        super().__init__()
+        if settings.stochastic:
+            raise UserError(f"sampler: a {settings.kind} sampler with eta={settings.eta} draws noise every step; "
+                            f"only deterministic samplers (ddim, eta 0) export as one graph")
+        self.loop = SamplerLoop(cell, settings)
+        self.null_class = int(null_class)
+
+    def construct(self, noise, labels, w):
+        y_uncond = ops.ones_like(labels) * self.null_class
+        return ops.clamp(self.loop(noise, labels, w, y_uncond, noise), -1.0, 1.0)
+
+
+class Predictor:
+    """A prediction cell (``(z, t, y, w, y_uncond) -> output``) and its compiled samplers.
+
+    Callable like the cell (jitted when ``use_jit``); :func:`sample` finds the cell here to
+    compile the whole step (engine ``step``) or the whole loop (engine ``loop``) around it.
+    """
+
+    def __init__(self, cell: nn.Cell, use_jit: bool = True) -> None:
+        self.cell = cell
+        self.use_jit = bool(use_jit)
+        self._call = _compiled(cell) if use_jit else cell
+        self._samplers: dict[tuple, Callable[..., Any]] = {}
+        self._plans: dict[tuple, list[tuple[ms.Tensor, ...]]] = {}
+
+    @property
+    def passes(self) -> int:
+        return int(getattr(self.cell, "passes", 1))
+
+    def __call__(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor) -> ms.Tensor:
+        return self._call(z, t, y, w, y_uncond)
+
+    def compiled(self, settings: SamplerSettings) -> Callable[..., Any]:
+        """The compiled step or loop for ``settings`` (one graph per static choice, cached)."""
+        static = (settings.engine, settings.kind, settings.stochastic, settings.prediction, settings.clip_x0,
+                  settings.dynamic_threshold)
+        if settings.engine == "loop":  # the loop's constants depend on the step count and schedules too
+            static += (settings.num_steps, settings.schedule, settings.eta, settings.w_schedule)
+        if static not in self._samplers:
+            cls = SamplerLoop if settings.engine == "loop" else SamplerStep
+            cell = cls(self.cell, settings)
+            cell.set_train(False)
+            self._samplers[static] = _compiled(cell) if self.use_jit else cell
+        return self._samplers[static]
+
+
+    def plan(self, settings: SamplerSettings, batch: int, ws: np.ndarray) -> list[tuple[ms.Tensor, ...]]:
+        """Per step (t, w, coefficients) as tensors, made once per sampler and batch (a few recent kept)."""
+        key = (settings, batch, ws.tobytes())
+        if key not in self._plans:
+            coef, times = step_coefficients(settings), dm.sampling_times(settings.num_steps)
+            self._plans[key] = [(ms.Tensor(np.full(batch, times[i], np.float32)),
+                                 ms.Tensor(np.full(batch, ws[i], np.float32)), ms.Tensor(coef[i]))
+                                for i in range(settings.num_steps)]
+            while len(self._plans) > PLANS_KEPT:
+                self._plans.pop(next(iter(self._plans)))
+        return self._plans[key]
+
+
+PLANS_KEPT = 16
+
+
+def _compiled(cell: nn.Cell) -> Callable[..., Any]:
+    def call(*args):
+        return cell(*args)
+    return runtime.jit(call)
+
+
+def jit_predictor(cell: nn.Cell, use_jit: bool = True) -> Predictor:
+    """The cell as a :class:`Predictor` (jitted when ``use_jit``); what :func:`sample` takes."""
+    return Predictor(cell, use_jit)
+
+
+# ----------------------------------------------------------------------------- sampling
 def sample(
     predict: Callable[..., ms.Tensor],
     noise: np.ndarray,
@@ -73,8 +240,48 @@ def sample(
     uncond_labels: np.ndarray,
     seed: int = 0,
 ) -> np.ndarray:
-    """Run the reverse process from ``noise`` (N,C,H,W) and return images in [-1, 1]."""
+    """Run the reverse process from ``noise`` (N,C,H,W) and return images in [-1, 1].
+
+    ``predict`` is a :class:`Predictor` (any engine) or a plain callable (eager engine only).
+    Every engine gives the same images (the step graph bit for bit, the loop to float rounding).
+    """
     settings.validate()
+    if noise.ndim < 2 or noise.shape[0] < 1:
+        raise UserError(f"sampler: noise of shape {noise.shape} holds no image (batch must be >= 1)")
+    if settings.engine == "eager" or not isinstance(predict, Predictor):
+        return _sample_eager(predict, noise, labels, w, settings, uncond_labels, seed)
+    b, n = noise.shape[0], settings.num_steps
+    ws = dm.guidance_schedule(settings.w_schedule, w, n)  # float32 per step, as the eager sampler uses
+    z = ms.Tensor(noise.astype(np.float32))
+    y = ms.Tensor(labels.astype(np.int32))
+    y_uncond = ms.Tensor(uncond_labels.astype(np.int32))
+    step_noise = _step_noise(settings, noise.shape, seed)
+    run = predict.compiled(settings)
+    if settings.engine == "loop":  # step noise is read by stochastic samplers only
+        noise_all = ms.Tensor(step_noise) if step_noise is not None else z
+        x0 = run(z, y, ms.Tensor(np.full(b, w, np.float32)), y_uncond, noise_all)
+        return np.clip(x0.asnumpy(), -1.0, 1.0)
+    x0 = z
+    for i, (t_vec, w_vec, coef) in enumerate(predict.plan(settings, b, ws)):
+        noise_i = ms.Tensor(step_noise[i]) if step_noise is not None else z
+        z, x0 = run(z, t_vec, y, w_vec, y_uncond, coef, noise_i)
+    return np.clip(x0.asnumpy(), -1.0, 1.0)
+
+
+def _step_noise(settings: SamplerSettings, shape: tuple[int, ...], seed: int) -> Optional[np.ndarray]:
+    """The per-step noise of a stochastic sampler, (N, *shape), drawn in the eager sampler's order
+    (one draw per step but the last, which lands on x0); None for deterministic samplers."""
+    if not settings.stochastic:
+        return None
+    rng = np.random.default_rng(seed)
+    out = np.zeros((settings.num_steps, *shape), np.float32)
+    for i in range(settings.num_steps - 1):
+        out[i] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def _sample_eager(predict, noise, labels, w, settings, uncond_labels, seed) -> np.ndarray:
+    """The reference sampler: the update as eager MindSpore ops between network calls."""
     b = noise.shape[0]
     rng = np.random.default_rng(seed)
     z = ms.Tensor(noise.astype(np.float32))
@@ -115,8 +322,12 @@ def sample_in_batches(
     seed: int = 0,
 ) -> np.ndarray:
     """:func:`sample` over fixed-size chunks (the last one padded, so one compiled shape)."""
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise UserError(f"sampler: batch size {batch_size} must be an integer >= 1")
     out = []
     n = noise.shape[0]
+    if n < 1:
+        raise UserError("sampler: no images to sample (0 noise samples)")
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size) % n  # pad by wrapping; dropped below
         imgs = sample(predict, noise[idx], labels[idx], w, settings, uncond_labels[idx], seed=seed + start)

@@ -1,30 +1,36 @@
-"""``task=bench``: one-pass student vs two-pass teacher sampling speed, in one process.
+"""``task=bench``: sampling speed of the two-pass teacher, the one-pass student and the few-step
+student, with the compiled engine against the eager reference, in one process.
 
-For every (batch, steps) the two models run interleaved (alternating who goes first), on
-the same noise and labels, after an untimed jit warm-up per compiled shape. Each timed
-run is one full :func:`distill.sampling.sample` call. :func:`summarize` holds the math.
+For each batch size every entry (a model at a step count with an engine) is warmed up (its first
+call, i.e. the compile, is timed apart), then all entries run interleaved, the order rotating per
+repeat, so machine noise hits them alike. Each timed run is one full :func:`sample` call on the same
+noise and labels. The FLOPs of one forward pass are counted from the network's layers, and a large
+matmul timed in the same process gives the machine's peak for the percentages.
+:func:`summarize`, :func:`speedup` and :func:`flop_rate` hold the math.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig
 
 from distill.core import build
-from distill.core.fileio import write_json, write_text
-from distill.core.data import load_data
+from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
-from distill.core.report import markdown_table, pyplot, save_figure
-from distill.core.sampling import jit_predictor, sample
+from distill.core.fileio import write_json, write_text
+from distill.core.report import pyplot, save_figure
+from distill.core.sampling import Predictor, SamplerSettings, jit_predictor, sample
 
 log = logging.getLogger(__name__)
-MODELS = ("teacher", "student")
+GRID_MODELS = ("teacher", "student")  # timed at every grid step count; may also run eager
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -45,10 +51,75 @@ def summarize(seconds: Sequence[float], batch: int, steps: int) -> dict[str, dic
             "ms_per_step": spread(1000.0 * t / steps)}
 
 
-def speedup(teacher_seconds: Sequence[float], student_seconds: Sequence[float]) -> dict[str, Any]:
-    """teacher time / student time: ratio of medians, and the spread of the per-repeat (paired) ratios."""
-    t, s = np.asarray(teacher_seconds, np.float64), np.asarray(student_seconds, np.float64)
+def speedup(slow_seconds: Sequence[float], fast_seconds: Sequence[float]) -> dict[str, Any]:
+    """slow time / fast time: ratio of medians, and the spread of the per-repeat (paired) ratios."""
+    t, s = np.asarray(slow_seconds, np.float64), np.asarray(fast_seconds, np.float64)
     return {"median_ratio": float(np.median(t) / np.median(s)), "paired": spread(t / s)}
+
+
+def flop_rate(flops_per_eval: float, evals_per_image: int, batch: int, seconds: float,
+              peaks: dict[str, float]) -> dict[str, float]:
+    """Achieved GFLOP/s of a sampler run and its percentage of each measured peak (GFLOP/s)."""
+    gflops = flops_per_eval * evals_per_image * batch / seconds / 1e9
+    return {"gflops": gflops, **{f"pct_of_{k}": 100.0 * gflops / v for k, v in peaks.items()}}
+
+
+# ----------------------------------------------------------------------------- FLOPs and peak
+def forward_flops(net: Any, image_shape: tuple[int, ...], num_classes: int) -> dict[str, float]:
+    """FLOPs (2 x multiply-adds) of one forward pass of ``net`` on ONE image, by layer type.
+
+    Counted from the layers a forward pass runs (forward hooks): convolutions, dense layers and
+    the attention matmuls; normalisation and element-wise ops are left out (a few percent).
+    """
+    import mindspore as ms
+    from mindspore import nn
+    from teacher.unet import Attention
+
+    counts: dict[str, float] = {"conv": 0.0, "dense": 0.0, "attention": 0.0}
+
+    def hook(cell: Any, inputs: Any, output: Any) -> None:
+        if isinstance(cell, nn.Conv2d):
+            kh, kw = cell.kernel_size
+            counts["conv"] += 2.0 * np.prod(output.shape) * (cell.in_channels // cell.group) * kh * kw
+        elif isinstance(cell, nn.Dense):
+            counts["dense"] += 2.0 * np.prod(output.shape) * cell.in_channels
+        elif isinstance(cell, Attention):
+            b, c, h, w = inputs[0].shape
+            counts["attention"] += 2.0 * 2 * b * (h * w) ** 2 * c  # q^T k and v attn^T
+
+    handles = [c.register_forward_hook(hook) for _, c in net.cells_and_names()
+               if isinstance(c, (nn.Conv2d, nn.Dense, Attention))]
+    try:
+        x = ms.Tensor(np.zeros((1, *image_shape), np.float32))
+        y = ms.Tensor(np.array([num_classes - 1], np.int32))
+        one = ms.Tensor(np.ones(1, np.float32))
+        net(x, one * 0.5, y, one)
+    finally:
+        for h in handles:
+            h.remove()
+    return {**counts, "total": float(sum(counts.values()))}
+
+
+def matmul_peak(n: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of an n x n fp32 matmul, best of ``repeats``: numpy's BLAS and MindSpore's matmul."""
+    import mindspore as ms
+    from mindspore import ops
+
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    ta = ms.Tensor(a)
+    runs = {"numpy_matmul": lambda: a @ a, "mindspore_matmul": lambda: ops.matmul(ta, ta).asnumpy()}
+    out = {}
+    for name, fn in runs.items():
+        fn()
+        best = min(_timed(fn) for _ in range(repeats))
+        out[name] = 2.0 * n**3 / best / 1e9
+    return out
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- config
@@ -69,12 +140,26 @@ def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
 
 
 def bench_options(b: Any) -> dict[str, Any]:
-    teacher_steps = b.get("teacher_steps")
-    return {"batch_sizes": _positive_ints(b.get("batch_sizes"), "batch_sizes"),
+    opts = {"batch_sizes": _positive_ints(b.get("batch_sizes"), "batch_sizes"),
             "step_counts": _positive_ints(b.get("step_counts"), "step_counts"),
             "repeats": _positive_int(b.get("repeats"), "repeats"),
             "warmup": _positive_int(b.get("warmup"), "warmup", 0),
-            "teacher_steps": None if teacher_steps is None else _positive_int(teacher_steps, "teacher_steps")}
+            "reference_steps": (None if b.get("reference_steps") is None
+                                else _positive_int(b.get("reference_steps"), "reference_steps")),
+            "eager_models": [str(m) for m in (b.get("eager_models") or [])],
+            "peak_matmul_size": _positive_int(b.get("peak_matmul_size", 1024), "peak_matmul_size", 64)}
+    engine = str(b.get("engine") or "step")
+    if engine not in ("step", "loop"):
+        raise UserError(f"bench: engine '{engine}' must be a compiled engine (step or loop)")
+    opts["engine"] = engine
+    unknown = sorted(set(opts["eager_models"]) - set(GRID_MODELS))
+    if unknown:
+        raise UserError(f"bench: eager_models {unknown} must be among {list(GRID_MODELS)}")
+    if opts["reference_steps"] is None:
+        opts["reference_steps"] = max(opts["step_counts"])
+    if opts["reference_steps"] not in opts["step_counts"]:
+        raise UserError(f"bench: reference_steps {opts['reference_steps']} must be one of step_counts {opts['step_counts']}")
+    return opts
 
 
 def load_average() -> list[float] | None:
@@ -87,72 +172,147 @@ def machine_info(device: str) -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "mindspore": mindspore.__version__, "device": device,
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
             "load_average_1_5_15": load_average()}
+
+
+def busy_warning(machine: dict[str, Any]) -> Optional[str]:
+    """A warning when the 1-minute load average before or after exceeded the core count."""
+    cores = machine.get("cpu_count") or 1
+    loads = [la[0] for la in (machine.get("load_average_1_5_15"), machine.get("load_average_after")) if la]
+    if loads and max(loads) > cores:
+        return (f"the machine was busy (1-minute load average up to {max(loads):.1f} on {cores} cores): "
+                f"absolute timings are pessimistic, ratios of interleaved runs less so")
+    return None
+
+
+# ----------------------------------------------------------------------------- models
+@dataclass
+class BenchModel:
+    """One model the bench times: its prediction cell and, for a few-step student, its own step count."""
+
+    name: str
+    predictor: Predictor
+    passes: int
+    flops_per_image: float       # one forward pass of the backbone, per image
+    checkpoint: str
+    steps: Optional[int] = None  # None: the grid's step counts
+
+
+def bench_models(cfg: DictConfig, data: ImageData) -> list[BenchModel]:
+    """The models to time; adding one is one line here."""
+    from student.loading import load_student
+    from student.progressive import progressive_dir, verified_rounds
+    from teacher.guidance import ConditionalPrediction, GuidedPrediction
+    from teacher.loading import load_teacher, teacher_checkpoint_path
+
+    use_jit = bool(cfg.jit)
+    args = (data.image_shape, data.num_classes)
+    student_path = Path(str(cfg.bench.student)).expanduser() if cfg.bench.get("student") else None
+    teacher = load_teacher(cfg, data)
+    student, meta = load_student(cfg, data, student_path)
+    models = [
+        BenchModel("teacher", jit_predictor(GuidedPrediction(teacher), use_jit), 2, forward_flops(teacher, *args)["total"],
+                   str(teacher_checkpoint_path(cfg))),
+        BenchModel("student", jit_predictor(ConditionalPrediction(student), use_jit), 1,
+                   forward_flops(student, *args)["total"], str(student_path or "run's student")),
+    ]
+    # the few-step student: the last progressive round, checked to descend from the run's student
+    rounds = verified_rounds(cfg, data) if cfg.bench.get("few_step", True) and progressive_dir(cfg).is_dir() else []
+    if rounds:
+        n, few = rounds[-1]
+        net, _ = load_student(cfg, data, few)
+        models.append(BenchModel(f"student_{n}step", jit_predictor(ConditionalPrediction(net), use_jit), 1,
+                                 forward_flops(net, *args)["total"], str(few), steps=n))
+    return models
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A model at one step count with one engine: one timed column of the bench."""
+
+    model: str
+    engine: str
+    steps: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.engine}/{self.steps}"
+
+
+def entries(models: list[BenchModel], opts: dict[str, Any]) -> list[Entry]:
+    """Compiled: each model at every grid step count (a few-step student at its own); eager: the
+    ``eager_models`` at the reference step count."""
+    out = []
+    for m in models:
+        for s in ([m.steps] if m.steps else opts["step_counts"]):
+            out.append(Entry(m.name, opts["engine"], s))
+    out += [Entry(name, "eager", opts["reference_steps"]) for name in opts["eager_models"]]
+    return list(dict.fromkeys(out))
 
 
 # ----------------------------------------------------------------------------- timing
 def run_bench(cfg: DictConfig) -> Path:
     from tqdm import tqdm
-    from student.loading import load_student
-    from teacher.guidance import ConditionalPrediction, GuidedPrediction
-    from teacher.loading import load_teacher
     from distill.jobs.common import uncond_labels
 
     opts = bench_options(cfg.bench)
     data = load_data(cfg.data)
-    student_path = Path(str(cfg.bench.student)).expanduser() if cfg.bench.get("student") else None
-    student_net, student_meta = load_student(cfg, data, student_path)
-    cells = {"teacher": GuidedPrediction(load_teacher(cfg, data)), "student": ConditionalPrediction(student_net)}
-    predictors = {m: jit_predictor(c, bool(cfg.jit)) for m, c in cells.items()}
-    w, seed, nc = float(cfg.sampler.w), int(cfg.seed), data.num_classes
     machine = machine_info(str(cfg.device))
+    models = bench_models(cfg, data)
+    by_name = {m.name: m for m in models}
+    todo = entries(models, opts)
+    base = build.sampler_settings(cfg)
+    peaks = matmul_peak(opts["peak_matmul_size"])
+    w, seed, nc = float(cfg.sampler.w), int(cfg.seed), data.num_classes
 
-    def steps_of(model: str, steps: int) -> int:
-        return opts["teacher_steps"] if model == "teacher" and opts["teacher_steps"] else steps
+    def settings_of(e: Entry) -> SamplerSettings:
+        return dataclasses.replace(base, num_steps=e.steps, engine=e.engine)
 
-    configs = [(b, s) for b in opts["batch_sizes"] for s in opts["step_counts"]]
-    bar = tqdm(total=len(configs) * opts["repeats"] * 2, desc="bench", unit="run", dynamic_ncols=True)
-    warmed: set[tuple[str, int]] = set()
+    bar = tqdm(total=len(opts["batch_sizes"]) * len(todo) * opts["repeats"], desc="bench", unit="run",
+               dynamic_ncols=True)
     results = []
-    for batch, steps in configs:
+    for batch in opts["batch_sizes"]:
         noise = np.random.default_rng((seed, batch)).standard_normal((batch, *data.image_shape)).astype(np.float32)
         labels = (np.arange(batch) % nc).astype(np.int32)
         y_unc = uncond_labels(cfg, batch, nc)
 
-        def run(model: str, n_steps: int) -> float:
-            settings = build.sampler_settings(cfg, n_steps)
-            t0 = time.perf_counter()
-            sample(predictors[model], noise, labels, w, settings, y_unc, seed=seed)
-            return time.perf_counter() - t0
+        def run(e: Entry) -> float:
+            return _timed(lambda: sample(by_name[e.model].predictor, noise, labels, w, settings_of(e), y_unc, seed))
 
-        for model in MODELS:  # one untimed sample of `warmup` steps per compiled shape (min 2: a DDIM step too)
-            if (model, batch) not in warmed:
-                bar.set_postfix_str(f"warm-up {model} batch {batch}")
-                run(model, max(2, opts["warmup"]))
-                warmed.add((model, batch))
-        times: dict[str, list[float]] = {m: [] for m in MODELS}
+        compile_s = {}
+        for e in todo:  # the first call compiles (per shape and, for the loop engine, per step count)
+            bar.set_postfix_str(f"warm-up batch {batch} {e.key}")
+            first = run(e)
+            for _ in range(opts["warmup"]):
+                steady = run(e)
+            compile_s[e] = max(0.0, first - steady) if opts["warmup"] else None
+        times: dict[Entry, list[float]] = {e: [] for e in todo}
         for r in range(opts["repeats"]):
-            for model in (MODELS if r % 2 == 0 else MODELS[::-1]):
-                bar.set_postfix_str(f"batch {batch} steps {steps} {model}")
-                times[model].append(run(model, steps_of(model, steps)))
+            k = r % len(todo)
+            for e in todo[k:] + todo[:k]:
+                bar.set_postfix_str(f"batch {batch} {e.key}")
+                times[e].append(run(e))
                 bar.update(1)
-        row: dict[str, Any] = {"batch": batch, "steps": steps}
-        for model in MODELS:
-            n = steps_of(model, steps)
-            row[model] = {"steps": n, "evals_per_step": int(cells[model].passes),
-                          "evals_per_image": int(cells[model].passes) * n,
-                          "seconds": times[model], **summarize(times[model], batch, n)}
-        row["speedup"] = speedup(times["teacher"], times["student"])
-        results.append(row)
+        results.append(batch_result(batch, todo, times, compile_s, by_name, peaks, opts))
     bar.close()
     machine["load_average_after"] = load_average()
+    warning = busy_warning(machine)
+    if warning:
+        log.warning("bench: %s", warning)
 
-    report = {"machine": machine, "options": opts, "w": w, "seed": seed, "jit": bool(cfg.jit),
-              "image_shape": list(data.image_shape), "student_checkpoint": str(student_path or "run's student"),
-              "student_kind": student_meta.get("kind"), "speedup_definition": "teacher seconds / student seconds",
+    report = {"machine": machine, "busy_warning": warning, "options": opts, "w": w, "seed": seed,
+              "jit": bool(cfg.jit), "image_shape": list(data.image_shape),
+              "sampler": {"kind": base.kind, "eta": base.eta, "w_schedule": base.w_schedule,
+                          "clip_x0": base.clip_x0, "dynamic_threshold": base.dynamic_threshold},
+              "models": [{"name": m.name, "passes": m.passes, "checkpoint": m.checkpoint,
+                          "steps": m.steps, "forward_flops_per_image": m.flops_per_image} for m in models],
+              "flops_counted": "2 x multiply-adds of convolutions, dense layers and attention matmuls",
+              "peak_gflops": peaks,
+              "speedup_definition": "slower time / faster time per sampler call (medians; paired spread in ratios)",
               "results": results}
     out = build.run_dir(cfg) / "bench"
-    table = bench_markdown(report)
+    table = markdown_report(report)
     write_json(out / "bench.json", report)
     write_text(out / "bench.md", table)
     plot(report, out / "bench.png")
@@ -161,45 +321,93 @@ def run_bench(cfg: DictConfig) -> Path:
     return out / "bench.json"
 
 
-# ----------------------------------------------------------------------------- reports
-def bench_markdown(report: dict[str, Any]) -> str:
-    m, o = report["machine"], report["options"]
+def batch_result(batch: int, todo: list[Entry], times: dict[Entry, list[float]], compile_s: dict[Entry, Any],
+                 models: dict[str, BenchModel], peaks: dict[str, float], opts: dict[str, Any]) -> dict[str, Any]:
+    """One batch size's entries (stats, GFLOP/s, compile time) and the ratios between them."""
     rows = []
+    for e in todo:
+        m = models[e.model]
+        stats = summarize(times[e], batch, e.steps)
+        rows.append({"model": e.model, "engine": e.engine, "steps": e.steps, "passes": m.passes,
+                     "evals_per_image": m.passes * e.steps, "seconds": times[e], "compile_seconds": compile_s[e],
+                     **stats, **flop_rate(m.flops_per_image, m.passes * e.steps, batch,
+                                          float(np.median(times[e])), peaks)})
+    ref = opts["reference_steps"]
+    ratios: dict[str, Any] = {}
+
+    def ratio(name: str, slow: Entry, fast: Entry, limit: Optional[float] = None) -> None:
+        if slow in times and fast in times:
+            ratios[name] = {**speedup(times[slow], times[fast]), "limit": limit}
+
+    eng = opts["engine"]
+    for model in ("student", "teacher"):
+        ratio(f"{model}_{eng}_vs_eager_{ref}steps", Entry(model, "eager", ref), Entry(model, eng, ref))
+    for s in opts["step_counts"]:
+        ratio(f"one_pass_vs_two_pass_{s}steps", Entry("teacher", eng, s), Entry("student", eng, s), 2.0)
+    for m in models.values():
+        if m.steps:
+            ratio(f"{m.name}_vs_teacher_{ref}steps", Entry("teacher", eng, ref), Entry(m.name, eng, m.steps),
+                  2.0 * ref / m.steps)
+    return {"batch": batch, "entries": rows, "ratios": ratios}
+
+
+# ----------------------------------------------------------------------------- reports
+def markdown_report(report: dict[str, Any]) -> str:
+    m, o, p = report["machine"], report["options"], report["peak_gflops"]
+    flops = {x["name"]: x["forward_flops_per_image"] for x in report["models"]}
+    lines = ["# Sampling speed: two-pass CFG teacher, one-pass student, few-step student\n",
+             f"{m['device']} / {m['platform']} / {m['cpu_count']} CPUs / MindSpore {m['mindspore']} / oneDNN ISA cap "
+             f"{m['onednn_max_cpu_isa']}; load average {m['load_average_1_5_15']} before, {m['load_average_after']} "
+             f"after. Medians of {o['repeats']} interleaved runs after {o['warmup']} warm-up runs (quartiles in "
+             f"brackets; all repeats in bench.json); compile = first call minus a warm call.\n",
+             f"Forward pass per image: " + ", ".join(f"{k} {v / 1e6:.1f} MFLOP" for k, v in flops.items())
+             + f". Peak of a {o['peak_matmul_size']}^2 fp32 matmul in this run: numpy {p['numpy_matmul']:.0f} "
+             f"GFLOP/s, MindSpore {p['mindspore_matmul']:.0f} GFLOP/s.\n"]
+    if report.get("busy_warning"):
+        lines.append(f"**Warning: {report['busy_warning']}.**\n")
+    lines += ["| batch | model | engine | steps | ms/step | images/s | GFLOP/s | % numpy peak | compile s |",
+              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
-        t, s = r["teacher"], r["student"]
-        steps = str(r["steps"]) if t["steps"] == s["steps"] else f"{s['steps']} (teacher {t['steps']})"
-        rows.append([r["batch"], steps, f"{t['ms_per_step']['median']:.2f}", f"{s['ms_per_step']['median']:.2f}",
-                     f"{t['images_per_s']['median']:.1f}", f"{s['images_per_s']['median']:.1f}",
-                     f"{r['speedup']['median_ratio']:.2f}x"])
-    table = markdown_table(["batch", "steps", "teacher ms/step", "student ms/step", "teacher img/s", "student img/s",
-                            "speed-up"], rows, right=True)
-    return "\n".join(["# Sampling speed: one-pass student vs two-pass CFG teacher\n",
-                      f"{m['device']} / {m['platform']} / {m['cpu_count']} CPUs / MindSpore {m['mindspore']}; "
-                      f"load average {m['load_average_1_5_15']} before, {m['load_average_after']} after. "
-                      f"Medians of {o['repeats']} interleaved runs (spread in bench.json); speed-up = teacher time / "
-                      f"student time per image.\n", table]) + "\n"
+        for e in r["entries"]:
+            ms_ = e["ms_per_step"]
+            comp = "" if e["compile_seconds"] is None else f"{e['compile_seconds']:.1f}"
+            lines.append(f"| {r['batch']} | {e['model']} | {e['engine']} | {e['steps']} | {ms_['median']:.2f} "
+                         f"[{ms_['q25']:.2f}-{ms_['q75']:.2f}] | {e['images_per_s']['median']:.1f} | "
+                         f"{e['gflops']:.1f} | {e['pct_of_numpy_matmul']:.1f} | {comp} |")
+    names = list(dict.fromkeys(k for r in report["results"] for k in r["ratios"]))
+    lines += ["", "Speed-ups (slower / faster sampler call; limit in brackets where one exists):", "",
+              "| batch | " + " | ".join(n.replace("_", " ") for n in names) + " |",
+              "|---:|" + "---:|" * len(names)]
+    for r in report["results"]:
+        cells = []
+        for n in names:
+            x = r["ratios"].get(n)
+            cells.append("" if x is None else f"{x['median_ratio']:.2f}x" + (f" ({x['limit']:g})" if x["limit"] else ""))
+        lines.append(f"| {r['batch']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
-    rows, step_counts = report["results"], report["options"]["step_counts"]
-    batches = report["options"]["batch_sizes"]
-    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4.2))
-    for steps in step_counts:
-        sel = [r for r in rows if r["steps"] == steps]
-        for model, style in (("teacher", "o--"), ("student", "s-")):
-            ax1.plot([r["batch"] for r in sel], [r[model]["images_per_s"]["median"] for r in sel], style,
-                     label=f"{model} ({sel[0][model]['evals_per_step']} pass), {steps} steps")
+    plt = pyplot()
+    rows = report["results"]
+    batches = [r["batch"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    keys = list(dict.fromkeys((e["model"], e["engine"], e["steps"]) for r in rows for e in r["entries"]))
+    for model, engine, steps in keys:
+        ys = [next(e["images_per_s"]["median"] for e in r["entries"]
+                   if (e["model"], e["engine"], e["steps"]) == (model, engine, steps)) for r in rows]
+        ax1.plot(batches, ys, "o--" if engine == "eager" else "s-", label=f"{model} {engine} {steps} steps")
     ax1.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s", title="Throughput")
-    ax1.legend(fontsize=8)
-    width = 0.8 / len(step_counts)
-    for k, steps in enumerate(step_counts):
-        vals = [next(r["speedup"]["median_ratio"] for r in rows if r["batch"] == b and r["steps"] == steps)
-                for b in batches]
-        ax2.bar(np.arange(len(batches)) + (k - (len(step_counts) - 1) / 2) * width, vals, width, label=f"{steps} steps")
+    ax1.legend(fontsize=7)
+    names = list(dict.fromkeys(k for r in rows for k in r["ratios"]))
+    width = 0.8 / max(1, len(names))
+    for k, name in enumerate(names):
+        vals = [r["ratios"].get(name, {}).get("median_ratio", np.nan) for r in rows]
+        ax2.bar(np.arange(len(batches)) + (k - (len(names) - 1) / 2) * width, vals, width, label=name.replace("_", " "))
     ax2.axhline(1.0, color="gray", lw=0.8)
     ax2.set(xticks=np.arange(len(batches)), xticklabels=[str(b) for b in batches], xlabel="batch size",
-            ylabel="teacher time / student time", title="Speed-up of the one-pass student")
-    ax2.legend(fontsize=8)
+            ylabel="speed-up", title="Speed-ups")
+    ax2.legend(fontsize=7)
     return save_figure(fig, path, dpi=110)
 
 
@@ -207,9 +415,11 @@ def write_tensorboard(report: dict[str, Any], tb_dir: Path) -> None:
     from tensorboardX import SummaryWriter
 
     writer = SummaryWriter(str(tb_dir))
-    for r in report["results"]:  # x axis = batch size, one curve per model and step count
-        for model in MODELS:
+    for r in report["results"]:  # x axis = batch size, one curve per entry and ratio
+        for e in r["entries"]:
             for key in ("images_per_s", "ms_per_step"):
-                writer.add_scalar(f"bench/{key}/{model}_steps{r['steps']}", r[model][key]["median"], r["batch"])
-        writer.add_scalar(f"bench/speedup/steps{r['steps']}", r["speedup"]["median_ratio"], r["batch"])
+                writer.add_scalar(f"bench/{key}/{e['model']}_{e['engine']}_steps{e['steps']}", e[key]["median"],
+                                  r["batch"])
+        for name, x in r["ratios"].items():
+            writer.add_scalar(f"bench/speedup/{name}", x["median_ratio"], r["batch"])
     writer.close()

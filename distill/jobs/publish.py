@@ -14,8 +14,8 @@ from distill.core.weights import save_weights
 from student.bundle import CARD, CONFIG, GRID, MINDIR, WEIGHTS, Pretrained, build_net, write_manifest
 from student.loading import load_student
 from student.progressive import verified_rounds
-from student.publish import (bundle_config, bundle_dir, export_mindir, read_report, variant_weights,
-                             write_sample_grid)
+from student.publish import (bundle_config, bundle_dir, export_mindir, export_sampler_mindir, read_report,
+                             variant_weights, write_sample_grid)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def run_publish(cfg: DictConfig) -> Path:
         (tmp / CONFIG).write_text(json_text(config))
         model = Pretrained(build_net(config, tmp / WEIGHTS), config, tmp)  # the card's samples come from the files
         export_mindir(model.net, tmp / MINDIR, int(p.mindir_batch))
+        if config["mindir_sampler"]:
+            export_sampler_mindir(model, tmp / config["mindir_sampler"]["file"])
         write_sample_grid(model, tmp / GRID, card_ws)
         (tmp / CARD).write_text(model_card(config, read_report(cfg), card_ws))
         write_manifest(tmp)
