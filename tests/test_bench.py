@@ -91,7 +91,8 @@ def test_tiny_bench_writes_reports(tiny_run: Path, capsys: pytest.CaptureFixture
     (row,) = report["results"]
     assert row["batch"] == 2
     got = {(e["model"], e["engine"], e["steps"]): e for e in row["entries"]}
-    assert set(got) == {("teacher", "step", 2), ("student", "step", 2), ("teacher", "eager", 2), ("student", "eager", 2)}
+    assert set(got) == {("teacher", "step", 2), ("student", "step", 2), ("teacher", "eager", 2), ("student", "eager", 2),
+                        ("student_2step", "step", 2)}  # the run's progressive round at its own steps
     for (model, _, steps), e in got.items():
         assert len(e["seconds"]) == 2 and e["evals_per_image"] == (2 if model == "teacher" else 1) * steps
         for key in ("seconds_per_image", "images_per_s", "ms_per_step"):

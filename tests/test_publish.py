@@ -229,7 +229,7 @@ def test_sampler_mindir_gives_the_python_samplers_images(bundle: Path) -> None:
     model = from_pretrained(bundle)
     spec = model.config["mindir_sampler"]
     b = spec["batch_size"]
-    assert spec["num_steps"] == model.config["sampler"]["num_steps"] == 3 and spec["file"] == "sampler.mindir"
+    assert spec["num_steps"] == model.config["sampler"]["num_steps"] == 2 and spec["file"] == "sampler.mindir"  # the 2-step round
     labels = np.arange(b) % 10
     for w, seed in ((0.0, 1), (2.5, 2)):
         expected = model.sample(labels, w, seed=seed, batch_size=b)
@@ -237,7 +237,7 @@ def test_sampler_mindir_gives_the_python_samplers_images(bundle: Path) -> None:
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     # the noise reaches the graph (labels and w barely move the tiny, hardly trained student)
     assert np.abs(model.sample_mindir(labels, 2.5, seed=3) - got).max() > 1e-3
-    with pytest.raises(UserError, match="built for 3 steps, not 4"):
+    with pytest.raises(UserError, match="built for 2 steps, not 4"):
         model.sample_mindir(labels, 2.0, num_steps=4)
     with pytest.raises(UserError, match=f"built for batch {b}, got 2"):
         model.sample_mindir(labels[:2], 2.0)
