@@ -36,9 +36,9 @@ class Progress:
         now = time.perf_counter()
         rate = (step - self._step_last) / max(now - self._t_last, 1e-9)
         recent = float(np.mean(losses[-self.log_every:]))
-        self.bar.set_postfix(loss=f"{recent:.4f}", steps_per_s=f"{rate:.2f}")
+        self.bar.set_postfix(loss=f"{recent:.4g}", steps_per_s=f"{rate:.2f}")
         if self.bar.disable and self.show:
-            log.info("%s: step %d/%d loss %.4f (%.2f steps/s)", self.kind, step, self.total, recent, rate)
+            log.info("%s: step %d/%d loss %.4g (%.2f steps/s)", self.kind, step, self.total, recent, rate)
         if self.writer is not None:
             self.writer.add_scalar(f"{self.kind}/loss", recent, step)
             self.writer.add_scalar(f"{self.kind}/steps_per_s", rate, step)

@@ -122,6 +122,6 @@ def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_met
               "first_loss": float(np.mean(losses[:20])), "last_loss": float(np.mean(losses[-20:]))}
     if is_main():
         write_json(out / "train_summary.json", result)
-    log.info("progressive: round %d done, %d steps in %.1f s, loss %.4f -> %.4f", round_index, ran, seconds,
+    log.info("progressive: round %d done, %d steps in %.1f s, loss %.4g -> %.4g", round_index, ran, seconds,
              result["first_loss"], result["last_loss"])
     return result
