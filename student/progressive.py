@@ -140,14 +140,14 @@ def round_meta(source_meta: dict[str, Any], num_steps: int, round_index: int, te
     """Stage-one metadata (model, w range, schedule, classes) plus what this round is and which
     stage-one student it descends from (``source_digest``: the weights digest of that student)."""
     p = cfg.progressive
+    _, _, w_power, w_loss_power = round_w_settings(p, source_meta)
     meta = {k: v for k, v in source_meta.items() if k not in ("step", "total_steps")}
     meta.update({"kind": "student", "stage": "progressive", "sampling_steps": int(num_steps),
                  "round": int(round_index), "teacher_steps": 2 * int(num_steps),
                  "teacher_checkpoint": str(teacher_path), "source_digest": str(source_digest),
                  "loss": str(p.loss), "clip_x0": bool(p.clip_x0),
                  "first_teacher": str(p.get("first_teacher", "student")) if round_index == 1 else "student",
-                 "round_w_power": round_w_settings(p, source_meta)[2],
-                 "round_w_loss_power": round_w_settings(p, source_meta)[3]})
+                 "round_w_power": w_power, "round_w_loss_power": w_loss_power})
     return meta
 
 
@@ -155,7 +155,8 @@ def check_round(path: Path, model: dict[str, Any], num_steps: int, source_digest
     """The metadata of round checkpoint ``path``, after checking it is a round of this run: same model,
     ``num_steps`` sampling steps, distilled from the stage-one student whose weights digest is given."""
     if not path.is_file():
-        raise UserError(f"progressive round of {num_steps} steps not found: {path} (run task=progressive)")
+        raise UserError(f"progressive round of {num_steps} steps not found: {path} (run task=progressive first, "
+                        f"or leave the rounds out: eval.progressive=false, publish.few_step=false)")
     meta = read_meta(path)
     if meta.get("kind") != "student" or meta.get("model") != model or meta.get("sampling_steps") != num_steps:
         raise UserError(f"{path} holds another run (kind {meta.get('kind')}, sampling_steps "
@@ -186,9 +187,6 @@ def verified_rounds(cfg: DictConfig, data: ImageData) -> list[tuple[int, Path]]:
     rounds = []
     for n in plan:
         path = round_checkpoint_path(cfg, n)
-        if not path.is_file():
-            raise UserError(f"progressive round of {n} steps not found: {path} (run task=progressive first; "
-                            f"evaluation without the rounds: eval.progressive=false)")
         check_round(path, meta["model"], n, digest)
         rounds.append((n, path))
     return rounds

@@ -99,12 +99,13 @@ def checked_path(path: str, what: str) -> Path:
     return p
 
 
-def evaluation_models(cfg: DictConfig, data: ImageData) -> dict[str, tuple[Any, int]]:
-    """name -> (prediction cell, sampling steps): the two-pass teacher, then the one-pass student(s)."""
+def evaluation_models(cfg: DictConfig, data: ImageData,
+                      specs: list[tuple[str, Path | None, int | None]]) -> dict[str, tuple[Any, int]]:
+    """name -> (prediction cell, sampling steps): the two-pass teacher, then the one-pass students of ``specs``."""
     teacher_steps = cfg.eval.get("teacher_steps")
     models = {"teacher": (GuidedPrediction(load_teacher(cfg, data)),
                           int(cfg.sampler.num_steps if teacher_steps is None else teacher_steps))}
-    for name, path, steps in student_specs(cfg, data):
+    for name, path, steps in specs:
         student, meta = load_student(cfg, data, path)
         models[name] = (ConditionalPrediction(student),
                         int(steps or meta.get("sampling_steps") or cfg.sampler.num_steps))
@@ -121,8 +122,9 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     data = load_data(cfg.data)
     out = build.run_dir(cfg) / "evaluate"
+    specs = student_specs(cfg, data)  # bad entries and missing rounds fail before the classifier is trained
     clf = evaluation_classifier(cfg, data)
-    models = evaluation_models(cfg, data)
+    models = evaluation_models(cfg, data, specs)
     predictors = {name: jit_predictor(cell, bool(cfg.jit)) for name, (cell, _) in models.items()}
     settings = {name: build.sampler_settings(cfg, steps) for name, (_, steps) in models.items()}
     students = [name for name in models if name != "teacher"]

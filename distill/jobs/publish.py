@@ -44,7 +44,7 @@ def run_publish(cfg: DictConfig) -> Path:
     if int(p.mindir_batch) < 1:
         raise UserError(f"publish.mindir_batch={p.mindir_batch} must be >= 1")
     students = bundle_students(cfg, load_data(cfg.data), bool(p.few_step))
-    default_steps, (net, meta) = students[-1][0], students[-1][1:]
+    default_steps, net, meta = students[-1]
     stages = [(n, m.get("stage", "distill")) for n, _, m in students]
     config = bundle_config(cfg, net, meta, int(p.mindir_batch), stages, students[0][2])
     card_ws = [float(w) for w in p.card_ws]
