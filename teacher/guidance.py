@@ -1,4 +1,10 @@
-"""Two-pass classifier-free guidance, with both branches batched into one call (2B)."""
+"""Two-pass classifier-free guidance, with both branches batched into one call (2B).
+
+Each prediction cell is ``conditioning`` (what the network takes from t, y, w and y_uncond: it does
+not depend on z) followed by ``predict`` (the network on z given that conditioning). A sampler
+computes the conditioning of all its steps in one call and runs only ``predict`` per step. Rows of
+the conditioning are branch-major: ``passes`` blocks of the batch, conditional branch first.
+"""
 from __future__ import annotations
 
 import mindspore as ms
@@ -25,6 +31,14 @@ class GuidedPrediction(nn.Cell):
     def construct(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor) -> ms.Tensor:
         cond, uncond = self.branches(z, t, y, w, y_uncond)
         return cfg_combine(cond, uncond, w.reshape(-1, 1, 1, 1))
+
+    def conditioning(self, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor) -> tuple[ms.Tensor, ...]:
+        return self.net.conditioning(ops.cat([t, t], axis=0), ops.cat([y, y_uncond], axis=0), ops.cat([w, w], axis=0))
+
+    def predict(self, z: ms.Tensor, cond: tuple[ms.Tensor, ...], w: ms.Tensor) -> ms.Tensor:
+        b = z.shape[0]
+        out = self.net.backbone(ops.cat([z, z], axis=0), cond)
+        return cfg_combine(out[:b], out[b:], w.reshape(-1, 1, 1, 1))
 
     def branches(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor,
                  y_uncond: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:
@@ -59,3 +73,9 @@ class ConditionalPrediction(nn.Cell):
 
     def construct(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor) -> ms.Tensor:
         return self.net(z, t, y, w)
+
+    def conditioning(self, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor) -> tuple[ms.Tensor, ...]:
+        return self.net.conditioning(t, y, w)
+
+    def predict(self, z: ms.Tensor, cond: tuple[ms.Tensor, ...], w: ms.Tensor) -> ms.Tensor:
+        return self.net.backbone(z, cond)

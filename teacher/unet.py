@@ -137,19 +137,30 @@ class ResBlock(nn.Cell):
         # student only: a multiplicative path the teacher lacks, zero at init so the student starts as the teacher
         self.guidance_film = zero_(nn.Dense(emb_dim, cout)) if guidance_film else None
 
-    def construct(self, x: ms.Tensor, emb: ms.Tensor) -> ms.Tensor:
-        h = self.conv1(self.act(self.norm1(x)))
+    def conditioning(self, emb: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:
+        """What this block takes from the embedding, (B, C) or (B, 2C) and the film factor (B, C):
+        x-independent, so a sampler computes it once per step count instead of once per call."""
         emb = self.act(emb)
-        e = self.emb(emb).reshape(h.shape[0], -1, 1, 1)
+        e = self.emb(emb)
+        film = 1.0 + self.guidance_film(emb) if self.has_guidance_film else ops.ones((1, 1), emb.dtype)
+        return e, film
+
+    def apply(self, x: ms.Tensor, e: ms.Tensor, film: ms.Tensor) -> ms.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        e = e.reshape(e.shape[0], -1, 1, 1)
         if self.scale_shift_norm:
             scale, shift = ops.split(e, h.shape[1], axis=1)
             h = self.norm2(h) * (1.0 + scale) + shift
         else:
             h = self.norm2(h + e)
         if self.has_guidance_film:
-            h = h * (1.0 + self.guidance_film(emb).reshape(h.shape[0], -1, 1, 1))
+            h = h * film.reshape(film.shape[0], -1, 1, 1)
         h = self.conv2(self.act(h))
         return self.skip(x) + h
+
+    def construct(self, x: ms.Tensor, emb: ms.Tensor) -> ms.Tensor:
+        e, film = self.conditioning(emb)
+        return self.apply(x, e, film)
 
 
 class Attention(nn.Cell):
@@ -262,23 +273,49 @@ class UNet(nn.Cell):
             emb = emb + self.guidance_embed(w)
         return emb
 
-    def construct(self, x: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
+    def conditioning(self, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor) -> tuple[ms.Tensor, ...]:
+        """Everything the backbone takes from (t, y, w): two tensors per res block (its embedding
+        projection and film factor, :meth:`ResBlock.conditioning`), in the order the backbone uses
+        them. It does not depend on x, so a sampler computes it once for all its steps."""
         emb = self.embed(t, y, w)
+        out = ()
+        for i, cell in enumerate(self.down):
+            if self.is_resblock_down[i]:
+                out = out + cell.conditioning(emb)
+        out = out + self.mid1.conditioning(emb) + self.mid2.conditioning(emb)
+        for i, cell in enumerate(self.up):
+            if self.is_resblock_up[i]:
+                out = out + cell.conditioning(emb)
+        return out
+
+    def backbone(self, x: ms.Tensor, cond: tuple[ms.Tensor, ...]) -> ms.Tensor:
+        """The network on x given :meth:`conditioning`'s tensors."""
         h = self.conv_in(x)
         hs = [h]
+        k = 0
         for i, cell in enumerate(self.down):
-            h = cell(h, emb) if self.is_resblock_down[i] else cell(h)
+            if self.is_resblock_down[i]:
+                h = cell.apply(h, cond[k], cond[k + 1])
+                k += 2
+            else:
+                h = cell(h)
             hs.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        h = self.mid1.apply(h, cond[k], cond[k + 1])
+        h = self.mid2.apply(self.mid_attn(h), cond[k + 2], cond[k + 3])
+        k += 4
         n = len(hs)
         used = 0
         for i, cell in enumerate(self.up):
             if self.is_resblock_up[i]:
                 used += 1
-                h = cell(ops.cat([h, hs[n - used]], axis=1), emb)  # index, not pop(): jit-safe
+                h = cell.apply(ops.cat([h, hs[n - used]], axis=1), cond[k], cond[k + 1])  # index, not pop(): jit-safe
+                k += 2
             else:
                 h = cell(h)
         return self.conv_out(self.act(self.norm_out(h)))
+
+    def construct(self, x: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
+        return self.backbone(x, self.conditioning(t, y, w))
 
 
 def count_parameters(net: nn.Cell) -> int:

@@ -85,13 +85,32 @@ def step_coefficients(settings: SamplerSettings) -> np.ndarray:
     return np.asarray(rows, np.float64).astype(np.float32)
 
 
+def step_conditioning(cond: tuple[Any, ...], passes: int, num_steps: int, batch: int, i: int) -> tuple[Any, ...]:
+    """Step ``i``'s rows of a conditioning computed for all steps in one call (rows ordered
+    branch, step, example); a tensor with another row count (a per-layer constant) passes as is.
+    Works on numpy arrays (the step engine, on the host) and on tensors inside a graph (the loop)."""
+    rows = passes * num_steps * batch
+    return tuple(c.reshape(passes, num_steps, batch, -1)[:, i].reshape(passes * batch, -1) if c.shape[0] == rows
+                 else c for c in cond)
+
+
+def conditioning_rows(times: np.ndarray, ws: np.ndarray, labels: np.ndarray, uncond_labels: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(t, y, w, y_uncond) for every step and example, step-major: the input of a cell's
+    ``conditioning`` for a whole sampler."""
+    n, b = len(ws), len(labels)
+    return (np.repeat(np.asarray(times[:n], np.float32), b), np.tile(labels.astype(np.int32), n),
+            np.repeat(np.asarray(ws, np.float32), b), np.tile(uncond_labels.astype(np.int32), n))
+
+
 # ----------------------------------------------------------------------------- compiled engine
 class SamplerStep(nn.Cell):
     """One sampler step as one graph: network, x0 / eps, clipping or thresholding, DDIM / DDPM update.
 
-    The step's coefficients come in as a tensor (a row of :func:`step_coefficients`), so one
-    compiled graph serves every step of every step count. Returns ``(z_s, x0)``; the last step
-    of a sampler keeps ``x0``.
+    The network part is the prediction cell's ``predict`` on the step's conditioning, which the
+    sampler computed for all steps before the first one. The step's coefficients come in as a tensor
+    (a row of :func:`step_coefficients`), so one compiled graph serves every step of every step count.
+    Returns ``(z_s, x0)``; the last step of a sampler keeps ``x0``.
     """
 
     def __init__(self, cell: nn.Cell, settings: SamplerSettings) -> None:
@@ -103,8 +122,8 @@ class SamplerStep(nn.Cell):
         self.ddpm = settings.kind == "ddpm"
         self.stochastic = settings.stochastic
 
-    def construct(self, z, t, y, w, y_uncond, coef, noise):
-        out = self.cell(z, t, y, w, y_uncond)
+    def construct(self, z, cond, w, coef, noise):
+        out = self.cell.predict(z, cond, w)
         a_t = coef[0]
         s_t = coef[1]
         x0, eps = dm.x0_eps_from_output(z, out, a_t, s_t, self.prediction)
@@ -127,27 +146,33 @@ class SamplerLoop(nn.Cell):
     """The whole N-step sampler as one graph: ``(noise, y, w, y_uncond, step_noise) -> x0``.
 
     The step times, coefficients and the w schedule's per-step factors are constants of the
-    cell (made once); the loop unrolls at compile time, so one graph serves one step count.
-    ``w`` is per example (B,); ``step_noise`` (N, B, C, H, W) is read only by stochastic samplers.
+    cell (made once); the conditioning of all steps is one batched call; the loop unrolls at
+    compile time, so one graph serves one step count. ``w`` is per example (B,); ``step_noise``
+    (N, B, C, H, W) is read only by stochastic samplers.
     """
 
     def __init__(self, cell: nn.Cell, settings: SamplerSettings) -> None:
         super().__init__()
         self.step = SamplerStep(cell, settings)
+        self.cell = cell
+        self.passes = int(getattr(cell, "passes", 1))
         self.num_steps = int(settings.num_steps)
-        self.times = ms.Tensor(dm.sampling_times(settings.num_steps)[:-1])
+        self.times = ms.Tensor(dm.sampling_times(settings.num_steps)[:-1].reshape(-1, 1))
         self.coef = ms.Tensor(step_coefficients(settings))
-        self.w_factor = ms.Tensor(dm.guidance_schedule(settings.w_schedule, 1.0, settings.num_steps))
-        self.constant_w = settings.w_schedule == "constant"
+        self.w_factor = ms.Tensor(dm.guidance_schedule(settings.w_schedule, 1.0, settings.num_steps).reshape(-1, 1))
 
     def construct(self, noise, y, w, y_uncond, step_noise):
+        b = noise.shape[0]
+        n = self.num_steps
+        w_steps = self.w_factor * w.reshape(1, -1)  # (N, B)
+        cond = self.cell.conditioning((self.times * ops.ones((1, b), ms.float32)).reshape(-1), ops.tile(y, (n,)),
+                                      w_steps.reshape(-1), ops.tile(y_uncond, (n,)))
         z = noise
         x0 = noise
-        ones = ops.ones_like(w)
-        for i in range(self.num_steps):
-            w_i = w if self.constant_w else w * self.w_factor[i]
+        for i in range(n):
             noise_i = step_noise[i] if self.step.stochastic else z
-            z, x0 = self.step(z, ones * self.times[i], y, w_i, y_uncond, self.coef[i], noise_i)
+            cond_i = step_conditioning(cond, self.passes, n, b, i)
+            z, x0 = self.step(z, cond_i, w_steps[i], self.coef[i], noise_i)
         return x0
 
 
@@ -179,6 +204,7 @@ class Predictor:
         self.cell = cell
         self.use_jit = bool(use_jit)
         self._call = _compiled(cell) if use_jit else cell
+        self._conditioning: Optional[Callable[..., Any]] = None  # compiled on first use (samplers only)
         self._samplers: dict[tuple, Callable[..., Any]] = {}
         self._plans: dict[tuple, list[tuple[ms.Tensor, ...]]] = {}
 
@@ -203,25 +229,33 @@ class Predictor:
         return self._samplers[static]
 
 
-    def plan(self, settings: SamplerSettings, batch: int, ws: np.ndarray) -> list[tuple[ms.Tensor, ...]]:
-        """Per step (t, w, coefficients) as tensors, made once per sampler and batch (a few recent kept)."""
-        key = (settings, batch, ws.tobytes())
+    def plan(self, settings: SamplerSettings, labels: np.ndarray, uncond_labels: np.ndarray, ws: np.ndarray
+             ) -> list[tuple[tuple[ms.Tensor, ...], ms.Tensor, ms.Tensor]]:
+        """Per step (conditioning, w, coefficients) as tensors: the conditioning of every step from
+        one compiled call, the rest made once per sampler and batch (a few recent kept)."""
+        b, n = len(labels), settings.num_steps
+        key = (settings, b, ws.tobytes())
         if key not in self._plans:
-            coef, times = step_coefficients(settings), dm.sampling_times(settings.num_steps)
-            self._plans[key] = [(ms.Tensor(np.full(batch, times[i], np.float32)),
-                                 ms.Tensor(np.full(batch, ws[i], np.float32)), ms.Tensor(coef[i]))
-                                for i in range(settings.num_steps)]
+            coef = step_coefficients(settings)
+            self._plans[key] = [(ms.Tensor(np.full(b, ws[i], np.float32)), ms.Tensor(coef[i])) for i in range(n)]
             while len(self._plans) > PLANS_KEPT:
                 self._plans.pop(next(iter(self._plans)))
-        return self._plans[key]
+        if self._conditioning is None:
+            self._conditioning = _compiled(self.cell.conditioning) if self.use_jit else self.cell.conditioning
+        rows = conditioning_rows(dm.sampling_times(n), ws, labels, uncond_labels)
+        cond = tuple(c.asnumpy() for c in self._conditioning(*(ms.Tensor(r) for r in rows)))
+        # mutable: a plain tuple of tensors would be a constant of the graph, compiled again per value
+        return [(ms.mutable(tuple(ms.Tensor(np.ascontiguousarray(c)) for c in step_conditioning(cond, self.passes, n, b, i))),
+                 w_vec, coef) for i, (w_vec, coef) in enumerate(self._plans[key])]
 
 
 PLANS_KEPT = 16
 
 
-def _compiled(cell: nn.Cell) -> Callable[..., Any]:
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a cell or a cell's method) as one compiled graph."""
     def call(*args):
-        return cell(*args)
+        return fn(*args)
     return runtime.jit(call)
 
 
@@ -253,18 +287,17 @@ def sample(
     b, n = noise.shape[0], settings.num_steps
     ws = dm.guidance_schedule(settings.w_schedule, w, n)  # float32 per step, as the eager sampler uses
     z = ms.Tensor(noise.astype(np.float32))
-    y = ms.Tensor(labels.astype(np.int32))
-    y_uncond = ms.Tensor(uncond_labels.astype(np.int32))
     step_noise = _step_noise(settings, noise.shape, seed)
     run = predict.compiled(settings)
     if settings.engine == "loop":  # step noise is read by stochastic samplers only
         noise_all = ms.Tensor(step_noise) if step_noise is not None else z
-        x0 = run(z, y, ms.Tensor(np.full(b, w, np.float32)), y_uncond, noise_all)
+        x0 = run(z, ms.Tensor(labels.astype(np.int32)), ms.Tensor(np.full(b, w, np.float32)),
+                 ms.Tensor(uncond_labels.astype(np.int32)), noise_all)
         return np.clip(x0.asnumpy(), -1.0, 1.0)
     x0 = z
-    for i, (t_vec, w_vec, coef) in enumerate(predict.plan(settings, b, ws)):
+    for i, (cond, w_vec, coef) in enumerate(predict.plan(settings, labels, uncond_labels, ws)):
         noise_i = ms.Tensor(step_noise[i]) if step_noise is not None else z
-        z, x0 = run(z, t_vec, y, w_vec, y_uncond, coef, noise_i)
+        z, x0 = run(z, cond, w_vec, coef, noise_i)
     return np.clip(x0.asnumpy(), -1.0, 1.0)
 
 
