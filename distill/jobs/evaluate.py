@@ -123,8 +123,8 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     data = load_data(cfg.data)
     out = build.run_dir(cfg) / "evaluate"
     specs = student_specs(cfg, data)  # bad entries and missing rounds fail before the classifier is trained
+    models = evaluation_models(cfg, data, specs)  # so do unreadable or non-finite checkpoints
     clf = evaluation_classifier(cfg, data)
-    models = evaluation_models(cfg, data, specs)
     predictors = {name: jit_predictor(cell, bool(cfg.jit)) for name, (cell, _) in models.items()}
     settings = {name: build.sampler_settings(cfg, steps) for name, (_, steps) in models.items()}
     students = [name for name in models if name != "teacher"]
