@@ -187,3 +187,16 @@ def test_the_entry_point_cleans_the_run_dir_under_its_lock(tmp_path: Path) -> No
     assert (tmp_path / LOCK_NAME).read_text() == ""
     with run_lock(tmp_path, "next"):
         pass
+
+
+def test_under_msrun_only_rank_0_takes_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another worker of a data-parallel run neither takes nor waits for the run dir's lock (rank 0 holds it)."""
+    import distill.app as app
+
+    monkeypatch.setattr(app, "setup_from_config", lambda cfg: None)
+    monkeypatch.setattr(app, "is_main", lambda: False)
+    with run_lock(tmp_path, "teacher"):  # rank 0's lock
+        assert app.run(compose_cfg(tmp_path, "task=bench")) is None  # a rank-0-only task: skipped, not refused
+    monkeypatch.setattr(app, "is_main", lambda: True)
+    with run_lock(tmp_path, "teacher"), pytest.raises(SystemExit):
+        app.run(compose_cfg(tmp_path, "task=bench"))
