@@ -129,3 +129,17 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: P
     assert message == f"could not write {ckpt}: File too large"
     assert ckpt.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no temp file left
+
+
+def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
+    """Weights that went non-finite with a finite loss (e.g. an overflowing EMA) do not replace the last good checkpoint."""
+    trainer = tiny_trainer(tmp_path, steps=2)
+    trainer.run()
+    ckpt = tmp_path / CHECKPOINT_NAME
+    good = ckpt.read_bytes()
+    param = trainer.ema.trainable_params()[0]
+    param.set_data(ms.Tensor(np.full(param.shape, np.inf, np.float32)))
+    with pytest.raises(UserError, match=r"training: weights became non-finite \('ema\..*'\) at step 2; .*last good "
+                                         rf"checkpoint kept at {ckpt}"):
+        trainer.save()
+    assert ckpt.read_bytes() == good
