@@ -200,3 +200,15 @@ def test_under_msrun_only_rank_0_takes_the_lock(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(app, "is_main", lambda: True)
     with run_lock(tmp_path, "teacher"), pytest.raises(SystemExit):
         app.run(compose_cfg(tmp_path, "task=bench"))
+
+
+def test_a_write_outside_the_atomic_writers_fails_in_one_line(tmp_path: Path) -> None:
+    """TensorBoard's event file cannot be made (a file where its folder should be): the entry point's
+    catch-all names it in one line instead of a traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tb").write_text("a file, not a folder")
+    proc = _distill("task=teacher", "teacher.train.steps=2", f"run_dir={run}", cwd=tmp_path)
+    err = proc.communicate(timeout=300)[1].strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: could not read or write {run}/tb/") and err.endswith(": Not a directory"), err
