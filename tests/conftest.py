@@ -1,9 +1,13 @@
 """Shared test set-up: Hydra compose with tiny models, and one tiny trained teacher + student."""
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
 import struct
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -81,3 +85,17 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
                 if value.HasField("simple_value"):
                     scalars.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
     return scalars
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int) -> Iterator[None]:
+    """Writes beyond ``nbytes`` fail for real with EFBIG, root included: the file system refuses the bytes
+    as a full disk does (ENOSPC), with no mock of the writer."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)

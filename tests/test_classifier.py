@@ -101,3 +101,37 @@ def test_training_is_seeded() -> None:
     fa, _ = C.features_and_predictions(a, data.test_images)
     fb, _ = C.features_and_predictions(b, data.test_images)
     np.testing.assert_array_equal(fa, fb)
+
+
+def test_an_untrained_classifier_is_refused_as_a_judge_and_not_cached(tmp_path: Path) -> None:
+    """The issue's case: ``eval.classifier.steps=0`` once, and every later evaluation was judged by a
+    classifier with held-out accuracy 0.05."""
+    path = tmp_path / "clf.safetensors"
+    data = _digits(n_train=200, n_test=100)
+    with pytest.raises(UserError, match=r"held-out accuracy 0\.\d+ is below the minimum 0\.3 .*steps, now 0\)"):
+        C.load_or_train_classifier(path, data, steps=0, batch_size=32, min_accuracy=0.3)
+    assert list(tmp_path.iterdir()) == []
+    clf = C.load_or_train_classifier(path, data, steps=60, batch_size=32, min_accuracy=0.3)
+    assert clf.heldout_accuracy >= 0.3 and path.is_file()
+    with pytest.raises(UserError, match="below the minimum 0.99"):  # a stricter judge refuses the cached one too
+        C.load_or_train_classifier(path, data, steps=60, batch_size=32, min_accuracy=0.99)
+
+
+def test_a_cache_trained_with_other_settings_is_trained_again(tmp_path: Path) -> None:
+    path = tmp_path / "clf.safetensors"
+    data = _digits(n_train=200, n_test=100)
+    first = C.load_or_train_classifier(path, data, steps=5, batch_size=32)
+    feats_first, _ = C.features_and_predictions(first, data.test_images)
+    again = C.load_or_train_classifier(path, data, steps=40, batch_size=32)
+    assert json.loads(path.with_name(path.name + ".json").read_text())["train"] == {
+        "steps": 40, "batch_size": 32, "seed": 0}
+    loaded = C.load_or_train_classifier(path, data, steps=40, batch_size=32)  # the same settings: the cache
+    feats_again, _ = C.features_and_predictions(again, data.test_images)
+    feats_loaded, _ = C.features_and_predictions(loaded, data.test_images)
+    assert not np.allclose(feats_first, feats_again)
+    np.testing.assert_allclose(feats_loaded, feats_again, rtol=1e-5, atol=1e-6)
+
+
+def test_min_accuracy_must_be_a_fraction(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"min_accuracy 1\.5 must be a number in \[0, 1\]"):
+        C.load_or_train_classifier(tmp_path / "c.safetensors", _digits(), steps=1, min_accuracy=1.5)

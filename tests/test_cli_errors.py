@@ -15,10 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import TINY, compose_cfg
+from distill.core.checkpoint import load_checkpoint, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,14 @@ def _rows(files: Path) -> list[Row]:
             "bundle has no variant '8step' (it has: 4step, 2step)"),
         Row("bundle with a wrong checksum", ("task=sample", f"sample.bundle={files / 'tampered_bundle'}"),
             "checksum mismatch for model.safetensors"),
+        Row("a flipped byte in a teacher checkpoint", ("task=distill", f"teacher.checkpoint={files / 'flipped.safetensors'}"),
+            f"checkpoint {files / 'flipped.safetensors'} fails its SHA-256 check"),
+        Row("a student with NaN weights", ("task=evaluate", f"eval.student={files / 'nan_student.safetensors'}"),
+            f"checkpoint {files / 'nan_student.safetensors'} holds non-finite weights"),
+        Row("an untrained evaluation classifier", ("task=evaluate", "eval.classifier.steps=0", "eval.num_samples=10"),
+            "eval classifier {run}/eval_classifier/classifier.safetensors: held-out accuracy"),
+        Row("a run name with a path in it", ("task=teacher", "run_name=../elsewhere"),
+            "run_name: name '../elsewhere' is used in file names"),
     ]
 
 
@@ -116,6 +126,12 @@ def outcomes(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         (files / "wide_images" / label).mkdir(parents=True)
         for i in range(3):
             Image.new("L", (8, 6), 40 * i).save(files / "wide_images" / label / f"{i}.png")
+    flipped = bytearray((trained / "teacher" / "checkpoint.safetensors").read_bytes())
+    flipped[len(flipped) // 2] ^= 0x01
+    (files / "flipped.safetensors").write_bytes(bytes(flipped))
+    tensors, meta = load_checkpoint(trained / "student" / "checkpoint.safetensors")
+    tensors = {k: np.full_like(v, np.nan) if k.startswith("ema.") else v for k, v in tensors.items()}
+    save_checkpoint(files / "nan_student.safetensors", tensors, meta)
     tampered = Path(shutil.copytree(trained / "bundle", files / "tampered_bundle"))
     raw = bytearray((tampered / "model.safetensors").read_bytes())
     raw[len(raw) // 2] ^= 0x01

@@ -15,7 +15,7 @@ from distill.core.data import FASHION_NAMES, ImageData, iterate_batches, load_da
 from distill.core.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-KEYS = {"name", "root", "image_size", "held_out_fraction", "split_seed", "max_train", "class_names"}
+KEYS = {"name", "root", "image_size", "held_out_fraction", "split_seed", "max_train", "class_names", "channels"}
 
 
 def cfg(name: str, root: Path | None = None, **overrides):
@@ -299,6 +299,60 @@ def test_folder_rgb_when_any_image_has_color(tmp_path):
     assert data.image_shape == (3, 5, 5)
     pixels = {tuple(x[:, 0, 0]) for x in np.concatenate([data.train_images, data.test_images])}
     assert (1.0, -1.0, np.float32(51 / 127.5 - 1)) in pixels and (-1.0, -1.0, -1.0) in pixels
+
+
+def _write_16bit(root: Path, values_per_class: dict[str, list[int]], size: int = 4) -> None:
+    for name, values in values_per_class.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, v in enumerate(values):
+            Image.fromarray(np.full((size, size), v, np.uint16)).save(root / name / f"{i}.png")
+
+
+def test_folder_of_16_bit_grayscale_is_scaled_by_its_range_and_stays_one_channel(tmp_path, caplog):
+    """The issue's case: a folder of 16-bit grayscale PNGs became all-white 3-channel data."""
+    _write_16bit(tmp_path, {"dark": [0, 1000, 4000], "mid": [20000, 32768, 40000], "bright": [60000, 65535, 65535]})
+    caplog.set_level("INFO", logger="distill.core.data")
+    data = load_data(cfg("folder", tmp_path, held_out_fraction=0.3))
+    assert data.image_shape == (1, 4, 4)
+    images = np.concatenate([data.train_images, data.test_images])
+    pixels = sorted(float(x) for x in images[:, 0, 0, 0])
+    expected = sorted(v / 32767.5 - 1 for v in [0, 1000, 4000, 20000, 32768, 40000, 60000, 65535, 65535])
+    np.testing.assert_allclose(pixels, expected, atol=1e-6)
+    assert "9 of 9 images" in caplog.text and "16 bits per channel" in caplog.text and "65535" in caplog.text
+
+
+def test_folder_mixing_8_and_16_bit_images_scales_both_to_one_range(tmp_path):
+    _write_16bit(tmp_path, {"a": [65535, 0]})
+    (tmp_path / "b").mkdir()
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "b" / "white8.png")
+    Image.fromarray(np.full((4, 4), 0, np.uint8)).save(tmp_path / "b" / "black8.png")
+    data = load_data(cfg("folder", tmp_path, held_out_fraction=0.25))
+    images = np.concatenate([data.train_images, data.test_images])
+    assert sorted(float(x) for x in images[:, 0, 0, 0]) == [-1.0, -1.0, 1.0, 1.0]
+
+
+def test_channels_option_converts_and_logs(tmp_path, caplog):
+    caplog.set_level("INFO", logger="distill.core.data")
+    gray = load_data(cfg("folder", write_folder(tmp_path / "g"), channels=3))
+    assert gray.image_shape[0] == 3 and "grayscale repeated to 3 channels" in caplog.text
+    np.testing.assert_array_equal(gray.train_images[:, 0], gray.train_images[:, 2])
+    digits3 = load_data(cfg("digits", channels=3))
+    assert digits3.image_shape == (3, 8, 8) and "converted from 1 to 3 channel(s)" in caplog.text
+    digits = load_data(cfg("digits"))
+    np.testing.assert_array_equal(digits3.train_images[:, 1], digits.train_images[:, 0])
+    with pytest.raises(UserError, match=r"data: channels 2 must be 1 \(grayscale\), 3 \(RGB\) or null"):
+        load_data(cfg("digits", channels=2))
+
+
+def test_floating_point_or_32_bit_images_are_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "a" / "x.tiff")
+    with pytest.raises(UserError, match=r"x.tiff has F pixels \(floating point or 32-bit\)"):
+        load_data(cfg("folder", tmp_path))
+    (tmp_path / "a" / "x.tiff").unlink()
+    Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "a" / "y.tif")
+    with pytest.raises(UserError, match=r"y.tif has pixel values 70000..70000, outside the 16-bit range"):
+        load_data(cfg("folder", tmp_path))
 
 
 def test_folder_sizes_differ(tmp_path):

@@ -265,3 +265,22 @@ def test_sample_task_writes_files_and_is_reproducible(bundle: Path, tiny_run: Pa
         sample_job.run_sample(compose_cfg(tiny_run, *args[:4], "sample.w=9"))
     with pytest.raises(UserError, match="sample.classes"):
         sample_job.run_sample(compose_cfg(tiny_run, *args[:2], "sample.classes=[12]"))
+
+
+def test_a_bundle_with_non_finite_weights_is_refused_even_with_a_matching_manifest(bundle: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The checksum only proves the file is the one published; the weights must also be numbers."""
+    from student.bundle import write_manifest
+
+    copy = _copy(bundle, tmp_path)
+    params = ms.load_checkpoint(str(copy / "model.safetensors"), format="safetensors")
+    name = sorted(params)[0]
+    params[name] = ms.Parameter(ms.Tensor(np.full(params[name].shape, np.nan, np.float32)), name=name)
+    (copy / "model.safetensors").unlink()
+    ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items()], str(copy / "model.safetensors"),
+                       format="safetensors")
+    (copy / "manifest.json").unlink()
+    write_manifest(copy)
+    with pytest.raises(UserError, match=rf"weights .*model.safetensors holds non-finite weights \(NaN or inf in '{name}'"):
+        from_pretrained(copy)
+    assert from_pretrained(copy, variant="4step").config["variant"] == "4step"  # the untouched variant loads

@@ -202,49 +202,32 @@ def _sidecar(path: Path) -> Path:
 
 
 def load_or_train_classifier(
-    path: str | Path, data: ClassifierData, steps: int = 300, batch_size: int = 128, seed: int = 0
+    path: str | Path, data: ClassifierData, steps: int = 300, batch_size: int = 128, seed: int = 0,
+    min_accuracy: float = 0.0,
 ) -> EvalClassifier:
-    """Load the cached classifier at ``path`` if it exists (checking it fits ``data``), else train and cache it.
+    """Load the cached classifier at ``path`` if it fits ``data`` and was trained with these settings, else
+    train it and cache it; refuse one whose held-out accuracy is below ``min_accuracy``.
 
-    The cache is ``path`` (safetensors weights) plus ``path.json`` (config, data
-    fingerprint, held-out accuracy). A cache made for other data raises ``UserError``;
-    one made with other training settings (steps, batch, seed) is used as is, with a
-    warning, so every evaluation keeps the same yardstick.
+    The cache is ``path`` (safetensors weights) plus ``path.json`` (config, data fingerprint, training
+    settings, held-out accuracy). A cache made for other data raises ``UserError``; one made with other
+    training settings (steps, batch, seed) is trained again, so a changed setting is never ignored. A
+    classifier below ``min_accuracy`` would judge samples by chance: it is refused, and not cached.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"eval classifier path {path} must end in .safetensors")
+    if not isinstance(min_accuracy, (int, float)) or isinstance(min_accuracy, bool) or not 0 <= min_accuracy <= 1:
+        raise UserError(f"eval classifier: min_accuracy {min_accuracy!r} must be a number in [0, 1]")
     shape = tuple(int(s) for s in data.image_shape)
     fingerprint = _fingerprint(data)
     want = _data_desc(shape, data.num_classes, len(data.train_labels), fingerprint)
+    settings = {"steps": int(steps), "batch_size": int(batch_size), "seed": int(seed)}
 
     if path.exists():
-        side = _sidecar(path)
-        if not side.exists():
-            raise UserError(f"eval classifier at {path} has no sidecar {side.name}; delete it to retrain")
-        try:
-            meta = json.loads(side.read_text())
-            have = _data_desc(meta["image_shape"], meta["num_classes"], meta["n_train"], meta["fingerprint"])
-            width, feature_dim, stored_acc = int(meta["width"]), int(meta["feature_dim"]), float(meta["heldout_accuracy"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"eval classifier sidecar {side} is unreadable ({exc!r}); delete both files to retrain") from exc
-        if have != want:
-            raise UserError(
-                f"eval classifier at {path} was trained for {have} but data is {want}; "
-                "delete it or choose another classifier path"
-            )
-        train = meta.get("train", {})
-        if train != {"steps": int(steps), "batch_size": int(batch_size), "seed": int(seed)}:
-            log.warning("eval classifier at %s was trained with %s; using it as is", path, train)
-        net = EvalClassifier(shape[0], data.num_classes, width=width, feature_dim=feature_dim)
-        try:
-            ms.load_checkpoint(str(path), net, strict_load=True, format="safetensors")
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise UserError(f"could not load eval classifier at {path} ({exc}); delete it to retrain") from exc
-        net.set_train(False)
-        net.heldout_accuracy = stored_acc
-        log.info("loaded eval classifier %s (held-out accuracy %.4f)", path, net.heldout_accuracy)
-        return net
+        net = _load_cached(path, data, want, settings)
+        if net is not None:
+            return _good_enough(net, path, min_accuracy, steps)
+        path.unlink()  # the weights mark a complete cache: gone before the sidecar changes
 
     t0 = time.perf_counter()
     net = train_classifier(
@@ -253,13 +236,14 @@ def load_or_train_classifier(
     seconds = time.perf_counter() - t0
     net.heldout_accuracy = classifier_accuracy(net, data.test_images, data.test_labels)
     log.info("trained eval classifier in %.1f s, held-out accuracy %.4f", seconds, net.heldout_accuracy)
+    _good_enough(net, path, min_accuracy, steps)
 
     meta = {
         **net.config,
         "image_shape": list(shape),
         "n_train": int(len(data.train_labels)),
         "fingerprint": fingerprint,
-        "train": {"steps": int(steps), "batch_size": int(batch_size), "seed": int(seed)},
+        "train": settings,
         "heldout_accuracy": net.heldout_accuracy,
         "n_test": int(len(data.test_labels)),
         "train_seconds": round(seconds, 2),
@@ -267,4 +251,43 @@ def load_or_train_classifier(
     # Sidecar first: the weights file is the "cache exists" marker.
     write_json(_sidecar(path), meta)
     atomic_write(path, lambda t: ms.save_checkpoint(net, t, format="safetensors"), ".safetensors")
+    return net
+
+
+def _good_enough(net: EvalClassifier, path: Path, min_accuracy: float, steps: int) -> EvalClassifier:
+    if not net.heldout_accuracy >= min_accuracy:
+        raise UserError(f"eval classifier {path}: held-out accuracy {net.heldout_accuracy:.3f} is below the minimum "
+                        f"{min_accuracy:g} (eval.classifier.min_accuracy): it cannot judge samples; train it longer "
+                        f"(eval.classifier.steps, now {int(steps)})")
+    return net
+
+
+def _load_cached(path: Path, data: ClassifierData, want: str, settings: dict[str, int]) -> EvalClassifier | None:
+    """The cached classifier, or None when it was trained with other settings (then it is trained again)."""
+    side = _sidecar(path)
+    if not side.exists():
+        raise UserError(f"eval classifier at {path} has no sidecar {side.name}; delete it to retrain")
+    try:
+        meta = json.loads(side.read_text())
+        have = _data_desc(meta["image_shape"], meta["num_classes"], meta["n_train"], meta["fingerprint"])
+        width, feature_dim, stored_acc = int(meta["width"]), int(meta["feature_dim"]), float(meta["heldout_accuracy"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"eval classifier sidecar {side} is unreadable ({exc!r}); delete both files to retrain") from exc
+    if have != want:
+        raise UserError(
+            f"eval classifier at {path} was trained for {have} but data is {want}; "
+            "delete it or choose another classifier path"
+        )
+    if meta.get("train") != settings:
+        log.info("eval classifier at %s was trained with %s, the config says %s: training it again", path,
+                 meta.get("train"), settings)
+        return None
+    net = EvalClassifier(int(data.image_shape[0]), data.num_classes, width=width, feature_dim=feature_dim)
+    try:
+        ms.load_checkpoint(str(path), net, strict_load=True, format="safetensors")
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise UserError(f"could not load eval classifier at {path} ({exc}); delete it to retrain") from exc
+    net.set_train(False)
+    net.heldout_accuracy = stored_acc
+    log.info("loaded eval classifier %s (held-out accuracy %.4f)", path, net.heldout_accuracy)
     return net

@@ -7,7 +7,9 @@ class. Every bad input raises :class:`UserError` with a one-line message naming 
 
 from __future__ import annotations
 
+import collections
 import gzip
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -17,8 +19,9 @@ from PIL import Image
 
 from distill.core.errors import UserError
 
+log = logging.getLogger(__name__)
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DIGIT_NAMES = tuple(str(i) for i in range(10))
 FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -142,7 +145,56 @@ def _open_image(path: Path) -> Image.Image:
         raise UserError(f"data: cannot read image {path} ({type(exc).__name__}: {exc})") from exc
 
 
-def _load_folder(root: Path, size: Optional[int]) -> tuple[Split, tuple[str, ...]]:
+GRAY_MODES = ("1", "L", "LA", "I;16", "I;16L", "I;16B", "I;16N", "I")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _pixels(img: Image.Image, path: Path, channels: int, notes: collections.Counter[str]) -> np.ndarray:
+    """One image as H x W x ``channels`` pixels: uint16 for 16-bit images, else uint8 (what was converted
+    is counted in ``notes``)."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        a = np.asarray(img)
+        if a.min() < 0 or a.max() > 65535:
+            raise UserError(f"data: {path} has pixel values {a.min()}..{a.max()}, outside the 16-bit range "
+                            "0..65535; save it with 8 or 16 bits per channel")
+        notes["16-bit"] += 1
+        a = a.astype(np.uint16)[..., None]
+    elif img.mode in ("F",) or img.mode.startswith(("I;32", "F;")):
+        raise UserError(f"data: {path} has {img.mode} pixels (floating point or 32-bit); save it with 8 or 16 "
+                        "bits per channel")
+    elif img.mode in GRAY_MODES:
+        if img.mode == "LA":
+            notes["LA -> L (alpha dropped)"] += 1
+        a = np.asarray(img.convert("L"))[..., None]
+    else:
+        if img.mode != "RGB":
+            notes[f"{img.mode} -> RGB" + (" (alpha dropped)" if "A" in img.mode else "")] += 1
+        a = np.asarray(img.convert("RGB"))
+    if channels == 3 and a.shape[2] == 1:
+        notes["grayscale repeated to 3 channels"] += 1
+        a = np.repeat(a, 3, axis=2)
+    elif channels == 1 and a.shape[2] == 3:
+        notes["RGB -> grayscale"] += 1
+        a = np.asarray(Image.fromarray(a).convert("L"))[..., None]
+    return a
+
+
+def _resize_pixels(a: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of H x W x C pixels (8-bit: Pillow on the image; 16-bit: Pillow float mode per channel)."""
+    if a.shape[:2] == (size, size):
+        return a
+    if a.dtype == np.uint8:
+        img = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a).resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(img).reshape(size, size, a.shape[2])
+    top = np.iinfo(a.dtype).max
+    out = [np.asarray(Image.fromarray(a[..., c].astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR))
+           for c in range(a.shape[2])]
+    return np.clip(np.rint(np.stack(out, axis=2)), 0, top).astype(a.dtype)
+
+
+def _load_folder(root: Path, size: Optional[int], channels: Optional[int] = None) -> tuple[Split, tuple[str, ...]]:
+    """Images of ``root/<class>/``: one channel if every image is grayscale (or ``channels`` = 1), else RGB;
+    uint16 if any image has 16 bits per channel (8-bit ones are scaled to match), else uint8."""
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"data: no class sub-folders in {root} (expected {root}/<class>/*.png)")
@@ -153,16 +205,29 @@ def _load_folder(root: Path, size: Optional[int]) -> tuple[Split, tuple[str, ...
             raise UserError(f"data: class folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
         files += [(p, label) for p in found]
     images = [_open_image(p) for p, _ in files]
-    mode = "L" if all(img.mode in ("1", "L", "LA") for img in images) else "RGB"
-    images = [img.convert(mode) for img in images]
+    if channels is None:
+        channels = 1 if all(img.mode in GRAY_MODES for img in images) else 3
+    notes: collections.Counter[str] = collections.Counter()
+    arrays = [_pixels(img, path, channels, notes) for img, (path, _) in zip(images, files)]
     if size is not None:
-        images = [img.resize((size, size), Image.Resampling.BILINEAR) for img in images]
-    for (path, _), img in zip(files, images):
-        if img.size != images[0].size:
-            (w0, h0), (w, h) = images[0].size, img.size
+        arrays = [_resize_pixels(a, size) for a in arrays]
+    for (path, _), a in zip(files, arrays):
+        if a.shape != arrays[0].shape:
+            (h0, w0), (h, w) = arrays[0].shape[:2], a.shape[:2]
             raise UserError(f"data: images in {root} have different sizes ({files[0][0]} is {w0}x{h0}, "
                             f"{path} is {w}x{h}); set data.image_size to resize them all")
-    arrays = [np.asarray(img, np.uint8).reshape(img.size[1], img.size[0], -1) for img in images]
+    if notes["16-bit"]:
+        top = max(int(a.max()) for a in arrays if a.dtype == np.uint16)
+        log.info("data: %d of %d images in %s have 16 bits per channel: scaled by the 16-bit range 0..65535 "
+                 "(their largest value is %d)%s", notes["16-bit"], len(arrays), root, top,
+                 "; 8-bit images scaled to match" if notes["16-bit"] < len(arrays) else "")
+        if top < 4096:
+            log.warning("data: the 16-bit images in %s use values up to %d only (12-bit data?): they will look dark",
+                        root, top)
+        arrays = [a if a.dtype == np.uint16 else a.astype(np.uint16) * 257 for a in arrays]
+    for what, count in sorted(notes.items()):
+        if what != "16-bit" and count:
+            log.info("data: %d image(s) in %s converted: %s", count, root, what)
     stacked = np.stack(arrays).transpose(0, 3, 1, 2)
     return (stacked, np.array([label for _, label in files], np.int32)), tuple(p.name for p in classes)
 
@@ -177,8 +242,9 @@ def _check_count(images: np.ndarray, labels: np.ndarray, image_path: Path, label
 
 
 def _to_unit(images: np.ndarray) -> np.ndarray:
-    """uint8 0..255 -> float32 [-1, 1] (0 -> -1, 255 -> 1)."""
-    return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    """Unsigned integer pixels -> float32 [-1, 1] by their type's range (uint8: 0 -> -1, 255 -> 1; uint16: 65535 -> 1)."""
+    half = np.float32(np.iinfo(images.dtype).max / 2.0)
+    return images.astype(np.float32) / half - np.float32(1.0)
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -190,6 +256,18 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
         channel = Image.fromarray(np.ascontiguousarray(images[i, j], np.float32))  # mode "F"
         out[i, j] = np.asarray(channel.resize((size, size), Image.Resampling.BILINEAR))
     return np.clip(out, -1.0, 1.0)
+
+
+def _with_channels(images: np.ndarray, channels: Optional[int], where: Any) -> np.ndarray:
+    """N x C x H x W in [-1, 1] with ``channels`` channels: grayscale repeated, or RGB to luminance (ITU-R 601)."""
+    have = images.shape[1]
+    if channels is None or channels == have:
+        return images
+    log.info("data: %s converted from %d to %d channel(s) (data.channels=%d)", where, have, channels, channels)
+    if channels == 3:
+        return np.repeat(images, 3, axis=1)
+    weights = np.array([0.299, 0.587, 0.114], np.float32).reshape(1, 3, 1, 1)
+    return (images * weights).sum(axis=1, keepdims=True).astype(np.float32)
 
 
 def _split(images: np.ndarray, labels: np.ndarray, fraction: float, seed: int, where: str) -> tuple[Split, Split]:
@@ -227,6 +305,13 @@ def _options(cfg: Mapping[str, Any]) -> tuple[Optional[int], float, int, Optiona
     return size, float(fraction), seed, cap
 
 
+def _channels(cfg: Mapping[str, Any]) -> Optional[int]:
+    channels = cfg.get("channels")
+    if channels is not None and channels not in (1, 3):
+        raise UserError(f"data: channels {channels!r} must be 1 (grayscale), 3 (RGB) or null (as the images are)")
+    return channels
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -246,7 +331,7 @@ def load_data(cfg: Mapping[str, Any]) -> ImageData:
     else:
         root = where = _root(cfg, name)
         if name == "folder":
-            train, names = _load_folder(root, size)
+            train, names = _load_folder(root, size, _channels(cfg))
         elif name == "cifar10":
             train, test, meta = _load_cifar10(root)
             names = meta or CIFAR10_NAMES
@@ -264,6 +349,8 @@ def load_data(cfg: Mapping[str, Any]) -> ImageData:
     names = _class_names(cfg.get("class_names"), names, np.concatenate([train_y, test[1]]), where)
     if size is not None:
         train_x, test = _resize(train_x, size), (_resize(test[0], size), test[1])
+    channels = _channels(cfg)
+    train_x, test = _with_channels(train_x, channels, where), (_with_channels(test[0], channels, where), test[1])
     return ImageData(np.ascontiguousarray(train_x, np.float32), train_y.astype(np.int32),
                      np.ascontiguousarray(test[0], np.float32), test[1].astype(np.int32), names)
 

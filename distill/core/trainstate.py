@@ -15,7 +15,7 @@ from mindspore import amp, nn
 
 from distill.core.checkpoint import load_checkpoint, save_checkpoint
 from distill.core.errors import UserError
-from distill.core.weights import load_net_state, net_state, strip_prefix
+from distill.core.weights import load_net_state, net_state, non_finite, strip_prefix
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,16 @@ class TrainingCheckpoint:
         return tensors
 
     def save(self, step: int, losses: list[float], **meta: Any) -> None:
-        """Write the checkpoint of ``step`` atomically; ``meta`` adds to the run's metadata."""
-        save_checkpoint(self.path, self.tensors(losses), dict(self.meta, step=step, **meta))
+        """Write the checkpoint of ``step`` atomically; ``meta`` adds to the run's metadata.
+
+        Weights that are no longer finite are refused, so the last good checkpoint stays in place."""
+        tensors = self.tensors(losses)
+        bad = non_finite({k: v for k, v in tensors.items() if k.startswith(("net.", "ema."))})
+        if bad:
+            kept = f"; last good checkpoint kept at {self.path}" if self.path.exists() else ""
+            raise UserError(f"training: weights became non-finite ({bad[0]!r}) at step {step}; try a lower lr "
+                            f"or check the data{kept}")
+        save_checkpoint(self.path, tensors, dict(self.meta, step=step, **meta))
 
     def resume(self, remove_stale: bool = True) -> Optional[tuple[int, list[float]]]:
         """Load the checkpoint if there is one: (step, losses), else None.

@@ -34,6 +34,7 @@ def load_net_state(net: nn.Cell, state: dict[str, np.ndarray], source: str, stri
     With ``strict=False`` parameters absent from ``state`` keep their values and their
     names are returned (the student's guidance embedding, when loading a teacher).
     """
+    require_finite(state, source)
     params = named_params(net)
     missing = [k for k in params if k not in state]
     unexpected = [k for k in state if k not in params]
@@ -46,6 +47,20 @@ def load_net_state(net: nn.Cell, state: dict[str, np.ndarray], source: str, stri
         if k in state:
             p.set_data(ms.Tensor(state[k].astype(np.float32)))
     return missing
+
+
+def non_finite(state: dict[str, np.ndarray]) -> list[str]:
+    """Names of the float tensors of ``state`` holding NaN or inf."""
+    return [k for k, v in state.items() if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
+
+
+def require_finite(state: dict[str, np.ndarray], source: str) -> None:
+    """Refuse weights holding NaN or inf: a model made of them gives garbage (black samples), not an error."""
+    bad = non_finite(state)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UserError(f"{source} holds non-finite weights (NaN or inf in {bad[0]!r}{more}); it cannot be "
+                        "used: train it again (from its last good checkpoint or from scratch)")
 
 
 def copy_weights(src: nn.Cell, dst: nn.Cell) -> None:

@@ -12,10 +12,12 @@ from distill.core.sampling import SamplerSettings, initial_noise, sample_in_batc
 
 
 def evaluation_classifier(cfg: DictConfig, data: ImageData) -> EvalClassifier:
-    """The classifier whose features and predictions judge samples; trained once per run, cached."""
+    """The classifier whose features and predictions judge samples; trained once per run and settings, cached,
+    refused below ``eval.classifier.min_accuracy``."""
     path = build.run_dir(cfg) / "eval_classifier" / "classifier.safetensors"
     c = cfg.eval.classifier
-    return load_or_train_classifier(path, data, steps=int(c.steps), batch_size=int(c.batch_size), seed=int(cfg.seed))
+    return load_or_train_classifier(path, data, steps=int(c.steps), batch_size=int(c.batch_size), seed=int(cfg.seed),
+                                    min_accuracy=float(c.get("min_accuracy", 0.0)))
 
 
 def balanced_labels(n: int, num_classes: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from distill.core import build
 from distill.core.classifier import features_and_predictions
 from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
+from distill.core.fileio import check_name
 from distill.core.images import save_side_by_side_png, save_samples_npz
 from distill.core.metrics import accuracy, frechet_distance, mean_psnr, mse
 from distill.core.report import write_evaluation_report
@@ -82,8 +83,7 @@ def student_specs(cfg: DictConfig, data: ImageData) -> list[tuple[str, Path | No
         if not name or name == "teacher" or name in [n for n, _, _ in specs] or keys - {"name", "path", "steps"}:
             raise UserError(f"eval.students: each entry is a mapping {{name, path, steps}} with a unique name "
                             f"other than 'teacher', got {entry}")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
-            raise UserError(f"eval.students: name {name!r} is used in file names: letters, digits, _ . - only")
+        check_name(name, "eval.students")
         steps = entry.get("steps")
         if steps is not None and int(steps) < 1:
             raise UserError(f"eval.students: steps of '{name}' must be >= 1, got {steps}")
@@ -123,8 +123,8 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     data = load_data(cfg.data)
     out = build.run_dir(cfg) / "evaluate"
     specs = student_specs(cfg, data)  # bad entries and missing rounds fail before the classifier is trained
+    models = evaluation_models(cfg, data, specs)  # so do unreadable or non-finite checkpoints
     clf = evaluation_classifier(cfg, data)
-    models = evaluation_models(cfg, data, specs)
     predictors = {name: jit_predictor(cell, bool(cfg.jit)) for name, (cell, _) in models.items()}
     settings = {name: build.sampler_settings(cfg, steps) for name, (_, steps) in models.items()}
     students = [name for name in models if name != "teacher"]
