@@ -37,6 +37,7 @@ class UNetConfig:
     channel_mult: Sequence[int] = (1, 2)
     num_res_blocks: int = 1
     attention: bool = True          # self-attention at the lowest resolution
+    attention_resolutions: Sequence[int] = ()  # also after each res block at these feature-map sizes (DDPM: 16)
     groups: int = 8                 # GroupNorm groups
     scale_shift_norm: bool = False  # the embedding scales and shifts each block's normalised features (FiLM)
     time_scale: float = 1000.0      # t in [0, 1] is scaled before the sinusoidal features
@@ -52,16 +53,18 @@ class UNetConfig:
         if unknown:
             raise UserError(f"model: unknown UNet setting(s) {sorted(unknown)}")
         d = dict(d)
-        if "channel_mult" in d:
-            d["channel_mult"] = tuple(int(m) for m in d["channel_mult"])
+        for key in ("channel_mult", "attention_resolutions"):
+            if key in d:
+                d[key] = tuple(int(m) for m in d[key] or ())
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["channel_mult"] = list(self.channel_mult)
+        d["attention_resolutions"] = list(self.attention_resolutions)
         # Written only when on, so a config without it equals the stored dicts of older
         # checkpoints, which resume and the teacher check compare as plain dicts.
-        for flag in ("guidance_class_gate", "guidance_film", "scale_shift_norm"):
+        for flag in ("guidance_class_gate", "guidance_film", "scale_shift_norm", "attention_resolutions"):
             if not d[flag]:
                 del d[flag]
         return d
@@ -73,9 +76,21 @@ class UNetConfig:
                 f"model: image size {self.image_size} cannot be halved {levels - 1} time(s) by the UNet "
                 f"(channel_mult has {levels} levels); use a size divisible by {2 ** (levels - 1)}"
             )
+        sizes = self.feature_sizes()
+        for r in self.attention_resolutions:
+            if r not in sizes:
+                raise UserError(
+                    f"model: attention_resolutions {list(self.attention_resolutions)}: {r} is not a feature-map size "
+                    f"of this UNet (sizes {', '.join(map(str, sizes))} for {self.image_size}x{self.image_size} images)"
+                )
         for m in self.channel_mult:
             if (self.channels * m) % self.groups:
                 raise UserError(f"model: channels {self.channels * m} not divisible by groups {self.groups}")
+
+
+    def feature_sizes(self) -> list[int]:
+        """The feature-map size (pixels a side) at each level, finest first."""
+        return [self.image_size // 2 ** level for level in range(len(self.channel_mult))]
 
 
 def sinusoidal_features(x: ms.Tensor, freqs: ms.Tensor) -> ms.Tensor:
@@ -123,7 +138,7 @@ class ResBlock(nn.Cell):
     it: multiplicative conditioning, so the class and w can amplify features, not only offset them."""
 
     def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, scale_shift_norm: bool = False,
-                 guidance_film: bool = False) -> None:
+                 guidance_film: bool = False, attention: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin)
         self.conv1 = conv3x3(cin, cout)
@@ -136,6 +151,9 @@ class ResBlock(nn.Cell):
         self.has_guidance_film = guidance_film
         # student only: a multiplicative path the teacher lacks, zero at init so the student starts as the teacher
         self.guidance_film = zero_(nn.Dense(emb_dim, cout)) if guidance_film else None
+        # self-attention after the block (``attention_resolutions``); absent otherwise, so older checkpoints keep their names
+        self.has_attention = attention
+        self.attn = Attention(cout, groups) if attention else None
 
     def conditioning(self, emb: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:
         """What this block takes from the embedding, (B, C) or (B, 2C) and the film factor (B, C):
@@ -156,7 +174,8 @@ class ResBlock(nn.Cell):
         if self.has_guidance_film:
             h = h * film.reshape(film.shape[0], -1, 1, 1)
         h = self.conv2(self.act(h))
-        return self.skip(x) + h
+        h = self.skip(x) + h
+        return self.attn(h) if self.has_attention else h
 
     def construct(self, x: ms.Tensor, emb: ms.Tensor) -> ms.Tensor:
         e, film = self.conditioning(emb)
@@ -216,7 +235,10 @@ class UNet(nn.Cell):
         ch, groups = config.channels, config.groups
         emb_dim = 4 * ch
         film = config.guidance_film and config.guidance_embed_dim > 0
-        block = lambda cin, cout: ResBlock(cin, cout, emb_dim, groups, config.scale_shift_norm, film)
+        attn_sizes = set(config.attention_resolutions)
+        sizes = config.feature_sizes()
+        block = lambda cin, cout, level=None: ResBlock(cin, cout, emb_dim, groups, config.scale_shift_norm, film,
+                                                       level is not None and sizes[level] in attn_sizes)
         self.time_embed = EmbeddingMLP(ch, emb_dim, config.time_scale)
         self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)
         self.has_guidance = config.guidance_embed_dim > 0
@@ -238,7 +260,7 @@ class UNet(nn.Cell):
         down, skips, cur = [], [ch], ch
         for level, width in enumerate(widths):
             for _ in range(config.num_res_blocks):
-                down.append(block(cur, width))
+                down.append(block(cur, width, level))
                 cur = width
                 skips.append(cur)
             if level < len(widths) - 1:
@@ -251,7 +273,7 @@ class UNet(nn.Cell):
         up = []
         for level, width in reversed(list(enumerate(widths))):
             for _ in range(config.num_res_blocks + 1):
-                up.append(block(cur + skips.pop(), width))
+                up.append(block(cur + skips.pop(), width, level))
                 cur = width
             if level > 0:
                 up.append(Upsample(cur))
