@@ -233,6 +233,38 @@ def broadcast_from_main(arrays: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
+def main_decides(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank: a choice made from files only rank 0 may see (what is up to date,
+    what is missing) that every rank must follow, or they would wait at different collectives."""
+    return bool(broadcast_from_main([np.array([float(bool(flag))], np.float32)])[0][0])
+
+
+def my_items(count: int) -> list[int]:
+    """The items of ``range(count)`` this rank works on: every ``world_size``-th from its rank on.
+    Any count splits (some ranks get one item more, or none); one process gets them all."""
+    return list(range(_current.rank, count, _current.world_size))
+
+
+GATHER_CHUNK = 1 << 24  # floats per all-reduce when gathering (64 MB), so big sample sets need no second copy at once
+
+
+def gather_rows(rows: np.ndarray, mine: np.ndarray, total: int) -> np.ndarray:
+    """All ranks' rows in one (total, ...) float32 array on every rank: this rank's ``rows`` go to the
+    indices ``mine``, the others' to theirs (the ranks' indices must not overlap).
+
+    Exact: one all-reduce in which every rank adds zeros where it has no row (x + 0 == x).
+    """
+    rows = np.asarray(rows, np.float32)
+    out = np.zeros((total, *rows.shape[1:]), np.float32)
+    out[np.asarray(mine, np.int64)] = rows
+    if _current.world_size == 1:
+        return out
+    flat = out.reshape(-1)
+    for start in range(0, flat.size, GATHER_CHUNK):
+        flat[start:start + GATHER_CHUNK] = sum_over_ranks(flat[start:start + GATHER_CHUNK])
+    return out
+
+
 def shard(arrays: tuple[np.ndarray, ...], global_batch: int) -> tuple[np.ndarray, ...]:
     """This rank's contiguous slice of a global batch; arrays already of the local size pass through.
 

@@ -353,16 +353,29 @@ def sample_in_batches(
     uncond_labels: np.ndarray,
     batch_size: int,
     seed: int = 0,
+    across_ranks: bool = False,
 ) -> np.ndarray:
-    """:func:`sample` over fixed-size chunks (the last one padded, so one compiled shape)."""
+    """:func:`sample` over fixed-size chunks (the last one padded, so one compiled shape).
+
+    ``across_ranks`` (every data-parallel worker calls it): chunk c is drawn by rank c mod world
+    size, exactly as one process draws it (same rows, padding and step-noise seed), and every
+    rank gets all the images back; so the images are those of one process, whatever the worker count.
+    """
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise UserError(f"sampler: batch size {batch_size} must be an integer >= 1")
-    out = []
     n = noise.shape[0]
     if n < 1:
         raise UserError("sampler: no images to sample (0 noise samples)")
-    for start in range(0, n, batch_size):
+    starts = list(range(0, n, batch_size))
+    chunks = runtime.my_items(len(starts)) if across_ranks else range(len(starts))
+    out, mine = [], []
+    for c in chunks:
+        start = starts[c]
         idx = np.arange(start, start + batch_size) % n  # pad by wrapping; dropped below
         imgs = sample(predict, noise[idx], labels[idx], w, settings, uncond_labels[idx], seed=seed + start)
         out.append(imgs[: min(batch_size, n - start)])
-    return np.concatenate(out, axis=0)
+        mine.append(np.arange(start, min(start + batch_size, n)))
+    if not across_ranks:
+        return np.concatenate(out, axis=0)
+    local = np.concatenate(out, axis=0) if out else np.zeros((0, *noise.shape[1:]), np.float32)
+    return runtime.gather_rows(local, np.concatenate(mine) if mine else np.zeros(0, np.int64), n)

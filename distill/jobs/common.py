@@ -41,11 +41,14 @@ def check_w(w: float) -> float:
 
 
 def guided_samples(predict, data: ImageData, cfg: DictConfig, w: float, n: int, seed: int,
-                   settings: SamplerSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` class-balanced samples at guidance ``w`` from fixed noise (same seed, same noise)."""
+                   settings: SamplerSettings | None = None, across_ranks: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` class-balanced samples at guidance ``w`` from fixed noise (same seed, same noise).
+    ``across_ranks``: every data-parallel worker calls it and draws its share (:func:`sample_in_batches`)."""
     settings = settings or build.sampler_settings(cfg)
     labels = balanced_labels(n, data.num_classes)
     noise = initial_noise(seed, n, data.image_shape)
     imgs = sample_in_batches(predict, noise, labels, check_w(w), settings,
-                             uncond_labels(cfg, n, data.num_classes), int(cfg.sampler.batch_size), seed=seed)
+                             uncond_labels(cfg, n, data.num_classes), int(cfg.sampler.batch_size), seed=seed,
+                             across_ranks=across_ranks)
     return imgs, labels

@@ -6,6 +6,10 @@ teacher's sample from the same noise. The real-vs-real distance of two halves of
 held-out data is the floor. Speed: wall time per image with the same batch, each model at
 its own number of sampling steps: the teacher at ``eval.teacher_steps`` (null = sampler.num_steps),
 each student of ``eval.students`` at its own (e.g. progressive rounds at 8 and 4 steps).
+
+Under msrun (``distributed=true``) every worker samples its share of each model's samples (by sample
+index, :func:`distill.core.sampling.sample_in_batches`), and rank 0 gets them all, judges them and
+writes the report: the same samples and metrics as one process.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from distill.core.fileio import check_name
 from distill.core.images import save_side_by_side_png, save_samples_npz
 from distill.core.metrics import accuracy, frechet_distance, mean_psnr, mse
 from distill.core.report import write_evaluation_report
-from distill.core.sampling import jit_predictor
+from distill.core.runtime import current, is_main, my_items
+from distill.core.sampling import Predictor, SamplerSettings, jit_predictor
 from distill.jobs.common import evaluation_classifier, guided_samples
 from student.loading import load_student
 from student.progressive import verified_rounds
@@ -124,9 +129,10 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     out = build.run_dir(cfg) / "evaluate"
     specs = student_specs(cfg, data)  # bad entries and missing rounds fail before the classifier is trained
     models = evaluation_models(cfg, data, specs)  # so do unreadable or non-finite checkpoints
-    clf = evaluation_classifier(cfg, data)
-    predictors = {name: jit_predictor(cell, bool(cfg.jit)) for name, (cell, _) in models.items()}
-    settings = {name: build.sampler_settings(cfg, steps) for name, (_, steps) in models.items()}
+    clf = evaluation_classifier(cfg, data) if is_main() else None
+    predictors, settings = warmed_predictors(cfg, data, models)
+    if not is_main():  # the other workers only draw their share of the samples
+        return _sample_share(cfg, data, predictors, settings)
     students = [name for name in models if name != "teacher"]
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
     ws = [float(w) for w in cfg.eval.ws]
@@ -139,17 +145,16 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
                    for name, (cell, steps) in models.items()},
         "agreement": {},  # of the first student (the only one by default); every student has its own in per_w
     }
-    # Compile and warm up each predictor at the evaluation batch before anything is timed.
-    warm = min(n, int(cfg.sampler.batch_size))
-    for name, predict in predictors.items():
-        guided_samples(predict, data, cfg, 1.0, warm, seed, settings[name])
+    workers = current().world_size
+    report["data_parallel_workers"] = workers
     seconds = {name: 0.0 for name in predictors}
     rows: list[tuple[str, np.ndarray]] = []
     samples_dir = out / "samples"
     for w in ws:
         images, grid_rows = {}, []
         for name, predict in predictors.items():
-            (imgs, labels), dt = timed(lambda: guided_samples(predict, data, cfg, w, n, seed, settings[name]))
+            (imgs, labels), dt = timed(lambda: guided_samples(predict, data, cfg, w, n, seed, settings[name],
+                                                              across_ranks=workers > 1))
             seconds[name] += dt
             feats, pred = features_and_predictions(clf, imgs)
             images[name] = imgs
@@ -186,3 +191,28 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
                  f"{m} {settings[m].num_steps} steps {report['models'][m]['speed']['seconds_per_image']:.4f} s/image "
                  f"(speed-up {report['models'][m]['speed']['speedup']:.2f}x)" for m in students), out)
     return report
+
+
+def warmed_predictors(cfg: DictConfig, data: ImageData, models: dict[str, tuple[Any, int]]
+                      ) -> tuple[dict[str, Predictor], dict[str, SamplerSettings]]:
+    """Each model's compiled predictor and sampler settings, compiled and warmed up at the evaluation
+    batch (in this process alone) before anything is timed."""
+    predictors = {name: jit_predictor(cell, bool(cfg.jit)) for name, (cell, _) in models.items()}
+    settings = {name: build.sampler_settings(cfg, steps) for name, (_, steps) in models.items()}
+    warm = min(int(cfg.eval.num_samples), int(cfg.sampler.batch_size))
+    for name, predict in predictors.items():
+        guided_samples(predict, data, cfg, 1.0, warm, int(cfg.seed), settings[name])
+    return predictors, settings
+
+
+def _sample_share(cfg: DictConfig, data: ImageData, predictors: dict[str, Predictor],
+                  settings: dict[str, SamplerSettings]) -> None:
+    """A worker other than rank 0: the sampler calls of rank 0 in the same order (w by w, model by
+    model), drawing its own share of each; rank 0 judges and writes."""
+    n, seed = int(cfg.eval.num_samples), int(cfg.seed)
+    for w in [float(w) for w in cfg.eval.ws]:
+        for name, predict in predictors.items():
+            guided_samples(predict, data, cfg, w, n, seed, settings[name], across_ranks=True)
+    chunks = -(-n // int(cfg.sampler.batch_size))
+    log.info("evaluate: rank %d drew %d of %d sample chunks per model and w", current().rank,
+             len(my_items(chunks)), chunks)

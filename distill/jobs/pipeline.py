@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from distill.core import build
 from distill.core.fileio import write_json
-from distill.core.runtime import is_main
+from distill.core.runtime import is_main, main_decides
 from student.loading import student_checkpoint_path
 from student.progressive import round_checkpoint_path, round_plan
 
@@ -50,7 +50,7 @@ def stages(cfg: DictConfig) -> list[tuple[str, Callable[[DictConfig], Any], list
         ("teacher", run_teacher, []),
         ("distill", run_distill, []),
         ("progressive", run_progressive, []),
-        ("evaluate", _main_rank_only(run_evaluate), [run / "evaluate" / "report.json"]),
+        ("evaluate", run_evaluate, [run / "evaluate" / "report.json"]),  # every worker draws its share
         ("bench", _main_rank_only(run_bench), [run / "bench" / "bench.json"]),
         ("publish", _main_rank_only(run_publish), [bundle / "manifest.json"]),
     ]
@@ -68,7 +68,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     timings: dict[str, Any] = {}
     t_all = time.perf_counter()
     for name, job, outputs in stages(cfg):
-        if outputs and is_fresh(outputs, inputs):
+        if outputs and main_decides(is_fresh(outputs, inputs)):  # rank 0 sees the files; all ranks follow it
             log.info("pipeline: %s is up to date (%s), skipped", name, outputs[0])
             timings[name] = "skipped"
             continue

@@ -12,7 +12,7 @@ from distill.core import build
 from distill.core.fileio import write_json
 from distill.core.data import ImageData, load_data
 from distill.core.images import save_grid_png, save_samples_npz
-from distill.core.runtime import is_main
+from distill.core.runtime import current, is_main, main_decides
 from distill.jobs.common import guided_samples
 from distill.core.sampling import jit_predictor
 from distill.core.training import CHECKPOINT_NAME, Trainer
@@ -53,27 +53,35 @@ def run_teacher(cfg: DictConfig) -> Path:
     trainer.run()
     train_seconds = time.perf_counter() - t0
     ema.set_train(False)
-    if writer is not None:  # rank 0 only; also after a restart that found training done but no report
-        if not done_before or not (out / "report.json").is_file():
-            check_teacher(cfg, data, ema, out, writer, train_seconds, trainer.step)
+    # also after a restart that found training done but no report; rank 0 (which holds the files) decides
+    if main_decides(not done_before or not (out / "report.json").is_file()):
+        check_teacher(cfg, data, ema, out, writer, train_seconds, trainer.step)
+    if writer is not None:
         writer.close()
     return out / CHECKPOINT_NAME
 
 
 def check_teacher(cfg: DictConfig, data: ImageData, ema: UNet, out: Path, writer, train_seconds: float,
                   steps: int) -> dict[str, Any]:
-    """Guided samples at a few w, judged by the evaluation classifier: does the teacher draw digits?"""
+    """Guided samples at a few w, judged by the evaluation classifier: does the teacher draw digits?
+
+    Every data-parallel worker calls it and draws its share of the samples; rank 0 (``writer`` set)
+    judges them and writes the report, the others return {}."""
     from distill.jobs.common import evaluation_classifier
     from distill.core.classifier import features_and_predictions
     from distill.core.metrics import accuracy
 
-    clf = evaluation_classifier(cfg, data)
+    main = is_main()
+    clf = evaluation_classifier(cfg, data) if main else None
     predict = jit_predictor(GuidedPrediction(ema), bool(cfg.jit))
     n = int(cfg.teacher.check.num_samples)
+    workers = current().world_size
     report: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "steps": steps,
                               "sampler_steps": int(cfg.sampler.num_steps), "accuracy": {}}
     for w in cfg.teacher.check.ws:
-        imgs, labels = guided_samples(predict, data, cfg, float(w), n, int(cfg.seed))
+        imgs, labels = guided_samples(predict, data, cfg, float(w), n, int(cfg.seed), across_ranks=workers > 1)
+        if not main:
+            continue
         _, pred = features_and_predictions(clf, imgs)
         acc = accuracy(pred, labels)
         report["accuracy"][str(float(w))] = round(acc, 4)
@@ -81,5 +89,9 @@ def check_teacher(cfg: DictConfig, data: ImageData, ema: UNet, out: Path, writer
         save_samples_npz(out / f"samples_w{float(w):g}.npz", imgs, labels, w=float(w), model="teacher")
         writer.add_scalar("teacher/sample_accuracy", acc, int(10 * float(w)))
         log.info("teacher: w=%g class accuracy of %d guided samples = %.3f", float(w), n, acc)
+    if not main:
+        return {}
+    if workers > 1:
+        report["data_parallel_workers"] = workers
     write_json(out / "report.json", report)
     return report
