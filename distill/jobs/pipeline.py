@@ -30,13 +30,9 @@ def is_fresh(outputs: list[Path], inputs: list[Path]) -> bool:
     return min(p.stat().st_mtime for p in outputs) >= newest_input
 
 
-def _main_rank_only(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Report stages run on rank 0; under msrun the other workers skip them."""
-    return job if is_main() else (lambda cfg: None)
-
-
-def stages(cfg: DictConfig) -> list[tuple[str, Callable[[DictConfig], Any], list[Path]]]:
-    """(name, job, outputs that make it complete; [] = the job resumes or skips by itself)."""
+def stages(cfg: DictConfig) -> list[tuple[str, Callable[[DictConfig], Any], list[Path], bool]]:
+    """(name, job, outputs that make it complete ([] = the job resumes or skips by itself), whether every
+    msrun worker runs it (else rank 0 alone))."""
     from distill.jobs.bench import run_bench
     from distill.jobs.distill import run_distill
     from distill.jobs.evaluate import run_evaluate
@@ -47,12 +43,12 @@ def stages(cfg: DictConfig) -> list[tuple[str, Callable[[DictConfig], Any], list
     run = build.run_dir(cfg)
     bundle = Path(str(cfg.publish.dir)) if cfg.publish.get("dir") else run / "bundle"
     return [
-        ("teacher", run_teacher, []),
-        ("distill", run_distill, []),
-        ("progressive", run_progressive, []),
-        ("evaluate", run_evaluate, [run / "evaluate" / "report.json"]),  # every worker draws its share
-        ("bench", _main_rank_only(run_bench), [run / "bench" / "bench.json"]),
-        ("publish", _main_rank_only(run_publish), [bundle / "manifest.json"]),
+        ("teacher", run_teacher, [], True),
+        ("distill", run_distill, [], True),
+        ("progressive", run_progressive, [], True),
+        ("evaluate", run_evaluate, [run / "evaluate" / "report.json"], True),  # every worker draws its share
+        ("bench", run_bench, [run / "bench" / "bench.json"], False),
+        ("publish", run_publish, [bundle / "manifest.json"], False),
     ]
 
 
@@ -67,8 +63,13 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     inputs = student_checkpoints(cfg)  # also checks the progressive plan before any training
     timings: dict[str, Any] = {}
     t_all = time.perf_counter()
-    for name, job, outputs in stages(cfg):
-        if outputs and main_decides(is_fresh(outputs, inputs)):  # rank 0 sees the files; all ranks follow it
+    for name, job, outputs, all_ranks in stages(cfg):
+        if not all_ranks and not is_main():
+            continue
+        fresh = bool(outputs) and is_fresh(outputs, inputs)
+        if outputs and all_ranks:
+            fresh = main_decides(fresh)  # rank 0 sees the files; every rank follows it
+        if fresh:
             log.info("pipeline: %s is up to date (%s), skipped", name, outputs[0])
             timings[name] = "skipped"
             continue
