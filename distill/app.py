@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from distill.core.errors import UserError
 from distill.core.runtime import current, is_main, setup_from_config
+from distill.jobs.preflight import check_config
 
 log = logging.getLogger("distill")
 
@@ -42,6 +43,7 @@ def run(cfg: DictConfig) -> Any:
     """Run one task; exits with status 2 and a one-line message on bad input."""
     try:
         resolve_task(str(cfg.task))  # an unknown task fails before any set-up
+        check_config(cfg)  # every bad value fails here, before the first expensive step
         setup_from_config(cfg)
         return resolve_task(str(cfg.task))(cfg)  # after set-up: on ranks other than 0 report tasks are no-ops
     except UserError as e:

@@ -28,6 +28,11 @@ from teacher.unet import UNet
 log = logging.getLogger(__name__)
 
 
+def check_targets(targets: str) -> None:
+    if targets not in ("online", "shards"):
+        raise UserError(f"student: targets '{targets}' must be online or shards")
+
+
 def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
                     ) -> Callable[[int], Callable[[int], tuple[np.ndarray, ...]]]:
     """start_step -> step -> regression batch, with targets made online or read from shards."""
@@ -42,8 +47,7 @@ def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
             *inputs, target = read(step)
             return regression_batch(tuple(inputs), target, loss_space, prediction, w_loss_power)
         return lambda start: from_shards
-    if s.targets != "online":
-        raise UserError(f"student: targets '{s.targets}' must be online or shards")
+    check_targets(str(s.targets))
     branches = jit_predictor(GuidanceBranches(teacher), bool(cfg.jit))
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
