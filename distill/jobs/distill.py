@@ -63,7 +63,9 @@ def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
     return factory
 
 
-def run_distill(cfg: DictConfig) -> Path:
+def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
+    """Train the student in <run>/student, resuming a checkpoint made with the same settings and inputs
+    (``restart=true``, or ``follow_inputs`` when only the inputs changed: train it again)."""
     from tensorboardX import SummaryWriter
 
     s = cfg.student
@@ -79,7 +81,7 @@ def run_distill(cfg: DictConfig) -> Path:
     writer = SummaryWriter(str(build.run_dir(cfg) / "tb")) if is_main() else None  # rank 0 writes
     meta = student_meta(student.config, cfg, data)
     trainer = Trainer(student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out, meta, writer)
-    trainer.try_resume()
+    trainer.try_resume(build.restart(cfg, follow_inputs))
     log.info("distill: %s targets, %s, loss %s x (1 + w)^-%g, %d steps at batch %d (%d inputs x %d w)", s.targets,
              describe_w(*w_distribution(s)), s.loss, float(s.w_loss_power), settings.steps, settings.batch_size,
              settings.batch_size // s.ws_per_input, s.ws_per_input)
@@ -90,7 +92,7 @@ def run_distill(cfg: DictConfig) -> Path:
         writer.close()
     if trainer.step > start_step and is_main():
         ran = trainer.step - start_step
-        summary = {"steps": trainer.step, "targets": str(s.targets), "seconds": round(seconds, 1),
+        summary = {"provenance": meta["provenance"], "steps": trainer.step, "targets": str(s.targets), "seconds": round(seconds, 1),
                    "seconds_per_step": round(seconds / ran, 4), "first_loss": losses[0], "last_loss": losses[-1]}
         write_json(out / "train_summary.json", summary)
         log.info("distill: %d steps in %.1f s (%.3f s/step, %s targets), loss %.4g -> %.4g", ran, seconds,
