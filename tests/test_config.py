@@ -33,6 +33,7 @@ def test_every_config_file_names_its_schema_and_every_group_has_one() -> None:
     ("progressive.start_steps=abc", "progressive.start_steps"),
     ("sampler.batch_size=1.5", "sampler.batch_size"),
     ("jit=maybe", "jit"),
+    ("bench.step_counts=8", "bench.step_counts"),
     ("teacher.nonexistent=1", "teacher.nonexistent"),
     ("eval.students=[{name: a, bad: 1}]", "eval.students"),
 ])
