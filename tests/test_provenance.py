@@ -118,4 +118,5 @@ def test_report_stages_record_what_made_them(tiny_run: Path, tmp_path: Path) -> 
     assert set(bench_provenance(cfg, data)["inputs"]) == {"teacher", "student", "student_2step"}
     assert "bench.repeats" in bench_provenance(cfg, data)["config"]
     published = publish_provenance(cfg, data)
-    assert published["inputs"]["evaluation"] is None and "publish.overwrite" not in published["config"]
+    assert published["inputs"]["evaluation"] == provenance.file_digest(tiny_run / "evaluate" / "report.json")
+    assert "publish.overwrite" not in published["config"] and published["config"]["publish.card_ws"] == [0, 1, 2, 4]

@@ -250,7 +250,8 @@ def check_known_keys(cfg: Any, where: str = "") -> None:
     for key in cfg.keys():
         name = f"{where}.{key}" if where else str(key)
         if known and key not in known:
-            raise UserError(f"config: unknown key {name} (the keys of {schema.__name__} are: {', '.join(sorted(known))})")
+            raise UserError(f"config: unknown key {name} (the keys of {schema.__name__} are: "
+                            f"{', '.join(sorted(known))})")
         if known:
             check_known_keys(cfg._get_node(key), name)
 

@@ -34,8 +34,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 import mindspore as ms
 from mindspore import amp, nn, ops
-from distill.core import runtime
-from distill.core import provenance
+from distill.core import provenance, runtime
 from distill.core.checkpoint import CHECKPOINT_NAME, read_meta
 from distill.core.errors import UserError
 from distill.core.progress import Progress

@@ -92,8 +92,9 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
         writer.close()
     if trainer.step > start_step and is_main():
         ran = trainer.step - start_step
-        summary = {"provenance": meta["provenance"], "steps": trainer.step, "targets": str(s.targets), "seconds": round(seconds, 1),
-                   "seconds_per_step": round(seconds / ran, 4), "first_loss": losses[0], "last_loss": losses[-1]}
+        summary = {"provenance": meta["provenance"], "steps": trainer.step, "targets": str(s.targets),
+                   "seconds": round(seconds, 1), "seconds_per_step": round(seconds / ran, 4),
+                   "first_loss": losses[0], "last_loss": losses[-1]}
         write_json(out / "train_summary.json", summary)
         log.info("distill: %d steps in %.1f s (%.3f s/step, %s targets), loss %.4g -> %.4g", ran, seconds,
                  seconds / ran, s.targets, float(np.mean(losses[:20])), float(np.mean(losses[-20:])))
