@@ -1,5 +1,6 @@
 """``distill task=...`` / ``python -m distill task=...``: the Hydra entry point."""
 import os
+import re
 import sys
 
 os.environ.setdefault("GLOG_v", "3")  # before mindspore is imported: only C++ errors are printed
@@ -7,11 +8,14 @@ os.environ.setdefault("GLOG_v", "3")  # before mindspore is imported: only C++ e
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from distill.core.config import register  # noqa: E402
 
 CONFIG_PACKAGE = "pkg://distill.conf"  # conf/, installed as package data (a user's dir: hydra.searchpath)
 # Under msrun the scheduler and every worker run this entry point; only worker 0 writes Hydra's
 # config copy and log file (the others log to their msrun log only).
 SECONDARY_PROCESS_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=stdout")
+CONFIG_ERROR_EXIT = 2  # as distill.core.errors.UserError
+_job_errors: list[BaseException] = []  # what a job raised, told apart from Hydra's own config errors
 
 
 def is_secondary_process() -> bool:
@@ -23,13 +27,41 @@ def is_secondary_process() -> bool:
 def hydra_main(cfg: DictConfig) -> None:
     from distill.app import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except Exception as e:
+        _job_errors.append(e)
+        raise
+
+
+def config_error_line(e: BaseException) -> str:
+    """Hydra's or OmegaConf's message (several lines, with hints about +key and the search path) as one
+    line naming the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    text = str(e).split("Config search path:")[0]  # a missing group option lists the search path after this
+    text = re.sub(r"\s*To append to your config use \S+", "", text)
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
+    if cause is not None:
+        text = text.rstrip().rstrip(".") + ": " + str(cause)
+    text = re.sub(r"\s+\w+_schema(?=\s)", "", text)  # the schemas are not options to pick
+    text = re.sub(r"\s*full_key: (\S+)[\s\S]*", r" (key \1)", text)  # OmegaConf's key / type lines
+    return " ".join(text.split())
 
 
 def main() -> None:
     if is_secondary_process():
         sys.argv.extend(SECONDARY_PROCESS_OVERRIDES)
-    hydra_main()
+    register()
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing several lines and exit 1
+    try:
+        hydra_main()
+    except Exception as e:
+        if wants_traceback or e in _job_errors:
+            raise
+        print(f"error: config: {config_error_line(e)}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_EXIT)
 
 
 if __name__ == "__main__":

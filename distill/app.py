@@ -15,6 +15,7 @@ from distill.core.errors import UserError
 from distill.core.fileio import check_name, clean_leftovers, io_failure
 from distill.core.runlock import run_lock
 from distill.core.runtime import current, is_main, setup_from_config
+from distill.jobs.preflight import check_config
 
 log = logging.getLogger("distill")
 
@@ -51,6 +52,7 @@ def run(cfg: DictConfig) -> Any:
     try:
         resolve_task(str(cfg.task))  # an unknown task fails before any set-up
         check_name(cfg.run_name, "run_name")
+        check_config(cfg)  # every bad value fails here, before the first expensive step
         setup_from_config(cfg)
         job = resolve_task(str(cfg.task))  # after set-up: on ranks other than 0 report tasks are no-ops
         if not is_main():

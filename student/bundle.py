@@ -200,16 +200,25 @@ class Pretrained:
         return out.asnumpy()
 
 
+CONFIG_SECTIONS = ("model", "guidance", "classes", "image", "sampler", "diffusion")  # what loading a bundle reads
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path} ({e})") from e
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a {FORMAT} config (a JSON {type(config).__name__}, not an object)")
     if config.get("format") != FORMAT:
         raise UserError(f"{path} is not a {FORMAT} config (format={config.get('format')!r})")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
-        raise UserError(f"{path} has format_version {config['format_version']}; this code reads up to {FORMAT_VERSION}")
+    version = config.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"{path} has format_version {version!r}; this code reads integers up to {FORMAT_VERSION}")
+    missing = [k for k in CONFIG_SECTIONS if not isinstance(config.get(k), dict)]
+    if missing:
+        raise UserError(f"{path} lacks the section(s) {', '.join(missing)} (or they are not JSON objects)")
     return config
 
 

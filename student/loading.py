@@ -6,12 +6,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from distill.core import build
+from distill.core import build, provenance
 from distill.core.checkpoint import CHECKPOINT_NAME, read_meta
 from distill.core.data import ImageData
 from distill.core.errors import UserError
 from distill.core.weights import load_ema_weights
 from student.distill import w_distribution
+from teacher.loading import teacher_checkpoint_path
 from teacher.unet import UNet, UNetConfig
 
 
@@ -26,7 +27,10 @@ def student_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str
             "prediction": cfg.diffusion.prediction, "w_min": w_min, "w_max": w_max, "w_power": w_power,
             "w_convention": "uncond + w * (cond - uncond)", "loss": str(s.loss),
             "w_loss_power": float(s.w_loss_power), "ws_per_input": int(s.ws_per_input),
-            "data": str(cfg.data.name), "class_names": list(data.class_names)}
+            "data": str(cfg.data.name), "class_names": list(data.class_names),
+            "provenance": provenance.record(cfg, "student", {
+                "data": provenance.data_digest(data),
+                "teacher": provenance.file_digest(teacher_checkpoint_path(cfg))})}
 
 
 def load_student(cfg: DictConfig, data: ImageData, path: Path | None = None) -> tuple[UNet, dict[str, Any]]:

@@ -25,7 +25,7 @@ import numpy as np
 import mindspore as ms
 from omegaconf import DictConfig
 
-from distill.core import build
+from distill.core import build, provenance
 from distill.core import diffusion as dm
 from distill.core.checkpoint import read_meta
 from distill.core.data import ImageData, step_batches
@@ -35,6 +35,7 @@ from distill.core.training import CHECKPOINT_NAME
 from distill.core.weights import weights_digest
 from student.distill import check_w_loss_power, check_w_range, guidance_loss_weight, sample_w, w_distribution
 from student.loading import load_student, student_checkpoint_path
+from teacher.loading import teacher_checkpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -136,18 +137,24 @@ def round_w_settings(p: Mapping[str, Any], source_meta: Mapping[str, Any]) -> tu
 
 
 def round_meta(source_meta: dict[str, Any], num_steps: int, round_index: int, teacher_path: Path,
-               source_digest: str, cfg: DictConfig) -> dict[str, Any]:
-    """Stage-one metadata (model, w range, schedule, classes) plus what this round is and which
-    stage-one student it descends from (``source_digest``: the weights digest of that student)."""
+               source_digest: str, cfg: DictConfig, data: ImageData) -> dict[str, Any]:
+    """Stage-one metadata (model, w range, schedule, classes) plus what this round is, which stage-one
+    student it descends from (``source_digest``: the weights digest of that student) and its provenance
+    (inputs: its teacher's file, that student, the data; round 1 from the CFG teacher: that file too)."""
     p = cfg.progressive
+    first = str(p.get("first_teacher", "student")) if round_index == 1 else "student"
+    inputs = {"teacher": provenance.file_digest(teacher_path), "stage_one": str(source_digest),
+              "data": provenance.data_digest(data)}
+    if first == "cfg":
+        inputs["cfg_teacher"] = provenance.file_digest(teacher_checkpoint_path(cfg))
     _, _, w_power, w_loss_power = round_w_settings(p, source_meta)
     meta = {k: v for k, v in source_meta.items() if k not in ("step", "total_steps")}
     meta.update({"kind": "student", "stage": "progressive", "sampling_steps": int(num_steps),
                  "round": int(round_index), "teacher_steps": 2 * int(num_steps),
                  "teacher_checkpoint": str(teacher_path), "source_digest": str(source_digest),
                  "loss": str(p.loss), "clip_x0": bool(p.clip_x0),
-                 "first_teacher": str(p.get("first_teacher", "student")) if round_index == 1 else "student",
-                 "round_w_power": w_power, "round_w_loss_power": w_loss_power})
+                 "first_teacher": first, "round_w_power": w_power, "round_w_loss_power": w_loss_power,
+                 "provenance": provenance.record(cfg, "progressive", inputs)})
     return meta
 
 
@@ -168,11 +175,13 @@ def check_round(path: Path, model: dict[str, Any], num_steps: int, source_digest
     return meta
 
 
-def finished_round(path: Path, steps: int, model: dict[str, Any], num_steps: int, source_digest: str) -> bool:
-    """True when ``path`` holds this round fully trained; False when absent or part-trained."""
+def finished_round(path: Path, steps: int, meta: dict[str, Any], restart: provenance.Restart) -> bool:
+    """True when ``path`` holds this round (``meta``: what it is made of now) fully trained; False when
+    absent, part-trained or to be trained again (``restart``); made otherwise and no restart: a UserError."""
     if not path.is_file():
         return False
-    return int(check_round(path, model, num_steps, source_digest).get("step", 0)) >= steps
+    found = read_meta(path)
+    return provenance.may_resume(path, found, meta["provenance"], steps, restart) and int(found.get("step", 0)) >= steps
 
 
 

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig
 
-from distill.core import build
+from distill.core import build, provenance
 from distill.core.checkpoint import CHECKPOINT_NAME, read_meta
 from distill.core.data import ImageData
 from distill.core.errors import UserError
@@ -31,7 +31,8 @@ def unet_config(model_cfg: Mapping[str, Any], data: ImageData, guidance_embed_di
 def teacher_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str, Any]:
     return {"kind": "teacher", "model": ucfg.to_dict(), "schedule": cfg.diffusion.schedule,
             "prediction": cfg.diffusion.prediction, "p_uncond": float(cfg.teacher.p_uncond),
-            "data": str(cfg.data.name), "class_names": list(data.class_names)}
+            "data": str(cfg.data.name), "class_names": list(data.class_names),
+            "provenance": provenance.record(cfg, "teacher", {"data": provenance.data_digest(data)})}
 
 
 def teacher_checkpoint_path(cfg: DictConfig) -> Path:

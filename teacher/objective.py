@@ -19,6 +19,11 @@ def regression_loss(net: UNet, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.T
     return (err.mean(axis=(1, 2, 3)) * weight).mean()
 
 
+def check_p_uncond(p_uncond: float) -> None:
+    if not 0.0 <= p_uncond < 1.0:
+        raise UserError(f"teacher: p_uncond {p_uncond} must be in [0, 1)")
+
+
 def teacher_batch_maker(
     data: ImageData,
     batch_size: int,
@@ -33,8 +38,7 @@ def teacher_batch_maker(
     Labels are replaced by the null class with probability ``p_uncond`` so that one network
     learns both the conditional and the unconditional model.
     """
-    if not 0.0 <= p_uncond < 1.0:
-        raise UserError(f"teacher: p_uncond {p_uncond} must be in [0, 1)")
+    check_p_uncond(p_uncond)
     draw = step_batches(data, batch_size, seed, start_step, 1)
     null_class = data.num_classes
 

@@ -156,23 +156,24 @@ class ResBlock(nn.Cell):
         self.attn = Attention(cout, groups) if attention else None
 
     def conditioning(self, emb: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:
-        """What this block takes from the embedding, (B, C) or (B, 2C) and the film factor (B, C):
-        x-independent, so a sampler computes it once per step count instead of once per call."""
+        """What this block takes from the embedding: its projection, (B, C, 1, 1) or (B, 2C, 1, 1), and the
+        film factor (B, C, 1, 1). It does not depend on x, so a sampler computes it once for all steps."""
         emb = self.act(emb)
-        e = self.emb(emb)
-        film = 1.0 + self.guidance_film(emb) if self.has_guidance_film else ops.ones((1, 1), emb.dtype)
+        b = emb.shape[0]
+        e = self.emb(emb).reshape(b, -1, 1, 1)  # shaped for the features here, not per sampler step
+        film = (1.0 + self.guidance_film(emb)).reshape(b, -1, 1, 1) if self.has_guidance_film \
+            else ops.ones((1, 1, 1, 1), emb.dtype)
         return e, film
 
     def apply(self, x: ms.Tensor, e: ms.Tensor, film: ms.Tensor) -> ms.Tensor:
         h = self.conv1(self.act(self.norm1(x)))
-        e = e.reshape(e.shape[0], -1, 1, 1)
         if self.scale_shift_norm:
             scale, shift = ops.split(e, h.shape[1], axis=1)
             h = self.norm2(h) * (1.0 + scale) + shift
         else:
             h = self.norm2(h + e)
         if self.has_guidance_film:
-            h = h * film.reshape(film.shape[0], -1, 1, 1)
+            h = h * film
         h = self.conv2(self.act(h))
         h = self.skip(x) + h
         return self.attn(h) if self.has_attention else h

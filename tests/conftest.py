@@ -17,6 +17,10 @@ import mindspore  # noqa: E402,F401  (imported after GLOG_v is set, so its C++ l
 from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from distill.core.config import register  # noqa: E402
+
+register()  # the schemas the YAML files name (also stored when Hydra imports distill.conf)
+
 CONF = "distill.conf"  # the installed package data, as the entry point finds it
 
 # A model and budget small enough that a whole job takes seconds on 2 CPU cores.

@@ -130,7 +130,7 @@ def test_few_step_student_is_benched_against_the_teacher(tiny_run: Path, tmp_pat
 
 
 @pytest.mark.parametrize("override", ["bench.batch_sizes=[]", "bench.step_counts=[0]", "bench.batch_sizes=[4,-1]",
-                                      "bench.repeats=0", "bench.reference_steps=0", "bench.step_counts=8",
+                                      "bench.repeats=0", "bench.reference_steps=0",
                                       "bench.engine=eager", "bench.reference_steps=3",
                                       "bench.eager_models=[pupil]"])
 def test_bad_config_is_a_user_error(tmp_path: Path, override: str) -> None:

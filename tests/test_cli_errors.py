@@ -58,12 +58,39 @@ def _rows(files: Path) -> list[Row]:
         Row("p_uncond out of range", ("task=teacher", "teacher.train.steps=6", "teacher.p_uncond=1.5"),
             "teacher: p_uncond 1.5 must be in [0, 1)"),
         Row("training value of the wrong type", ("task=teacher", "teacher.train.steps=many"),
-            "training: steps must be an integer, not 'many'", start="empty"),
+            "config: Error merging override teacher.train.steps=many: Value 'many' of type 'str' could not be "
+            "converted to Integer (key teacher.train.steps)", start="empty"),
+        Row("non-integer batch size", ("task=distill", "student.train.batch_size=abc"),
+            "config: Error merging override student.train.batch_size=abc: Value 'abc' of type 'str' could not be "
+            "converted to Integer (key student.train.batch_size)"),
+        Row("non-integer seed", ("task=teacher", "seed=abc"), "config: Error merging override seed=abc:"),
+        Row("non-integer progressive steps", ("task=progressive", "progressive.start_steps=abc"),
+            "config: Error merging override progressive.start_steps=abc:"),
+        Row("a key the config does not have", ("task=teacher", "teacher.nonexistent=1"),
+            "config: Could not override 'teacher.nonexistent': Key 'nonexistent' not in 'TeacherConfig'",
+            start="empty"),
+        Row("a key added with +", ("task=teacher", "+teacher.train.stepz=9"),
+            "config: unknown key teacher.train.stepz (the keys of TrainConfig are:", start="empty"),
+        Row("a group option that does not exist", ("task=teacher", "data=foo"),
+            "config: In 'config': Could not find 'data/foo' Available options in 'data': cifar10 digits", start="empty"),
+        Row("zero samples", ("task=evaluate", "eval.num_samples=0"), "eval.num_samples=0 must be an integer >= 1"),
+        Row("zero sampler batch", ("task=evaluate", "sampler.batch_size=0"),
+            "sampler.batch_size=0 must be an integer >= 1"),
+        Row("zero GroupNorm groups", ("task=teacher", "model.groups=0"), "model.groups=0 must be an integer >= 1"),
+        Row("empty evaluation grid", ("task=evaluate", "eval.ws=[]"), "eval.ws is empty"),
+        Row("resume with other settings", ("task=distill", "student.w_max=3", "student.loss=eps"),
+            "{run}/student/checkpoint.safetensors was made with other settings: student.loss x_snr_trunc vs eps; "
+            "student.w_max 5.0 vs 3.0 (checkpoint vs now); set restart=true"),
+        Row("fewer steps than the checkpoint has", ("task=teacher", "teacher.train.steps=2"),
+            "{run}/teacher/checkpoint.safetensors was made with other settings: steps 4 done vs 2 asked"),
+        Row("bundle config.json that is a list", ("task=sample", f"sample.bundle={files / 'list_bundle'}"),
+            f"{files / 'list_bundle' / 'config.json'} is not a guidance-distilled-student config (a JSON list"),
         Row("w range reversed", ("task=distill", "student.w_min=3", "student.w_max=1"),
             "student: w range [3.0, 1.0] must satisfy"),
         Row("w outside the bundle's range", ("task=sample", "sample.w=9"), "w=9 is outside the distilled range"),
         Row("resume into a run of another model", ("task=teacher", "model.channels=16"),
-            "{run}/teacher/checkpoint.safetensors holds a different run (model: channels 8 vs 16; checkpoint vs now)"),
+            "{run}/teacher/checkpoint.safetensors was made with other settings: model.channels 8 vs 16 (checkpoint vs "
+            "now)"),
         Row("teacher of another architecture", ("task=distill", "model.channels=16"),
             "teacher {run}/teacher/checkpoint.safetensors has another architecture"),
         Row("corrupt checkpoint", ("task=distill", f"teacher.checkpoint={files / 'garbage.safetensors'}"),
@@ -74,7 +101,7 @@ def _rows(files: Path) -> list[Row]:
             "guidance weight w=-1.0 must be a finite number >= 0"),
         Row("images that are not square", ("task=teacher", "data=folder", f"data.root={files / 'wide_images'}"),
             "model: images must be square, got 6x8"),
-        Row("non-finite loss (absurd lr)", ("task=teacher", "teacher.train.steps=8", "teacher.train.lr=1e30"),
+        Row("non-finite loss (absurd lr)", ("task=teacher", "teacher.train.lr=1e30", "restart=true"),
             "training: loss became non-finite"),
         Row("progressive steps that halving does not reach", ("task=pipeline", "progressive.min_steps=3"),
             "progressive: halving start_steps 4 skips min_steps 3", start="empty"),
@@ -111,6 +138,7 @@ class Outcome:
 @pytest.fixture(scope="module")
 def outcomes(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
     from distill.jobs.publish import run_publish
+    from student.bundle import write_manifest
 
     root = tmp_path_factory.mktemp("cli_errors")
     trained = root / "trained"
@@ -132,6 +160,9 @@ def outcomes(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     tensors, meta = load_checkpoint(trained / "student" / "checkpoint.safetensors")
     tensors = {k: np.full_like(v, np.nan) if k.startswith("ema.") else v for k, v in tensors.items()}
     save_checkpoint(files / "nan_student.safetensors", tensors, meta)
+    listed = Path(shutil.copytree(trained / "bundle", files / "list_bundle"))
+    (listed / "config.json").write_text("[]")
+    write_manifest(listed)  # a consistent manifest: the config itself is what is wrong
     tampered = Path(shutil.copytree(trained / "bundle", files / "tampered_bundle"))
     raw = bytearray((tampered / "model.safetensors").read_bytes())
     raw[len(raw) // 2] ^= 0x01
@@ -171,11 +202,14 @@ def test_bad_input_exits_2_with_one_error_line_and_keeps_checkpoints(name: str, 
         assert any(k.startswith("teacher/") for k in out.before), "no existing checkpoint to protect"
 
 
-def test_config_keys_hydra_does_not_know_exit_1_before_anything_runs(tmp_path: Path) -> None:
-    """Hydra itself rejects unknown keys and group options (its own message and exit code 1)."""
-    proc = subprocess.run([sys.executable, "-m", "distill", "task=teacher", "teacher.nonexistent=1",
-                           f"run_dir={tmp_path / 'run'}"], cwd=tmp_path, env=dict(os.environ, GLOG_v="3"),
+def test_config_errors_touch_nothing_and_keep_a_wanted_traceback(tmp_path: Path) -> None:
+    """Hydra's own errors (a key or group option it does not know) end as one line before anything runs;
+    HYDRA_FULL_ERROR=1 still gives the whole traceback."""
+    args = [sys.executable, "-m", "distill", "task=teacher", "teacher.nonexistent=1", f"run_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(args, cwd=tmp_path, env=dict(os.environ, GLOG_v="3"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: config: Could not override 'teacher.nonexistent'")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
+    proc = subprocess.run(args, cwd=tmp_path, env=dict(os.environ, GLOG_v="3", HYDRA_FULL_ERROR="1"),
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert "Could not override 'teacher.nonexistent'" in proc.stderr
-    assert not (tmp_path / "run").exists()
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "nonexistent" in proc.stderr

@@ -1,4 +1,5 @@
-"""The one-command pipeline on tiny budgets: every stage's output, then a re-run that skips."""
+"""The one-command pipeline on tiny budgets: every stage's output, a re-run that skips, then re-runs after a
+changed teacher and a changed evaluation grid that make exactly the stages downstream of the change again."""
 from __future__ import annotations
 
 import json
@@ -7,14 +8,19 @@ import numpy as np
 import pytest
 
 from conftest import compose_cfg
-from distill.jobs.pipeline import is_fresh, run_pipeline
+from distill.core import provenance
+from distill.core.checkpoint import read_meta
+from distill.jobs.pipeline import run_pipeline
 from student import from_pretrained
 
 
+OVERRIDES = ("eval.ws=[1.0,3.0]", "eval.num_samples=10", "bench.batch_sizes=[2]", "bench.step_counts=[2]",
+             "bench.repeats=1", "bench.warmup=2")
+
+
 @pytest.mark.slow
-def test_pipeline_runs_every_stage_then_skips_them(tmp_path) -> None:
-    cfg = compose_cfg(tmp_path, "eval.ws=[1.0,3.0]", "eval.num_samples=10", "bench.batch_sizes=[2]",
-                      "bench.step_counts=[2]", "bench.repeats=1", "bench.warmup=2")
+def test_pipeline_runs_every_stage_then_exactly_what_a_change_makes_stale(tmp_path) -> None:
+    cfg = compose_cfg(tmp_path, *OVERRIDES)
     first = run_pipeline(cfg)
     for path in ("teacher/checkpoint.safetensors", "student/checkpoint.safetensors",
                  "progressive/steps_2/checkpoint.safetensors", "evaluate/report.json", "evaluate/grid_w3.png",
@@ -29,22 +35,27 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path) -> None:
     assert few.settings().num_steps == 2 and stage_one.settings().num_steps == 4
     a, b = few.sample([1, 2], w=2.0, seed=0), stage_one.sample([1, 2], w=2.0, seed=0)
     assert a.shape == b.shape == (2, 1, 8, 8) and not np.array_equal(a, b)
-    round_file = tmp_path / "progressive/steps_2/checkpoint.safetensors"
-    stamp = round_file.stat().st_mtime_ns
+    checkpoints = {stage: tmp_path / stage / "checkpoint.safetensors" for stage in ("teacher", "student")}
+    checkpoints["round"] = tmp_path / "progressive/steps_2/checkpoint.safetensors"
+    stamps = {k: p.stat().st_mtime_ns for k, p in checkpoints.items()}
     second = run_pipeline(cfg)
     assert second["evaluate"] == second["bench"] == second["publish"] == "skipped"
-    assert round_file.stat().st_mtime_ns == stamp  # a finished round is skipped, not retrained
+    assert {k: p.stat().st_mtime_ns for k, p in checkpoints.items()} == stamps  # finished stages are not retrained
     assert json.loads((tmp_path / "pipeline.json").read_text())["evaluate"] == "skipped"
 
+    # a longer teacher (constant lr: the same run, continued) makes every stage downstream of it again
+    third = run_pipeline(compose_cfg(tmp_path, *OVERRIDES, "teacher.train.steps=6"))
+    assert all(isinstance(third[s], float) for s in ("evaluate", "bench", "publish"))
+    assert read_meta(checkpoints["teacher"])["step"] == 6
+    teacher_digest = provenance.file_digest(checkpoints["teacher"])
+    assert read_meta(checkpoints["student"])["provenance"]["inputs"]["teacher"] == teacher_digest
+    assert checkpoints["round"].stat().st_mtime_ns != stamps["round"]
+    assert json.loads((tmp_path / "bundle/config.json").read_text())["provenance"]["inputs"]["teacher"] == teacher_digest
 
-def test_is_fresh_compares_modification_times(tmp_path) -> None:
-    import os
-
-    src, out = tmp_path / "ckpt", tmp_path / "report"
-    src.write_text("a")
-    assert not is_fresh([out], [src])
-    out.write_text("b")
-    os.utime(src, (1000, 1000))
-    assert is_fresh([out], [src])
-    os.utime(out, (500, 500))
-    assert not is_fresh([out], [src])
+    # another evaluation grid: the evaluation (and the bundle, whose card shows it) again, nothing else
+    stamps = {k: p.stat().st_mtime_ns for k, p in checkpoints.items()}
+    fourth = run_pipeline(compose_cfg(tmp_path, *OVERRIDES, "teacher.train.steps=6", "eval.ws=[1.0]"))
+    assert isinstance(fourth["evaluate"], float) and isinstance(fourth["publish"], float)
+    assert fourth["bench"] == "skipped"
+    assert json.loads((tmp_path / "evaluate/report.json").read_text())["ws"] == [1.0]
+    assert {k: p.stat().st_mtime_ns for k, p in checkpoints.items()} == stamps

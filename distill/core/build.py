@@ -7,6 +7,7 @@ from typing import Any, Mapping
 from omegaconf import OmegaConf
 
 from distill.core.errors import UserError
+from distill.core.provenance import Restart
 from distill.core.sampling import SamplerSettings
 from distill.core.training import TrainSettings
 
@@ -38,6 +39,12 @@ def sampler_settings(cfg: Any, num_steps: int | None = None) -> SamplerSettings:
     )
     settings.validate()
     return settings
+
+
+def restart(cfg: Any, follow_inputs: bool = False) -> Restart:
+    """When a training stage starts over instead of refusing a checkpoint made otherwise: ``restart=true``
+    always; ``follow_inputs`` (the pipeline) when only its inputs changed."""
+    return Restart(settings=bool(cfg.restart), inputs=bool(cfg.restart) or follow_inputs)
 
 
 def run_dir(cfg: Any) -> Path:

@@ -90,8 +90,8 @@ def step_conditioning(cond: tuple[Any, ...], passes: int, num_steps: int, batch:
     branch, step, example); a tensor with another row count (a per-layer constant) passes as is.
     Works on numpy arrays (the step engine, on the host) and on tensors inside a graph (the loop)."""
     rows = passes * num_steps * batch
-    return tuple(c.reshape(passes, num_steps, batch, -1)[:, i].reshape(passes * batch, -1) if c.shape[0] == rows
-                 else c for c in cond)
+    return tuple(c.reshape((passes, num_steps, batch) + c.shape[1:])[:, i].reshape((passes * batch,) + c.shape[1:])
+                 if c.shape[0] == rows else c for c in cond)
 
 
 def conditioning_rows(times: np.ndarray, ws: np.ndarray, labels: np.ndarray, uncond_labels: np.ndarray
@@ -245,8 +245,9 @@ class Predictor:
         rows = conditioning_rows(dm.sampling_times(n), ws, labels, uncond_labels)
         cond = tuple(c.asnumpy() for c in self._conditioning(*(ms.Tensor(r) for r in rows)))
         # mutable: a plain tuple of tensors would be a constant of the graph, compiled again per value
-        return [(ms.mutable(tuple(ms.Tensor(np.ascontiguousarray(c)) for c in step_conditioning(cond, self.passes, n, b, i))),
-                 w_vec, coef) for i, (w_vec, coef) in enumerate(self._plans[key])]
+        return [(ms.mutable(tuple(ms.Tensor(np.ascontiguousarray(c))
+                                  for c in step_conditioning(cond, self.passes, n, b, i))), w_vec, coef)
+                for i, (w_vec, coef) in enumerate(self._plans[key])]
 
 
 PLANS_KEPT = 16

@@ -34,11 +34,11 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 import mindspore as ms
 from mindspore import amp, nn, ops
-from distill.core import runtime
-from distill.core.checkpoint import CHECKPOINT_NAME
+from distill.core import provenance, runtime
+from distill.core.checkpoint import CHECKPOINT_NAME, read_meta
 from distill.core.errors import UserError
 from distill.core.progress import Progress
-from distill.core.trainstate import TrainingCheckpoint
+from distill.core.trainstate import TrainingCheckpoint, remove_stale_temp_files
 from distill.core.weights import copy_weights, named_params, weights_digest
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,15 @@ class Trainer:
             self.checkpoint.save(self.step, self.losses, total_steps=self.settings.steps, precision=self.precision,
                                  data_parallel_workers=self.rt.world_size)
 
-    def try_resume(self) -> bool:
+    def try_resume(self, restart: provenance.Restart = provenance.Restart()) -> bool:
+        """Resume from the checkpoint if it was made with this run's provenance (``meta["provenance"]``);
+        one made otherwise is refused with the keys that differ, or (``restart``) trained again from step 0."""
+        if self.ckpt_path.is_file() and "provenance" in self.meta and not provenance.may_resume(
+                self.ckpt_path, read_meta(self.ckpt_path), self.meta["provenance"], self.settings.steps, restart):
+            log.info("%s was made with other settings or inputs: training again from step 0", self.ckpt_path)
+            if self.rt.is_main:
+                remove_stale_temp_files(self.ckpt_path)
+            return False
         resumed = self.checkpoint.resume(remove_stale=self.rt.is_main)
         if resumed is None:
             return False

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from omegaconf import DictConfig
 
-from distill.core import build
+from distill.core import build, provenance
 from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
 from distill.core.fileio import write_json, write_text
@@ -199,31 +199,42 @@ class BenchModel:
     steps: Optional[int] = None  # None: the grid's step counts
 
 
-def bench_models(cfg: DictConfig, data: ImageData) -> list[BenchModel]:
-    """The models to time; adding one is one line here."""
-    from student.loading import load_student
+def bench_checkpoints(cfg: DictConfig, data: ImageData) -> list[tuple[str, Path, Optional[int]]]:
+    """(name, checkpoint, own step count or None) of the models to time: the teacher, the student and
+    (when <run>/progressive holds rounds) the last round, checked to descend from the run's student."""
+    from student.loading import student_checkpoint_path
     from student.progressive import progressive_dir, verified_rounds
-    from teacher.guidance import ConditionalPrediction, GuidedPrediction
-    from teacher.loading import load_teacher, teacher_checkpoint_path
+    from teacher.loading import teacher_checkpoint_path
 
-    use_jit = bool(cfg.jit)
-    args = (data.image_shape, data.num_classes)
-    student_path = Path(str(cfg.bench.student)).expanduser() if cfg.bench.get("student") else None
-    teacher = load_teacher(cfg, data)
-    student, meta = load_student(cfg, data, student_path)
-    models = [
-        BenchModel("teacher", jit_predictor(GuidedPrediction(teacher), use_jit), 2, forward_flops(teacher, *args)["total"],
-                   str(teacher_checkpoint_path(cfg))),
-        BenchModel("student", jit_predictor(ConditionalPrediction(student), use_jit), 1,
-                   forward_flops(student, *args)["total"], str(student_path or "run's student")),
-    ]
-    # the few-step student: the last progressive round, checked to descend from the run's student
+    student = Path(str(cfg.bench.student)).expanduser() if cfg.bench.get("student") else student_checkpoint_path(cfg)
+    found = [("teacher", teacher_checkpoint_path(cfg), None), ("student", student, None)]
     rounds = verified_rounds(cfg, data) if cfg.bench.get("few_step", True) and progressive_dir(cfg).is_dir() else []
     if rounds:
         n, few = rounds[-1]
-        net, _ = load_student(cfg, data, few)
-        models.append(BenchModel(f"student_{n}step", jit_predictor(ConditionalPrediction(net), use_jit), 1,
-                                 forward_flops(net, *args)["total"], str(few), steps=n))
+        found.append((f"student_{n}step", few, n))
+    return found
+
+
+def bench_provenance(cfg: DictConfig, data: ImageData) -> dict[str, Any]:
+    """What the bench is made of: its settings and the files of the models it times."""
+    return provenance.record(cfg, "bench", {name: provenance.file_digest(path)
+                                            for name, path, _ in bench_checkpoints(cfg, data)})
+
+
+def bench_models(cfg: DictConfig, data: ImageData) -> list[BenchModel]:
+    """The models of :func:`bench_checkpoints`, ready to time."""
+    from student.loading import load_student
+    from teacher.guidance import ConditionalPrediction, GuidedPrediction
+    from teacher.loading import load_teacher
+
+    use_jit = bool(cfg.jit)
+    args = (data.image_shape, data.num_classes)
+    models = []
+    for name, path, steps in bench_checkpoints(cfg, data):
+        net = load_teacher(cfg, data) if name == "teacher" else load_student(cfg, data, path)[0]
+        cell = GuidedPrediction(net) if name == "teacher" else ConditionalPrediction(net)
+        models.append(BenchModel(name, jit_predictor(cell, use_jit), int(cell.passes),
+                                 forward_flops(net, *args)["total"], str(path), steps=steps))
     return models
 
 
@@ -301,7 +312,7 @@ def run_bench(cfg: DictConfig) -> Path:
     if warning:
         log.warning("bench: %s", warning)
 
-    report = {"machine": machine, "busy_warning": warning, "options": opts, "w": w, "seed": seed,
+    report = {"provenance": bench_provenance(cfg, data), "machine": machine, "busy_warning": warning, "options": opts, "w": w, "seed": seed,
               "jit": bool(cfg.jit), "image_shape": list(data.image_shape),
               "sampler": {"kind": base.kind, "eta": base.eta, "w_schedule": base.w_schedule,
                           "clip_x0": base.clip_x0, "dynamic_threshold": base.dynamic_threshold},

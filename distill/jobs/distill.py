@@ -28,6 +28,11 @@ from teacher.unet import UNet
 log = logging.getLogger(__name__)
 
 
+def check_targets(targets: str) -> None:
+    if targets not in ("online", "shards"):
+        raise UserError(f"student: targets '{targets}' must be online or shards")
+
+
 def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
                     ) -> Callable[[int], Callable[[int], tuple[np.ndarray, ...]]]:
     """start_step -> step -> regression batch, with targets made online or read from shards."""
@@ -42,8 +47,7 @@ def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
             *inputs, target = read(step)
             return regression_batch(tuple(inputs), target, loss_space, prediction, w_loss_power)
         return lambda start: from_shards
-    if s.targets != "online":
-        raise UserError(f"student: targets '{s.targets}' must be online or shards")
+    check_targets(str(s.targets))
     branches = jit_predictor(GuidanceBranches(teacher), bool(cfg.jit))
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
@@ -59,7 +63,9 @@ def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
     return factory
 
 
-def run_distill(cfg: DictConfig) -> Path:
+def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
+    """Train the student in <run>/student, resuming a checkpoint made with the same settings and inputs
+    (``restart=true``, or ``follow_inputs`` when only the inputs changed: train it again)."""
     from tensorboardX import SummaryWriter
 
     s = cfg.student
@@ -75,7 +81,7 @@ def run_distill(cfg: DictConfig) -> Path:
     writer = SummaryWriter(str(build.run_dir(cfg) / "tb")) if is_main() else None  # rank 0 writes
     meta = student_meta(student.config, cfg, data)
     trainer = Trainer(student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out, meta, writer)
-    trainer.try_resume()
+    trainer.try_resume(build.restart(cfg, follow_inputs))
     log.info("distill: %s targets, %s, loss %s x (1 + w)^-%g, %d steps at batch %d (%d inputs x %d w)", s.targets,
              describe_w(*w_distribution(s)), s.loss, float(s.w_loss_power), settings.steps, settings.batch_size,
              settings.batch_size // s.ws_per_input, s.ws_per_input)
@@ -86,8 +92,9 @@ def run_distill(cfg: DictConfig) -> Path:
         writer.close()
     if trainer.step > start_step and is_main():
         ran = trainer.step - start_step
-        summary = {"steps": trainer.step, "targets": str(s.targets), "seconds": round(seconds, 1),
-                   "seconds_per_step": round(seconds / ran, 4), "first_loss": losses[0], "last_loss": losses[-1]}
+        summary = {"provenance": meta["provenance"], "steps": trainer.step, "targets": str(s.targets),
+                   "seconds": round(seconds, 1), "seconds_per_step": round(seconds / ran, 4),
+                   "first_loss": losses[0], "last_loss": losses[-1]}
         write_json(out / "train_summary.json", summary)
         log.info("distill: %d steps in %.1f s (%.3f s/step, %s targets), loss %.4g -> %.4g", ran, seconds,
                  seconds / ran, s.targets, float(np.mean(losses[:20])), float(np.mean(losses[-20:])))

@@ -23,7 +23,7 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from distill.core import build
+from distill.core import build, provenance
 from distill.core.classifier import features_and_predictions
 from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
@@ -34,10 +34,10 @@ from distill.core.report import write_evaluation_report
 from distill.core.runtime import current, is_main, my_items
 from distill.core.sampling import Predictor, SamplerSettings, jit_predictor
 from distill.jobs.common import evaluation_classifier, guided_samples
-from student.loading import load_student
+from student.loading import load_student, student_checkpoint_path
 from student.progressive import verified_rounds
 from teacher.guidance import ConditionalPrediction, GuidedPrediction
-from teacher.loading import load_teacher
+from teacher.loading import load_teacher, teacher_checkpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,15 @@ def checked_path(path: str, what: str) -> Path:
     return p
 
 
+def evaluate_provenance(cfg: DictConfig, data: ImageData,
+                        specs: list[tuple[str, Path | None, int | None]] | None = None) -> dict[str, Any]:
+    """What the evaluation is made of: its settings, the data, the teacher's and every student's file."""
+    specs = student_specs(cfg, data) if specs is None else specs
+    inputs = {"data": provenance.data_digest(data), "teacher": provenance.file_digest(teacher_checkpoint_path(cfg))}
+    inputs.update({name: provenance.file_digest(path or student_checkpoint_path(cfg)) for name, path, _ in specs})
+    return provenance.record(cfg, "evaluate", inputs)
+
+
 def evaluation_models(cfg: DictConfig, data: ImageData,
                       specs: list[tuple[str, Path | None, int | None]]) -> dict[str, tuple[Any, int]]:
     """name -> (prediction cell, sampling steps): the two-pass teacher, then the one-pass students of ``specs``."""
@@ -138,7 +147,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     ws = [float(w) for w in cfg.eval.ws]
     real_feats, _ = features_and_predictions(clf, data.test_images)
     report: dict[str, Any] = {
-        "num_samples": n, "sampler": build.plain(cfg.sampler), "ws": ws,
+        "provenance": evaluate_provenance(cfg, data, specs), "num_samples": n, "sampler": build.plain(cfg.sampler), "ws": ws,
         "classifier_heldout_accuracy": float(getattr(clf, "heldout_accuracy", float("nan"))),
         "real_vs_real_fd": real_floor(real_feats, seed), "num_heldout": int(len(data.test_images)),
         "models": {name: {"passes": int(cell.passes), "steps": steps, "per_w": {}}

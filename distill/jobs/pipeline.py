@@ -1,83 +1,96 @@
-"""``task=pipeline``: teacher -> distill -> progressive -> evaluate -> bench -> publish, each resumable.
+"""``task=pipeline``: teacher -> distill -> progressive -> evaluate -> bench -> publish, each made again
+exactly when what made it changed.
 
-Training stages resume from their checkpoints (finished ones are skipped); report stages are
-skipped when their output is newer than the student checkpoints they were made from. The time of every stage goes
-to ``<run>/pipeline.json``.
+Every stage output records its provenance (distill.core.provenance): the config values and the
+digests of the inputs that made it. Training stages resume from a checkpoint with the same record
+and start over when only their inputs changed (an upstream stage was made again); a checkpoint made
+with other settings of its own is refused unless ``restart=true``. Report stages (evaluate, bench,
+publish) are skipped when the record in their output equals the one they would write now. The time
+of every stage goes to ``<run>/pipeline.json``.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig
 
-from distill.core import build
+from distill.core import build, provenance
+from distill.core.data import ImageData, load_data
 from distill.core.fileio import write_json
 from distill.core.runtime import is_main, main_decides
-from student.loading import student_checkpoint_path
-from student.progressive import round_checkpoint_path, round_plan
+from distill.jobs.preflight import check_config
+from student.publish import bundle_dir
 
 log = logging.getLogger(__name__)
 
 
-def is_fresh(outputs: list[Path], inputs: list[Path]) -> bool:
-    """True when every output exists and none is older than any input."""
-    if not all(p.exists() for p in outputs):
-        return False
-    newest_input = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
-    return min(p.stat().st_mtime for p in outputs) >= newest_input
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    job: Callable[[DictConfig], Any]
+    output: Optional[Path] = None  # a report stage: the JSON file that records its provenance
+    made_of: Optional[Callable[[DictConfig, ImageData], dict[str, Any]]] = None  # its provenance now
+    all_ranks: bool = False  # under msrun every worker runs it (it splits its work), else rank 0 alone
 
 
-def stages(cfg: DictConfig) -> list[tuple[str, Callable[[DictConfig], Any], list[Path], bool]]:
-    """(name, job, outputs that make it complete ([] = the job resumes or skips by itself), whether every
-    msrun worker runs it (else rank 0 alone))."""
-    from distill.jobs.bench import run_bench
+def stages(cfg: DictConfig) -> list[Stage]:
+    from distill.jobs.bench import bench_provenance, run_bench
     from distill.jobs.distill import run_distill
-    from distill.jobs.evaluate import run_evaluate
+    from distill.jobs.evaluate import evaluate_provenance, run_evaluate
     from distill.jobs.progressive import run_progressive
-    from distill.jobs.publish import run_publish
+    from distill.jobs.publish import publish_provenance, run_publish
     from distill.jobs.teacher import run_teacher
 
     run = build.run_dir(cfg)
-    bundle = Path(str(cfg.publish.dir)) if cfg.publish.get("dir") else run / "bundle"
+    bundle = bundle_dir(cfg)
+    own_bundle = bundle == run / "bundle"  # an out-of-date bundle elsewhere needs publish.overwrite=true
     return [
-        ("teacher", run_teacher, [], True),
-        ("distill", run_distill, [], True),
-        ("progressive", run_progressive, [], True),
-        ("evaluate", run_evaluate, [run / "evaluate" / "report.json"], True),  # every worker draws its share
-        ("bench", run_bench, [run / "bench" / "bench.json"], False),
-        ("publish", run_publish, [bundle / "manifest.json"], False),
+        Stage("teacher", functools.partial(run_teacher, follow_inputs=True)),
+        Stage("distill", functools.partial(run_distill, follow_inputs=True)),
+        Stage("progressive", functools.partial(run_progressive, follow_inputs=True)),
+        Stage("evaluate", run_evaluate, run / "evaluate" / "report.json", evaluate_provenance, all_ranks=True),
+        Stage("bench", run_bench, run / "bench" / "bench.json", bench_provenance),
+        Stage("publish", functools.partial(run_publish, replace=own_bundle), bundle / "config.json",
+              publish_provenance),
     ]
 
 
-def student_checkpoints(cfg: DictConfig) -> list[Path]:
-    """The checkpoints the report stages are made from: stage one and every progressive round."""
-    plan = round_plan(int(cfg.progressive.start_steps), int(cfg.progressive.min_steps))
-    return [student_checkpoint_path(cfg)] + [round_checkpoint_path(cfg, n) for n in plan]
-
-
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    check_config(cfg)  # every bad value before any training (the entry point did it too)
     run = build.run_dir(cfg)
-    inputs = student_checkpoints(cfg)  # also checks the progressive plan before any training
     timings: dict[str, Any] = {}
     t_all = time.perf_counter()
-    for name, job, outputs, all_ranks in stages(cfg):
-        if not all_ranks and not is_main():
-            continue
-        fresh = bool(outputs) and is_fresh(outputs, inputs)
-        if outputs and all_ranks:
-            fresh = main_decides(fresh)  # rank 0 sees the files; every rank follows it
-        if fresh:
-            log.info("pipeline: %s is up to date (%s), skipped", name, outputs[0])
-            timings[name] = "skipped"
-            continue
-        log.info("pipeline: %s ...", name)
+    data: Optional[ImageData] = None
+    for stage in stages(cfg):
+        if stage.output is not None:  # a report stage, when out of date: rank 0 alone unless it splits its work
+            if not (is_main() or stage.all_ranks):
+                continue
+            fresh = False
+            if is_main():
+                if data is None:
+                    data = load_data(cfg.data)
+                recorded = provenance.read_recorded(stage.output)
+                now = stage.made_of(cfg, data)
+                fresh = provenance.is_fresh(recorded, now)
+                if not fresh and recorded is not None:
+                    log.info("pipeline: %s is out of date (%s)", stage.name,
+                             "; ".join(provenance.differences(recorded, now)[:4]))
+            if stage.all_ranks:
+                fresh = main_decides(fresh)  # rank 0 sees the files; every worker follows it
+            if fresh:
+                log.info("pipeline: %s is up to date (%s), skipped", stage.name, stage.output)
+                timings[stage.name] = "skipped"
+                continue
+        log.info("pipeline: %s ...", stage.name)
         t0 = time.perf_counter()
-        job(cfg)
-        timings[name] = round(time.perf_counter() - t0, 1)
-        log.info("pipeline: %s done in %.1f s", name, timings[name])
+        stage.job(cfg)
+        timings[stage.name] = round(time.perf_counter() - t0, 1)
+        log.info("pipeline: %s done in %.1f s", stage.name, timings[stage.name])
     timings["total_seconds"] = round(time.perf_counter() - t_all, 1)
     if is_main():
         write_json(run / "pipeline.json", timings)

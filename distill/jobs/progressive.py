@@ -14,6 +14,7 @@ from distill.core import diffusion as dm
 from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
 from distill.core.fileio import write_json
+from distill.core.provenance import Restart
 from distill.core.runtime import is_main
 from distill.core.sampling import jit_predictor
 from distill.core.training import Trainer
@@ -30,8 +31,10 @@ from teacher.unet import UNet
 log = logging.getLogger(__name__)
 
 
-def run_progressive(cfg: DictConfig) -> Path:
-    """Train the rounds that are not finished; returns the last round's checkpoint."""
+def run_progressive(cfg: DictConfig, follow_inputs: bool = False) -> Path:
+    """Train the rounds that are not finished; returns the last round's checkpoint. A round made with other
+    settings or inputs is refused, or trained again (``restart=true``; ``follow_inputs``: when only its
+    inputs changed, as in the pipeline)."""
     from tensorboardX import SummaryWriter
 
     p = cfg.progressive
@@ -57,21 +60,23 @@ def run_progressive(cfg: DictConfig) -> Path:
              int(p.start_steps), " -> ".join(map(str, plan)),
              describe_w(w_min, w_max, w_power) + f", loss x (1 + w)^-{w_loss_power:g}", settings.steps,
              settings.batch_size)
+    restart = build.restart(cfg, follow_inputs)
     rounds: list[dict[str, Any]] = []
     teacher_path = source
     for round_index, num_steps in enumerate(plan, start=1):
         path = round_checkpoint_path(cfg, num_steps)
         entry: dict[str, Any] = {"round": round_index, "steps": num_steps, "teacher_steps": 2 * num_steps,
                                  "teacher": str(teacher_path), "checkpoint": str(path)}
-        if finished_round(path, settings.steps, source_meta["model"], num_steps, source_digest):
+        meta = round_meta(source_meta, num_steps, round_index, teacher_path, source_digest, cfg, data)
+        if finished_round(path, settings.steps, meta, restart):
             log.info("progressive: round %d (%d -> %d steps) already done in %s, skipped",
                      round_index, 2 * num_steps, num_steps, path)
             rounds.append(dict(entry, status="skipped"))
             teacher_path = path
             continue
         writer = SummaryWriter(str(build.run_dir(cfg) / "tb" / f"progressive_steps_{num_steps}")) if is_main() else None
-        entry.update(train_round(cfg, data, teacher_path, source_meta, source_digest, num_steps, round_index,
-                                 settings, writer))
+        entry.update(train_round(cfg, data, teacher_path, source_meta, meta, num_steps, round_index, settings,
+                                 restart, writer))
         rounds.append(entry)
         teacher_path = path
     out = progressive_dir(cfg)
@@ -89,8 +94,9 @@ def first_teacher(p: DictConfig) -> str:
     return kind
 
 
-def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_meta: dict[str, Any], source_digest: str,
-                num_steps: int, round_index: int, settings: Any, writer: Any) -> dict[str, Any]:
+def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_meta: dict[str, Any],
+                meta: dict[str, Any], num_steps: int, round_index: int, settings: Any, restart: Restart,
+                writer: Any) -> dict[str, Any]:
     """One round: a copy of the teacher learns two teacher DDIM steps as one, on the N-step grid."""
     p = cfg.progressive
     teacher, _ = load_student(cfg, data, teacher_path)
@@ -106,9 +112,8 @@ def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_met
         data, predict, num_steps, round_index, settings.batch_size, settings.seed, str(cfg.diffusion.schedule),
         str(cfg.diffusion.prediction), str(p.loss), w_min, w_max, w_power, bool(p.clip_x0), w_loss_power)
     out = round_checkpoint_path(cfg, num_steps).parent
-    meta = round_meta(source_meta, num_steps, round_index, teacher_path, source_digest, cfg)
     trainer = Trainer(student, ema, regression_loss, factory, settings, out, meta, writer)
-    trainer.try_resume()
+    trainer.try_resume(restart)
     log.info("progressive: round %d, %d -> %d sampling steps, from step %d of %d", round_index, 2 * num_steps,
              num_steps, trainer.step, settings.steps)
     start_step, t0 = trainer.step, time.perf_counter()

@@ -7,15 +7,17 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from distill.core import build, provenance
 from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
 from distill.core.fileio import json_text, staged_folder
 from distill.core.weights import save_weights
 from student.bundle import CARD, CONFIG, GRID, MINDIR, WEIGHTS, Pretrained, build_net, write_manifest
-from student.loading import load_student
+from student.loading import load_student, student_checkpoint_path
 from student.progressive import verified_rounds
 from student.publish import (bundle_config, bundle_dir, export_mindir, export_sampler_mindir, read_report,
                              variant_weights, write_sample_grid)
+from teacher.loading import teacher_checkpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +34,36 @@ def bundle_students(cfg: DictConfig, data: ImageData, few_step: bool) -> list[tu
     return students
 
 
-def run_publish(cfg: DictConfig) -> Path:
+def publish_provenance(cfg: DictConfig, data: ImageData) -> dict[str, Any]:
+    """What the bundle is made of: its settings, the teacher (its card), the students it holds and the
+    evaluation report its card shows."""
+    inputs = {"teacher": provenance.file_digest(teacher_checkpoint_path(cfg)),
+              "student": provenance.file_digest(student_checkpoint_path(cfg)),
+              "evaluation": provenance.file_digest(build.run_dir(cfg) / "evaluate" / "report.json")}
+    if bool(cfg.publish.few_step):
+        inputs.update({f"student_{n}step": provenance.file_digest(path) for n, path in verified_rounds(cfg, data)})
+    return provenance.record(cfg, "publish", inputs)
+
+
+def run_publish(cfg: DictConfig, replace: bool = False) -> Path:
+    """Write the bundle; an existing one is replaced (atomically) only with ``publish.overwrite=true`` or
+    ``replace`` (the pipeline, for the run's own bundle when it is out of date)."""
     from student.card import model_card
 
     p = cfg.publish
-    dest, overwrite = bundle_dir(cfg), bool(p.overwrite)
+    dest, overwrite = bundle_dir(cfg), bool(p.overwrite) or replace
     if dest.exists() and not overwrite:
         raise UserError(f"bundle {dest} already exists (set publish.overwrite=true to replace it)")
     if dest.exists() and not dest.is_dir():
         raise UserError(f"{dest} exists and is not a folder")
     if int(p.mindir_batch) < 1:
         raise UserError(f"publish.mindir_batch={p.mindir_batch} must be >= 1")
-    students = bundle_students(cfg, load_data(cfg.data), bool(p.few_step))
+    data = load_data(cfg.data)
+    students = bundle_students(cfg, data, bool(p.few_step))
     default_steps, net, meta = students[-1]
     stages = [(n, m.get("stage", "distill")) for n, _, m in students]
     config = bundle_config(cfg, net, meta, int(p.mindir_batch), stages, students[0][2])
+    config["provenance"] = publish_provenance(cfg, data)
     card_ws = [float(w) for w in p.card_ws]
     lo, hi = config["guidance"]["w_min"], config["guidance"]["w_max"]
     if not card_ws or any(not lo <= w <= hi for w in card_ws):

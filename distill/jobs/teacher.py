@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from distill.core import build
+from distill.core import build, provenance
 from distill.core.fileio import write_json
 from distill.core.data import ImageData, load_data
 from distill.core.images import save_grid_png, save_samples_npz
@@ -24,8 +24,10 @@ from teacher.unet import UNet, count_parameters
 log = logging.getLogger(__name__)
 
 
-def run_teacher(cfg: DictConfig) -> Path:
-    """Train the teacher in <run>/teacher (resuming if a checkpoint is there) or load teacher.checkpoint."""
+def run_teacher(cfg: DictConfig, follow_inputs: bool = False) -> Path:
+    """Train the teacher in <run>/teacher or load teacher.checkpoint. A checkpoint there made with the same
+    settings and data is resumed; one made otherwise is refused, or trained again (``restart=true``, or
+    ``follow_inputs`` when only the data changed)."""
     data = load_data(cfg.data)
     if cfg.teacher.checkpoint:
         load_teacher(cfg, data)  # validates; nothing to train
@@ -45,24 +47,27 @@ def run_teacher(cfg: DictConfig) -> Path:
 
     writer = SummaryWriter(str(build.run_dir(cfg) / "tb")) if is_main() else None  # rank 0 writes
     trainer = Trainer(net, ema, regression_loss, batches, settings, out, teacher_meta(ucfg, cfg, data), writer)
-    trainer.try_resume()
+    trainer.try_resume(build.restart(cfg, follow_inputs))
     log.info("teacher: %d parameters, %d train images %s, %d steps at batch %d",
              count_parameters(net), len(data.train_images), data.image_shape, settings.steps, settings.batch_size)
-    done_before = trainer.step >= settings.steps
     t0 = time.perf_counter()
     trainer.run()
     train_seconds = time.perf_counter() - t0
     ema.set_train(False)
-    # also after a restart that found training done but no report; rank 0 (which holds the files) decides
-    if main_decides(not done_before or not (out / "report.json").is_file()):
-        check_teacher(cfg, data, ema, out, writer, train_seconds, trainer.step)
+    # again whenever the teacher or the check's settings changed; rank 0 (which holds the files) decides and
+    # every worker draws its share of the samples
+    made_of = (provenance.record(cfg, "teacher_check", {"teacher": provenance.file_digest(out / CHECKPOINT_NAME)})
+               if writer is not None else {})
+    stale = writer is not None and not provenance.is_fresh(provenance.read_recorded(out / "report.json"), made_of)
+    if main_decides(stale):
+        check_teacher(cfg, data, ema, out, writer, train_seconds, trainer.step, made_of)
     if writer is not None:
         writer.close()
     return out / CHECKPOINT_NAME
 
 
 def check_teacher(cfg: DictConfig, data: ImageData, ema: UNet, out: Path, writer, train_seconds: float,
-                  steps: int) -> dict[str, Any]:
+                  steps: int, made_of: dict[str, Any]) -> dict[str, Any]:
     """Guided samples at a few w, judged by the evaluation classifier: does the teacher draw digits?
 
     Every data-parallel worker calls it and draws its share of the samples; rank 0 (``writer`` set)
@@ -76,7 +81,7 @@ def check_teacher(cfg: DictConfig, data: ImageData, ema: UNet, out: Path, writer
     predict = jit_predictor(GuidedPrediction(ema), bool(cfg.jit))
     n = int(cfg.teacher.check.num_samples)
     workers = current().world_size
-    report: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "steps": steps,
+    report: dict[str, Any] = {"provenance": made_of, "train_seconds": round(train_seconds, 1), "steps": steps,
                               "sampler_steps": int(cfg.sampler.num_steps), "accuracy": {}}
     for w in cfg.teacher.check.ws:
         imgs, labels = guided_samples(predict, data, cfg, float(w), n, int(cfg.seed), across_ranks=workers > 1)

@@ -1,0 +1,47 @@
+"""Every value check that needs no data and no model, run by the entry point before any work.
+
+Hydra has already checked keys and types against the schema (distill/core/config.py); these are
+the ranges and relations, each by the function of the floor that owns the value, so a bad
+``eval.ws`` or ``progressive.min_steps`` fails in a second instead of after the teacher trained.
+"""
+from __future__ import annotations
+
+import numpy as np
+from omegaconf import DictConfig
+
+from distill.core import build
+from distill.core import diffusion as dm
+from distill.core.config import check_known_keys, check_ranges
+from distill.jobs.bench import bench_options
+from distill.jobs.distill import check_targets
+from distill.jobs.progressive import first_teacher
+from student.distill import check_w_loss_power, check_w_range, check_ws_per_input, w_distribution
+from student.progressive import round_plan
+from teacher.objective import check_p_uncond
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise a one-line UserError for the first bad value of ``cfg``."""
+    check_known_keys(cfg)
+    check_ranges(cfg)
+    dm.logsnr_schedule(str(cfg.diffusion.schedule), np.zeros(1))
+    one = np.ones(1)
+    for section in (cfg.teacher, cfg.student, cfg.progressive):
+        build.train_settings(section.train, int(cfg.seed), bool(cfg.jit))
+    build.sampler_settings(cfg)
+    check_p_uncond(float(cfg.teacher.p_uncond))
+    s = cfg.student
+    check_w_range(*w_distribution(s))
+    check_w_loss_power(float(s.w_loss_power))
+    check_ws_per_input(s.ws_per_input, int(s.train.batch_size))
+    check_targets(str(s.targets))
+    p = cfg.progressive
+    round_plan(int(p.start_steps), int(p.min_steps))
+    first_teacher(p)
+    if p.w_power is not None:
+        check_w_range(float(s.w_min), float(s.w_max), float(p.w_power))
+    if p.w_loss_power is not None:
+        check_w_loss_power(float(p.w_loss_power))
+    for loss in (str(s.loss), str(p.loss)):
+        dm.output_space_weight(loss, str(cfg.diffusion.prediction), one, one)
+    bench_options(cfg.bench)

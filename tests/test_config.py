@@ -1,0 +1,98 @@
+"""Typed configs: every YAML file names its group's schema, Hydra refuses wrong types and unknown keys
+by name, and the preflight refuses bad ranges before any work."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg
+from distill.core.config import GROUP_SCHEMAS
+from distill.core.errors import UserError
+from distill.jobs.preflight import check_config
+from student.bundle import read_config
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_every_config_file_names_its_schema_and_every_group_has_one() -> None:
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert groups - {"preset"} == set(GROUP_SCHEMAS)  # a preset merges at the top level: Config checks it
+    for path in CONF_DIR.glob("*/*.yaml"):
+        if path.parent.name != "preset":
+            assert f"{path.parent.name}_schema" in OmegaConf.load(path).defaults, path
+    assert OmegaConf.load(CONF_DIR / "config.yaml").defaults[0] == "config_schema"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("seed=abc", "seed"),
+    ("student.train.batch_size=abc", "student.train.batch_size"),
+    ("progressive.start_steps=abc", "progressive.start_steps"),
+    ("sampler.batch_size=1.5", "sampler.batch_size"),
+    ("jit=maybe", "jit"),
+    ("bench.step_counts=8", "bench.step_counts"),
+    ("teacher.nonexistent=1", "teacher.nonexistent"),
+    ("eval.students=[{name: a, bad: 1}]", "eval.students"),
+])
+def test_wrong_types_and_unknown_keys_are_refused_by_hydra_with_the_key(tmp_path: Path, override: str,
+                                                                         key: str) -> None:
+    with pytest.raises(ConfigCompositionException, match=key.replace(".", r"\.")):
+        compose_cfg(tmp_path, override)
+
+
+def test_a_user_preset_with_a_typo_is_refused(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    (tmp_path / "preset").mkdir()
+    (tmp_path / "preset" / "mine.yaml").write_text("# @package _global_\nteacher:\n  trian:\n    steps: 3\n")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match="trian"):
+            compose("config", overrides=[f"hydra.searchpath=[file://{tmp_path}]", "preset=mine"])
+
+
+def test_values_keep_their_types_and_the_presets_still_compose(tmp_path: Path) -> None:
+    cfg = compose_cfg(tmp_path, "eval.ws=[1,2]", "preset=quick", tiny=False)
+    assert cfg.eval.ws == [1.0, 2.0] and all(isinstance(w, float) for w in cfg.eval.ws)
+    assert cfg.run_name == "digits_quick" and cfg.progressive.start_steps == cfg.sampler.num_steps == 8
+    check_config(cfg)
+    check_config(compose_cfg(tmp_path))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.num_samples=0"], "eval.num_samples=0 must be an integer >= 1"),
+    (["sampler.batch_size=0"], "sampler.batch_size=0 must be an integer >= 1"),
+    (["model.groups=0"], "model.groups=0 must be an integer >= 1"),
+    (["model.channel_mult=[]"], r"model.channel_mult=\[\] must be a non-empty list"),
+    (["seed=-1"], "seed=-1 must be an integer >= 0"),
+    (["eval.ws=[]"], "eval.ws is empty"),
+    (["response.ws=[]"], "response.ws is empty"),
+    (["teacher.check.ws=[2.0,-1.0]"], r"guidance weight w=-1.0 must be a finite number >= 0 \(teacher.check.ws\)"),
+    (["eval.students=[{name: a, steps: 0}]"], r"eval.students\[0\].steps=0 must be an integer >= 1"),
+    (["+teacher.train.stepz=3"], "unknown key teacher.train.stepz"),
+    (["student.train.steps=0"], r"training: steps \(0\) and batch_size"),
+    (["progressive.min_steps=3"], "halving start_steps 4 skips min_steps 3"),
+    (["student.w_min=3", "student.w_max=1"], r"w range \[3.0, 1.0\]"),
+    (["student.targets=disk"], "targets 'disk' must be online or shards"),
+    (["progressive.loss=l1"], "unknown loss space 'l1'"),
+    (["diffusion.schedule=sigmoid"], "unknown noise schedule 'sigmoid'"),
+    (["teacher.p_uncond=1.0"], "p_uncond 1.0 must be in"),
+    (["bench.repeats=0"], "bench: repeats"),
+])
+def test_bad_ranges_fail_before_any_work(tmp_path: Path, overrides: list[str], message: str) -> None:
+    cfg = compose_cfg(tmp_path, *overrides)
+    with pytest.raises(UserError, match=message):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("config, message", [
+    ([], "is not a guidance-distilled-student config \\(a JSON list"),
+    ({"format": "guidance-distilled-student", "format_version": 1, "model": {}}, "lacks the section\\(s\\) guidance"),
+    ({"format": "guidance-distilled-student", "format_version": "1"}, "format_version '1'"),
+])
+def test_bundle_config_that_is_not_an_object_or_lacks_a_section(tmp_path: Path, config, message: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=message):
+        read_config(tmp_path)
