@@ -54,7 +54,7 @@ def run_targets(cfg: DictConfig) -> Path:
     Under msrun every worker runs it: rank 0 checks the folder and decides which grid shards are
     missing; the i-th missing shard is made by rank i mod world size (:func:`my_items`), each rank
     writing its shards and their checksums; rank 0 writes the manifest as its own shards land and
-    once more after every rank has sent the checksums of its shards. A shard is the same bytes
+    once more after every rank has sent the checksums of its shards. A shard holds the same tensors
     whichever rank (or one process) makes it: its inputs come from the step's seed and the teacher
     runs at the same batch shape."""
     data = load_data(cfg.data)
@@ -134,7 +134,7 @@ def agree_on_missing(grid: list[tuple[int, int]], missing: list[tuple[int, int]]
     """Rank 0's grid and missing shards on every rank (as they are in one process)."""
     if current().world_size == 1:
         return grid, missing
-    total = int(broadcast_from_main([np.array([grid[-1][1] if grid else 0], np.float32)])[0][0])
+    total = int(broadcast_from_main([np.array([grid[-1][1] if grid else 0], np.float32)])[0][0])  # exact < 2**24
     grid = shard_grid(total, per_shard)
     flags = np.array([slot in set(missing) for slot in grid], np.float32) if is_main() else np.zeros(len(grid))
     flags = broadcast_from_main([flags.astype(np.float32)])[0]
