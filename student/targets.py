@@ -45,7 +45,8 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     return {"teacher_sha256": sha256(teacher), "seed": int(cfg.seed),
             "batch_size": int(s.train.batch_size), "schedule": str(cfg.diffusion.schedule),
             "prediction": str(cfg.diffusion.prediction), "w_min": w_min, "w_max": w_max, "w_power": w_power,
-            "data": build.plain(cfg.data),
+            # how the data is read (data.stream) does not change what it is
+            "data": {k: v for k, v in build.plain(cfg.data).items() if k != "stream"},
             # only when set, so shards made before the option existed still match
             **({"ws_per_input": int(s.ws_per_input)} if s.get("ws_per_input", 1) != 1 else {})}
 

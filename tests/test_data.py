@@ -15,7 +15,8 @@ from distill.core.data import FASHION_NAMES, ImageData, iterate_batches, load_da
 from distill.core.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-KEYS = {"name", "root", "image_size", "held_out_fraction", "split_seed", "max_train", "class_names", "channels"}
+KEYS = {"name", "root", "image_size", "held_out_fraction", "split_seed", "max_train", "class_names", "channels",
+        "stream"}
 
 
 def cfg(name: str, root: Path | None = None, **overrides):

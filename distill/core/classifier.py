@@ -18,6 +18,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from distill.core.data import StreamedImages, digest_source, fetch_rows
 from distill.core.errors import UserError
 from distill.core.fileio import atomic_write, digest, write_json
 from distill.core.metrics import accuracy
@@ -116,7 +117,8 @@ def train_classifier(
     the default is H // 16 (none on 8x8 digits, where a 1-pixel shift cost accuracy;
     1 pixel at 16..31, 2 at 32x32).
     """
-    images = np.asarray(images, np.float32)
+    if not isinstance(images, StreamedImages):  # a stream is read batch by batch below
+        images = np.asarray(images, np.float32)
     labels = np.asarray(labels, np.int32).reshape(-1)
     if images.ndim != 4 or images.shape[0] != labels.shape[0] or images.shape[0] == 0:
         raise UserError(f"classifier training needs N x C x H x W images with N labels; got {images.shape} and {labels.shape}")
@@ -143,17 +145,20 @@ def train_classifier(
 
     net.set_train(True)
     rng = np.random.default_rng(seed)
-    order, pos = rng.permutation(n), 0
+
+    def epochs() -> Any:
+        """Each epoch a permutation drawn when it starts, cut into full batches (read ahead for a stream)."""
+        while True:
+            order = rng.permutation(n)
+            rows = order[: n // batch_size * batch_size]
+            for k, x in zip(range(0, len(rows), batch_size), fetch_rows(images, rows, batch_size)):
+                yield x, labels[rows[k : k + batch_size]]
+
     loss = float("nan")
-    for step in range(int(steps)):
-        if pos + batch_size > n:
-            order, pos = rng.permutation(n), 0
-        idx = order[pos : pos + batch_size]
-        pos += batch_size
-        x = images[idx]
+    for step, (x, y) in zip(range(int(steps)), epochs()):
         if augment_shift > 0:
             x = _augment(x, rng, augment_shift)
-        loss = float(train_step(ms.Tensor(x), ms.Tensor(labels[idx])).asnumpy())
+        loss = float(train_step(ms.Tensor(x), ms.Tensor(y)).asnumpy())
         if (step + 1) % 100 == 0:
             log.debug("eval classifier step %d/%d loss %.4f", step + 1, steps, loss)
     net.set_train(False)
@@ -187,7 +192,11 @@ def classifier_accuracy(
 
 def _fingerprint(data: ClassifierData) -> str:
     """Short hash of the training images and labels: a cached classifier must match its data."""
-    return digest(np.asarray(data.train_images, np.float32), np.asarray(data.train_labels, np.int64))[:16]
+    return digest(_as_float32(digest_source(data.train_images)), np.asarray(data.train_labels, np.int64))[:16]
+
+
+def _as_float32(part: Any) -> Any:
+    return part if isinstance(part, bytes) else np.asarray(part, np.float32)
 
 
 def _data_desc(shape: Any, num_classes: int, n_train: int, fingerprint: str) -> str:

@@ -28,6 +28,7 @@ class DataConfig:
     max_train: Optional[int] = MISSING
     class_names: Optional[List[str]] = MISSING
     channels: Optional[int] = MISSING
+    stream: bool = MISSING
 
 
 @dataclass

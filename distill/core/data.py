@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import gzip
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -80,18 +81,25 @@ def _read_bytes(path: Path) -> bytes:
 def _read_idx(path: Path, images: bool) -> np.ndarray:
     """Parse an IDX file of unsigned bytes: images (magic 2051, N x rows x cols) or labels (2049, N)."""
     raw = _read_bytes(path)
+    dims = _idx_dims(path, raw[:16], len(raw), images)
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
+
+
+def _idx_dims(path: Path, head: bytes, total: int, images: bool) -> list[int]:
+    """The dimensions in an IDX file's header (``head``: its first bytes), checked against its magic
+    number and its size in bytes (``total``)."""
     kind, magic, ndim = ("image", 2051, 3) if images else ("label", 2049, 1)
     header = 4 + 4 * ndim
-    found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    found = int.from_bytes(head[:4], "big") if len(head) >= 4 else None
     if found != magic:
         raise UserError(f"data: {path} is not an IDX {kind} file (magic {found}, expected {magic})")
-    if len(raw) < header:
-        raise UserError(f"data: {path} is truncated ({len(raw)} bytes, header needs {header})")
-    dims = [int(d) for d in np.frombuffer(raw, ">u4", ndim, 4)]
+    if total < header:
+        raise UserError(f"data: {path} is truncated ({total} bytes, header needs {header})")
+    dims = [int(d) for d in np.frombuffer(head, ">u4", ndim, 4)]
     expected = header + int(np.prod(dims))
-    if len(raw) != expected:
-        raise UserError(f"data: {path} has {len(raw)} bytes, expected {expected} for dims {dims}")
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+    if total != expected:
+        raise UserError(f"data: {path} has {total} bytes, expected {expected} for dims {dims}")
+    return dims
 
 
 def _read_idx_pair(root: Path, prefix: str, title: str) -> Split:
@@ -114,26 +122,39 @@ def _load_idx(root: Path, title: str) -> tuple[Split, Optional[Split]]:
 
 def _read_cifar_batch(path: Path) -> Split:
     raw = _read_bytes(path)
-    if len(raw) == 0 or len(raw) % CIFAR_RECORD:
-        raise UserError(f"data: {path} has {len(raw)} bytes, not a multiple of {CIFAR_RECORD} "
-                        "(CIFAR-10 binary record size)")
+    _check_cifar_size(path, len(raw))
     records = np.frombuffer(raw, np.uint8).reshape(-1, CIFAR_RECORD)
     return records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0].astype(np.int32)
 
 
-def _load_cifar10(root: Path) -> tuple[Split, Optional[Split], Optional[tuple[str, ...]]]:
+def _check_cifar_size(path: Path, size: int) -> None:
+    if size == 0 or size % CIFAR_RECORD:
+        raise UserError(f"data: {path} has {size} bytes, not a multiple of {CIFAR_RECORD} "
+                        "(CIFAR-10 binary record size)")
+
+
+def _cifar10_files(root: Path) -> tuple[Path, list[Path]]:
+    """The folder holding the CIFAR-10 batches and its training batch files."""
     if (root / "cifar-10-batches-bin").is_dir():
         root = root / "cifar-10-batches-bin"
     paths = [p for i in range(1, 6) if (p := root / f"data_batch_{i}.bin").is_file()]
     if not paths:
         raise UserError(f"data: missing file {root / 'data_batch_1.bin'} (expected CIFAR-10 binary "
                         f"batches data_batch_1.bin..data_batch_5.bin in {root})")
+    return root, paths
+
+
+def _cifar10_names(root: Path) -> Optional[tuple[str, ...]]:
+    meta = root / "batches.meta.txt"
+    return tuple(s.strip() for s in meta.read_text().splitlines() if s.strip()) if meta.is_file() else None
+
+
+def _load_cifar10(root: Path) -> tuple[Split, Optional[Split], Optional[tuple[str, ...]]]:
+    root, paths = _cifar10_files(root)
     parts = [_read_cifar_batch(p) for p in paths]
     train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     test = _read_cifar_batch(root / "test_batch.bin") if (root / "test_batch.bin").is_file() else None
-    meta = root / "batches.meta.txt"
-    names = tuple(s.strip() for s in meta.read_text().splitlines() if s.strip()) if meta.is_file() else None
-    return train, test, names
+    return train, test, _cifar10_names(root)
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -192,9 +213,8 @@ def _resize_pixels(a: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.rint(np.stack(out, axis=2)), 0, top).astype(a.dtype)
 
 
-def _load_folder(root: Path, size: Optional[int], channels: Optional[int] = None) -> tuple[Split, tuple[str, ...]]:
-    """Images of ``root/<class>/``: one channel if every image is grayscale (or ``channels`` = 1), else RGB;
-    uint16 if any image has 16 bits per channel (8-bit ones are scaled to match), else uint8."""
+def _folder_files(root: Path) -> tuple[list[Path], list[tuple[Path, int]]]:
+    """The class sub-folders of ``root`` (sorted) and every image file with its label."""
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"data: no class sub-folders in {root} (expected {root}/<class>/*.png)")
@@ -204,6 +224,13 @@ def _load_folder(root: Path, size: Optional[int], channels: Optional[int] = None
         if not found:
             raise UserError(f"data: class folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
         files += [(p, label) for p in found]
+    return classes, files
+
+
+def _load_folder(root: Path, size: Optional[int], channels: Optional[int] = None) -> tuple[Split, tuple[str, ...]]:
+    """Images of ``root/<class>/``: one channel if every image is grayscale (or ``channels`` = 1), else RGB;
+    uint16 if any image has 16 bits per channel (8-bit ones are scaled to match), else uint8."""
+    classes, files = _folder_files(root)
     images = [_open_image(p) for p, _ in files]
     if channels is None:
         channels = 1 if all(img.mode in GRAY_MODES for img in images) else 3
@@ -264,6 +291,12 @@ def _with_channels(images: np.ndarray, channels: Optional[int], where: Any) -> n
     if channels is None or channels == have:
         return images
     log.info("data: %s converted from %d to %d channel(s) (data.channels=%d)", where, have, channels, channels)
+    return _convert_channels(images, channels)
+
+
+def _convert_channels(images: np.ndarray, channels: Optional[int]) -> np.ndarray:
+    if channels is None or channels == images.shape[1]:
+        return images
     if channels == 3:
         return np.repeat(images, 3, axis=1)
     weights = np.array([0.299, 0.587, 0.114], np.float32).reshape(1, 3, 1, 1)
@@ -316,15 +349,250 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# ----------------------------------------------------------------------------- streaming
+
+
+class StreamedImages:
+    """Training images that stay in their files: ``len``, ``shape``, ``images[idx]`` (a float32 batch)
+    and :meth:`batches` (the batches of an index order, read ahead).
+
+    Reading goes through a ``mindspore.dataset`` pipeline: a ``GeneratorDataset`` over a
+    random-access reader (``read(i)``: source image i as float32 C x H x W in [-1, 1], converted as the
+    in-memory loader converts it), decoded by ``workers`` threads, batched in order. Only the source
+    indices of the training images (``ids``, after the split and ``max_train``) are held in memory.
+    """
+
+    ndim = 4
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, read: Callable[[int], np.ndarray], ids: np.ndarray, image_shape: tuple[int, ...],
+                 key: bytes, workers: int, where: str) -> None:
+        self._read, self.ids, self.workers, self.where = read, np.asarray(ids, np.int64), int(workers), where
+        self.shape = (len(self.ids), *image_shape)
+        self.key = key  # what identifies the content for digests: the files and the read options
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        rows = np.arange(len(self.ids))[idx]
+        rows = np.atleast_1d(rows)
+        return next(self.batches(rows, max(1, len(rows)))) if len(rows) else np.zeros((0, *self.shape[1:]), np.float32)
+
+    def batches(self, rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+        """The images at positions ``rows`` (of the training set) in order, ``batch_size`` at a time."""
+        import mindspore.dataset as mds
+
+        source = _Rows(self._read, self.ids[np.asarray(rows, np.int64)])
+        dataset = mds.GeneratorDataset(source, column_names=["image"], shuffle=False,
+                                       num_parallel_workers=max(1, min(self.workers, len(source))),
+                                       python_multiprocessing=False)
+        dataset = dataset.batch(batch_size, drop_remainder=False)
+        try:
+            for (x,) in dataset.create_tuple_iterator(output_numpy=True, num_epochs=1):
+                yield x
+        except RuntimeError as e:  # the reader's own error (a file that cannot be read) comes wrapped
+            if source.error is not None:
+                raise source.error from None
+            raise UserError(f"data: reading {self.where} failed ({str(e).strip().splitlines()[0]})") from e
+
+
+class _Rows:
+    """Random-access source of a ``GeneratorDataset``: row k is source image ``ids[k]``; the first
+    UserError a read raises is kept, so the pipeline's wrapped error can be given back as it was."""
+
+    def __init__(self, read: Callable[[int], np.ndarray], ids: np.ndarray) -> None:
+        self.read, self.ids, self.error = read, ids, None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k: int) -> tuple[np.ndarray]:
+        try:
+            return (self.read(int(self.ids[k])),)
+        except UserError as e:
+            self.error = self.error or e
+            raise
+
+
+def digest_source(images: Any) -> Any:
+    """What identifies a set of images in a digest: the array, or a stream's files and read options
+    (reading a whole stream to hash it would defeat streaming)."""
+    return images.key if isinstance(images, StreamedImages) else images
+
+
+def _streamed(cfg: Mapping[str, Any], name: str, size: Optional[int], fraction: float, seed: int,
+              cap: Optional[int]) -> Optional[ImageData]:
+    """The data set with its training images streamed from ``data.root`` (the held-out split is read
+    into memory: the evaluation needs all of it); None when the files cannot be streamed
+    (gzip-compressed IDX files are read into memory as without ``stream``, logged)."""
+    root = _root(cfg, name)
+    channels = _channels(cfg)
+    test: Optional[Split] = None  # an official held-out split (CIFAR-10 test_batch.bin, MNIST t10k)
+    if name == "folder":
+        raw, labels, names, key = _folder_source(root, size, channels)
+    elif name == "cifar10":
+        raw, labels, test, meta, key = _cifar10_source(root)
+        names = meta or CIFAR10_NAMES
+    else:
+        title = "MNIST" if name == "mnist" else "Fashion-MNIST"
+        found = _idx_source(root, title)
+        if found is None:
+            log.info("data: the %s IDX files in %s are gzip-compressed: read into memory (gunzip them to "
+                     "stream them)", title, root)
+            return None
+        raw, labels, test, key = found
+        names = DIGIT_NAMES if name == "mnist" else FASHION_NAMES
+    if len(labels) == 0:
+        raise UserError(f"data: {root} has no training images")
+    read = _image_reader(raw, size, channels)
+    train_ids, train_y = np.arange(len(labels)), np.asarray(labels, np.int32)
+    test_ids: Optional[np.ndarray] = None
+    if test is None:
+        (train_ids, train_y), (test_ids, test_y) = _split(train_ids, train_y, fraction, seed, str(root))
+    else:
+        test_y = test[1]
+    order = np.random.default_rng((seed, 1)).permutation(len(train_ids))[:cap]
+    train_ids, train_y = train_ids[order], train_y[order]
+    names = _class_names(cfg.get("class_names"), names, np.concatenate([train_y, test_y]), root)
+    key += repr(("stream", size, channels)).encode()
+    shape = tuple(read(int(train_ids[0])).shape)
+    train = StreamedImages(read, train_ids, shape, key, _stream_workers(), str(root))
+    if test_ids is not None:
+        test_x = StreamedImages(read, test_ids, shape, key, _stream_workers(), str(root))[:]
+    else:
+        test_x = _to_unit(test[0])
+        test_x = _convert_channels(_resize(test_x, size) if size is not None else test_x, channels)
+    if channels is not None and channels != _native_channels(raw):
+        log.info("data: %s converted to %d channel(s) (data.channels=%d)", root, channels, channels)
+    log.info("data: streaming %d training images from %s (%d held out, in memory)", len(train), root, len(test_x))
+    return ImageData(train, train_y.astype(np.int32), np.ascontiguousarray(test_x, np.float32),
+                     np.asarray(test_y, np.int32), names)
+
+
+def _native_channels(raw: Callable[[int], np.ndarray]) -> int:
+    return int(raw(0).shape[0])
+
+
+def _image_reader(raw: Callable[[int], np.ndarray], size: Optional[int], channels: Optional[int]
+                  ) -> Callable[[int], np.ndarray]:
+    """``raw(i)`` (C x H x W unsigned pixels) -> float32 C x H x W in [-1, 1], resized and with ``channels``,
+    by the functions the in-memory loader applies to the whole array (so the values are the same)."""
+    def read(i: int) -> np.ndarray:
+        x = _to_unit(raw(i)[None])
+        if size is not None:
+            x = _resize(x, size)
+        return np.ascontiguousarray(_convert_channels(x, channels)[0], np.float32)
+    return read
+
+
+def _folder_source(root: Path, size: Optional[int], channels: Optional[int]
+                   ) -> tuple[Callable[[int], np.ndarray], np.ndarray, tuple[str, ...], bytes]:
+    """An image folder read one image at a time: the channel count, 16-bit scaling and size check
+    come from every file's header (Pillow opens it without decoding), as the in-memory loader
+    decides them from the decoded images."""
+    classes, files = _folder_files(root)
+    modes, sizes = [], []
+    for path, _ in files:
+        try:
+            with Image.open(path) as img:
+                modes.append(img.mode)
+                sizes.append(img.size)
+        except Exception as exc:  # Pillow raises several types for bad files
+            raise UserError(f"data: cannot read image {path} ({type(exc).__name__}: {exc})") from exc
+    if channels is None:
+        channels = 1 if all(m in GRAY_MODES for m in modes) else 3
+    if size is None:
+        for (path, _), (w, h) in zip(files, sizes):
+            if (w, h) != sizes[0]:
+                w0, h0 = sizes[0]
+                raise UserError(f"data: images in {root} have different sizes ({files[0][0]} is {w0}x{h0}, "
+                                f"{path} is {w}x{h}); set data.image_size to resize them all")
+    sixteen = sum(m in SIXTEEN_BIT_MODES for m in modes)
+    if sixteen:
+        log.info("data: %d of %d images in %s have 16 bits per channel: scaled by the 16-bit range 0..65535%s",
+                 sixteen, len(files), root, "; 8-bit images scaled to match" if sixteen < len(files) else "")
+
+    def raw(i: int) -> np.ndarray:
+        path = files[i][0]
+        a = _pixels(_open_image(path), path, channels, collections.Counter())
+        if size is not None:
+            a = _resize_pixels(a, size)
+        if sixteen and a.dtype != np.uint16:
+            a = a.astype(np.uint16) * 257
+        return a.transpose(2, 0, 1)
+
+    labels = np.array([label for _, label in files], np.int32)
+    return raw, labels, tuple(p.name for p in classes), _file_key([p for p, _ in files])
+
+
+def _cifar10_source(root: Path) -> tuple[Callable[[int], np.ndarray], np.ndarray, Optional[Split],
+                                         Optional[tuple[str, ...]], bytes]:
+    """CIFAR-10 training records memory-mapped (read from disk when a batch needs them); the test batch
+    and the labels in memory."""
+    root, paths = _cifar10_files(root)
+    for path in paths:
+        _check_cifar_size(path, path.stat().st_size)
+    maps = [np.memmap(p, np.uint8, "r").reshape(-1, CIFAR_RECORD) for p in paths]
+    starts = np.cumsum([0] + [len(m) for m in maps])
+    labels = np.concatenate([np.asarray(m[:, 0]) for m in maps]).astype(np.int32)
+
+    def raw(i: int) -> np.ndarray:
+        f = int(np.searchsorted(starts, i, side="right")) - 1
+        return np.asarray(maps[f][i - starts[f], 1:]).reshape(3, 32, 32)
+
+    test = _read_cifar_batch(root / "test_batch.bin") if (root / "test_batch.bin").is_file() else None
+    return raw, labels, test, _cifar10_names(root), _file_key(paths)
+
+
+def _idx_source(root: Path, title: str) -> Optional[tuple[Callable[[int], np.ndarray], np.ndarray,
+                                                          Optional[Split], bytes]]:
+    """MNIST-format training images memory-mapped (labels and the t10k pair in memory); None if the
+    image file is gzip-compressed."""
+    paths = []
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        path = _find(root, name)
+        if path is None:
+            raise UserError(f"data: missing file {root / name} (expected {title} IDX files in {root})")
+        paths.append(path)
+    if paths[0].suffix == ".gz":
+        return None
+    with open(paths[0], "rb") as f:
+        head = f.read(16)
+    dims = _idx_dims(paths[0], head, paths[0].stat().st_size, images=True)
+    images = np.memmap(paths[0], np.uint8, "r", offset=16, shape=tuple(dims))
+    labels = _read_idx(paths[1], images=False)
+    _check_count(images, labels, paths[0], paths[1])
+    has_test = any(_find(root, f"t10k-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
+    test = _read_idx_pair(root, "t10k", title) if has_test else None
+    return (lambda i: np.asarray(images[i])[None]), labels.astype(np.int32), test, _file_key(paths)
+
+
+def _stream_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _file_key(paths: Sequence[Path]) -> bytes:
+    """Names, sizes and modification times of ``paths``: what identifies streamed files in a digest."""
+    return "\n".join(f"{p.resolve()}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in paths).encode()
+
+
 # ----------------------------------------------------------------------------- API
 
 
 def load_data(cfg: Mapping[str, Any]) -> ImageData:
-    """Load the dataset `cfg.name` as float32 arrays in [-1, 1] with a deterministic held-out split."""
+    """Load the dataset `cfg.name` as float32 arrays in [-1, 1] with a deterministic held-out split.
+
+    With ``stream`` (file-based data sets) the training images stay on disk and are read batch by
+    batch (:class:`StreamedImages`); the result is the same, image for image."""
     name = cfg.get("name")
     if name not in DATASETS:
         raise UserError(f"data: unknown dataset '{name}' (choose {', '.join(DATASETS)})")
     size, fraction, seed, cap = _options(cfg)
+    if cfg.get("stream") and name != "digits":  # the embedded digits always sit in memory
+        streamed = _streamed(cfg, name, size, fraction, seed, cap)
+        if streamed is not None:
+            return streamed
     test: Optional[Split] = None
     if name == "digits":
         (train_x, train_y), names, where = _load_digits(), DIGIT_NAMES, "sklearn digits"
@@ -386,12 +654,20 @@ def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, see
         while True:
             rng = np.random.default_rng((seed, epoch))
             order = rng.permutation(n) if n >= batch_size else rng.integers(0, n, (1, batch_size))[0]
-            for b in range(offset, per_epoch):
-                idx = order[b * batch_size:(b + 1) * batch_size]
-                yield images[idx], labels[idx]
+            rows = order[offset * batch_size:per_epoch * batch_size]
+            for k, x in zip(range(0, len(rows), batch_size), fetch_rows(images, rows, batch_size)):
+                yield x, labels[rows[k:k + batch_size]]
             epoch, offset = epoch + 1, 0
 
     return stream()
+
+
+def fetch_rows(images: Any, rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """``images[rows]`` in order, ``batch_size`` rows at a time: for a stream one read-ahead pipeline
+    over all of them (a pipeline per batch would cost its start-up every batch)."""
+    if isinstance(images, StreamedImages):
+        return images.batches(rows, batch_size)
+    return (images[rows[k:k + batch_size]] for k in range(0, len(rows), batch_size))
 
 
 def step_batches(data: ImageData, batch_size: int, seed: int, start_step: int, *stream: int

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from distill.core.data import digest_source
 from distill.core.errors import UserError
 from distill.core.fileio import digest, sha256
 
@@ -89,7 +90,7 @@ def file_digest(path: Path) -> Optional[str]:
 def data_digest(data: Any) -> str:
     """Digest of a data set's content (train and held-out images and labels, class names)."""
     names = "\n".join(map(str, data.class_names)).encode()
-    return digest(data.train_images, data.train_labels, data.test_images, data.test_labels, names)[:16]
+    return digest(digest_source(data.train_images), data.train_labels, data.test_images, data.test_labels, names)[:16]
 
 
 def differences(old: Optional[Mapping[str, Any]], new: Mapping[str, Any]) -> list[str]:

@@ -1,0 +1,126 @@
+"""data.stream=true: the file-based data sets read their training images batch by batch through a
+mindspore.dataset pipeline and give the same images, batches and errors as the in-memory loader."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from distill.core.data import StreamedImages, iterate_batches, load_data
+from distill.core.errors import UserError
+from test_data import cfg, cifar_bytes, cifar_like, mnist_like, write_idx, _write_16bit
+
+
+def both(name: str, root: Path, **overrides):
+    """(in memory, streamed) for the same data config."""
+    return load_data(cfg(name, root, **overrides)), load_data(cfg(name, root, stream=True, **overrides))
+
+
+def assert_same(memory, streamed, batch_size: int = 4) -> None:
+    assert isinstance(streamed.train_images, StreamedImages) and isinstance(memory.train_images, np.ndarray)
+    assert streamed.image_shape == memory.image_shape and streamed.class_names == memory.class_names
+    assert len(streamed.train_images) == len(memory.train_images)
+    np.testing.assert_array_equal(streamed.train_labels, memory.train_labels)
+    assert streamed.test_images.tobytes() == memory.test_images.tobytes()
+    np.testing.assert_array_equal(streamed.test_labels, memory.test_labels)
+    assert streamed.train_images[np.arange(len(memory.train_images))].tobytes() == memory.train_images.tobytes()
+    # the seeded batch stream over three epochs (and from a later start step): the same batches, bit for bit
+    for start in (0, 5):
+        ours = iterate_batches(streamed.train_images, streamed.train_labels, batch_size, 3, start)
+        theirs = iterate_batches(memory.train_images, memory.train_labels, batch_size, 3, start)
+        for (x, y), (mx, my) in itertools.islice(zip(ours, theirs), 3 * len(memory.train_images) // batch_size):
+            assert x.dtype == np.float32 and x.tobytes() == mx.tobytes()
+            np.testing.assert_array_equal(y, my)
+
+
+def write_rgb_folder(root: Path, sizes=(9, 9)) -> Path:
+    rng = np.random.default_rng(0)
+    for c in ("ant", "bee", "cow"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (*sizes, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, sizes, dtype=np.uint8)).save(root / "cow" / "gray.png")  # one grayscale
+    return root
+
+
+def test_an_image_folder_streams_the_same_images_and_batches(tmp_path: Path) -> None:
+    root = write_rgb_folder(tmp_path)
+    assert_same(*both("folder", root, image_size=6, held_out_fraction=0.25))
+    assert_same(*both("folder", root, channels=1, max_train=7))
+
+
+def test_a_folder_of_16_and_8_bit_images_streams_with_one_scale(tmp_path: Path) -> None:
+    _write_16bit(tmp_path, {"a": [65535, 0, 30000], "b": [1, 2, 40000]})
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "b" / "white8.png")
+    assert_same(*both("folder", tmp_path, held_out_fraction=0.3), batch_size=2)
+
+
+@pytest.mark.parametrize("with_test", [True, False])
+def test_cifar10_batches_stream_the_same_images(tmp_path: Path, with_test: bool) -> None:
+    (tmp_path / "data_batch_1.bin").write_bytes(cifar_bytes(*cifar_like(12, 0)))
+    (tmp_path / "data_batch_2.bin").write_bytes(cifar_bytes(*cifar_like(9, 1)))
+    if with_test:
+        (tmp_path / "test_batch.bin").write_bytes(cifar_bytes(*cifar_like(6, 2)))
+    assert_same(*both("cifar10", tmp_path, image_size=16, channels=1))
+    assert_same(*both("cifar10", tmp_path, max_train=10))
+
+
+def test_mnist_streams_from_plain_idx_files_and_reads_gzip_ones_into_memory(tmp_path: Path, caplog) -> None:
+    write_idx(tmp_path / "plain", "train", *mnist_like(20, 0))
+    write_idx(tmp_path / "plain", "t10k", *mnist_like(5, 1))
+    assert_same(*both("mnist", tmp_path / "plain", image_size=4))
+    write_idx(tmp_path / "gz", "train", *mnist_like(20, 0), gz=True)
+    caplog.set_level("INFO", logger="distill.core.data")
+    data = load_data(cfg("fashion_mnist", tmp_path / "gz", stream=True))
+    assert isinstance(data.train_images, np.ndarray) and "gzip-compressed: read into memory" in caplog.text
+
+
+def test_the_embedded_digits_stay_in_memory() -> None:
+    assert isinstance(load_data(cfg("digits", stream=True)).train_images, np.ndarray)
+
+
+def test_an_image_that_fails_to_decode_mid_stream_is_one_clear_error(tmp_path: Path) -> None:
+    root = write_rgb_folder(tmp_path)
+    bad = root / "bee" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # the header reads, the pixels do not
+    data = load_data(cfg("folder", root, stream=True, held_out_fraction=0.1))
+    with pytest.raises(UserError, match=r"^data: cannot read image .*bee/3\.png \("):
+        for _ in itertools.islice(iterate_batches(data.train_images, data.train_labels, 4, 0), 20):
+            pass
+
+
+def test_format_errors_are_today_s_before_any_reading(tmp_path: Path) -> None:
+    (tmp_path / "data_batch_1.bin").write_bytes(b"\0" * 1000)
+    with pytest.raises(UserError, match=r"data_batch_1.bin has 1000 bytes, not a multiple of 3073"):
+        load_data(cfg("cifar10", tmp_path, stream=True))
+    write_idx(tmp_path / "m", "train", *mnist_like(4, 0))
+    path = tmp_path / "m" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(UserError, match=r"has \d+ bytes, expected \d+ for dims \[4, 6, 6\]"):
+        load_data(cfg("mnist", tmp_path / "m", stream=True))
+    write_rgb_folder(tmp_path / "f", sizes=(9, 9))
+    Image.fromarray(np.zeros((7, 9, 3), np.uint8)).save(tmp_path / "f" / "ant" / "small.png")
+    with pytest.raises(UserError, match=r"have different sizes .* is 9x7\); set data.image_size"):
+        load_data(cfg("folder", tmp_path / "f", stream=True))
+
+
+def test_the_classifier_trains_on_a_stream_as_on_the_array(tmp_path: Path) -> None:
+    from distill.core.classifier import train_classifier
+    from distill.core.weights import net_state
+
+    memory, streamed = both("folder", write_rgb_folder(tmp_path), image_size=8)
+    nets = [train_classifier(d.train_images, d.train_labels, d.num_classes, steps=3, batch_size=4, seed=1)
+            for d in (memory, streamed)]
+    for (key, a), b in zip(net_state(nets[0]).items(), net_state(nets[1]).values()):
+        np.testing.assert_array_equal(a, b, err_msg=key)
+
+
+def test_data_stream_is_a_config_key(tmp_path: Path) -> None:
+    from conftest import compose_cfg
+
+    conf = compose_cfg(tmp_path, "data=cifar10", "data.stream=true", "data.root=/x", tiny=False)
+    assert conf.data.stream is True and OmegaConf.is_config(conf.data)
