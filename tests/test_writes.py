@@ -181,8 +181,8 @@ def test_the_entry_point_cleans_the_run_dir_under_its_lock(tmp_path: Path) -> No
     stale = tmp_path / "teacher" / ".checkpoint.safetensors.tmp-zz9x8c.safetensors"
     stale.parent.mkdir()
     stale.write_bytes(b"half")
-    with pytest.raises(SystemExit) as e:  # the job then fails on purpose: a bad value, after the clean-up
-        run(compose_cfg(tmp_path, "task=teacher", "teacher.p_uncond=1.5"))
+    with pytest.raises(SystemExit) as e:  # the job then fails on purpose (a missing file), after the clean-up
+        run(compose_cfg(tmp_path, "task=teacher", f"teacher.checkpoint={tmp_path / 'absent.safetensors'}"))
     assert e.value.code == 2 and not stale.exists()
     assert (tmp_path / LOCK_NAME).read_text() == ""
     with run_lock(tmp_path, "next"):
