@@ -137,8 +137,7 @@ def test_evaluate_split_over_two_workers_equals_one_process(tiny_run: Path, tmp_
     dist_report = json.loads((dist_run / "evaluate" / "report.json").read_text())
     single_report = json.loads((single_run / "evaluate" / "report.json").read_text())
     assert dist_report["data_parallel_workers"] == 2 and single_report["data_parallel_workers"] == 1
-    # float tolerance: the held-out features alone already differ in the 8th digit (the classifier runs in a
-    # worker with its own CPU threads)
+    # float tolerance: the held-out features alone already differ in the 8th digit under msrun
     assert dist_report["real_vs_real_fd"] == pytest.approx(single_report["real_vs_real_fd"], rel=1e-6)
     assert dist_report["models"].keys() == single_report["models"].keys() == {
         "teacher", "student_4step", "student_2step"}

@@ -79,6 +79,7 @@ def test_x_space_weight_matches_direct_x_space_loss() -> None:
 
 
 def _random_teacher(seed: int = 0) -> UNet:
+    ms.set_seed(seed)  # the initial weights come from MindSpore's global random state: not from the tests run before
     teacher = UNet(UNetConfig(channels=8, channel_mult=(1, 2), groups=4, attention=False, image_size=8,
                               num_classes=10))
     rng = np.random.default_rng(seed)
