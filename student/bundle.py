@@ -140,9 +140,12 @@ class Pretrained:
 
     def sample(self, labels: Sequence[int] | np.ndarray, w: float, num_steps: Optional[int] = None, seed: int = 0,
                w_schedule: str = "constant", batch_size: Optional[int] = None, allow_extrapolation: bool = False,
-               noise: Optional[np.ndarray] = None, use_jit: bool = True, engine: str = "step") -> np.ndarray:
+               noise: Optional[np.ndarray] = None, use_jit: bool = True, engine: str = "step",
+               negative: Optional[int] = None) -> np.ndarray:
         """Images (N x C x H x W float32 in [-1, 1]) for class ``labels`` at guidance ``w``, one pass per step.
 
+        ``negative``: a class to guide away from, ``out(neg) + w * (out(y) - out(neg))``, still one pass
+        per step (students that take a negative class: :attr:`takes_negative`); None = the null class.
         ``engine``: ``step`` (each step one compiled call), ``loop`` (the whole loop one call) or ``eager``."""
         from distill.core.sampling import jit_predictor, sample_in_batches
         from teacher.guidance import ConditionalPrediction
@@ -151,6 +154,7 @@ class Pretrained:
         k = len(self.class_names)
         if labels.size == 0 or labels.min() < 0 or labels.max() >= k:
             raise UserError(f"labels must be a non-empty list of class indices in [0, {k})")
+        uncond = self.negative_labels(labels, negative)
         settings = self.settings(num_steps, w_schedule, engine)
         self.check_w(float(w), settings.w_schedule, settings.num_steps, allow_extrapolation)
         n = labels.size
@@ -158,9 +162,28 @@ class Pretrained:
         if use_jit not in self._predictors:
             self._predictors[use_jit] = jit_predictor(ConditionalPrediction(self.net), use_jit)
         batch = int(min(n, int(self.config["sampler"]["batch_size"])) if batch_size is None else batch_size)
-        null = np.full(n, int(self.config["classes"]["null_class"]), np.int32)
-        return sample_in_batches(self._predictors[use_jit], noise, labels.astype(np.int32), float(w), settings, null,
+        return sample_in_batches(self._predictors[use_jit], noise, labels.astype(np.int32), float(w), settings, uncond,
                                  batch, seed=int(seed))
+
+    @property
+    def takes_negative(self) -> bool:
+        """Whether the student guides away from a negative class in its one pass (``sample(negative=K)``)."""
+        return bool(self.config["model"].get("guidance_negative", False))
+
+    def negative_labels(self, labels: np.ndarray, negative: Optional[int]) -> np.ndarray:
+        """The per-image class the student guides away from: the null class, or ``negative`` (checked)."""
+        n, k = labels.size, len(self.class_names)
+        if negative is None:
+            return np.full(n, int(self.config["classes"]["null_class"]), np.int32)
+        if isinstance(negative, bool) or not isinstance(negative, (int, np.integer)) or not 0 <= negative < k:
+            raise UserError(f"negative class {negative!r} is not a class index in [0, {k})")
+        if not self.takes_negative:
+            raise UserError("this bundle's student takes no negative class (distilled before negative classes or with "
+                            "student.negative=false); sample without one, or distill and publish the student again")
+        if np.any(labels == negative):
+            raise UserError(f"negative class {negative} equals a target class of the labels: guide away from "
+                            f"another class")
+        return np.full(n, int(negative), np.int32)
 
 
     def _noise(self, n: int, seed: int, noise: Optional[np.ndarray]) -> np.ndarray:

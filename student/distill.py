@@ -1,8 +1,9 @@
 """Stage-one distillation batches: the two-pass guided teacher output is the student's target.
 
-Each step draws data x with labels y, t ~ U(0, 1), w per example (:func:`sample_w`) and
-z_t = q_sample(x, t). The frozen teacher (EMA weights) gives ``uncond + w (cond - uncond)``
-in one batched call; the student regresses onto it with :func:`teacher.objective.regression_loss`
+Each step draws data x with labels y, t ~ U(0, 1), w per example (:func:`sample_w`), a
+negative class per example (:func:`sample_negative`: the null class, or for a student with a
+negative-class input sometimes another class) and z_t = q_sample(x, t). The frozen teacher (EMA
+weights) gives ``out(neg) + w (out(y) - out(neg))`` in one batched call; the student regresses onto it with :func:`teacher.objective.regression_loss`
 and a per-example weight that puts the loss in x-space (truncated SNR), eps or v.
 """
 from __future__ import annotations
@@ -65,6 +66,28 @@ def describe_w(w_min: float, w_max: float, power: float) -> str:
     return f"w = {w_min:g} + {w_max - w_min:g} u^{power:g}, u ~ U(0, 1)"
 
 
+def check_p_null_negative(p: float) -> None:
+    if not (np.isfinite(p) and 0.0 <= p <= 1.0):
+        raise UserError(f"student: p_null_negative={p} must be in [0, 1]")
+
+
+def negative_draw(source: Mapping[str, Any]) -> float:
+    """The probability of the null class as an example's negative class, from the ``student`` config or
+    a student checkpoint's meta: 1 (always null, today's student) unless the student takes a negative."""
+    return float(source.get("p_null_negative", 0.5)) if source.get("negative", False) else 1.0
+
+
+def sample_negative(rng: np.random.Generator, y: np.ndarray, num_classes: int, p_null: float) -> np.ndarray:
+    """One negative class per label: the null class (index ``num_classes``) with probability ``p_null``,
+    otherwise a uniformly drawn class other than the label. ``p_null`` 1 draws nothing from ``rng``,
+    so a null-negative student's batches are those of a student without the input."""
+    y = np.asarray(y, np.int64)
+    if p_null >= 1.0:
+        return np.full(len(y), num_classes, np.int32)
+    other = (y + rng.integers(1, num_classes, len(y))) % num_classes
+    return np.where(rng.uniform(0.0, 1.0, len(y)) < p_null, num_classes, other).astype(np.int32)
+
+
 def check_ws_per_input(ws_per_input: int, batch_size: int) -> None:
     if isinstance(ws_per_input, bool) or not isinstance(ws_per_input, (int, np.integer)) or ws_per_input < 1 \
             or batch_size % ws_per_input:
@@ -74,10 +97,10 @@ def check_ws_per_input(ws_per_input: int, batch_size: int) -> None:
 
 def distill_inputs(data: ImageData, batch_size: int, seed: int, start_step: int, schedule: str,
                    w_min: float, w_max: float, power: float = 1.0,
-                   ws_per_input: int = 1) -> Callable[[int], tuple[np.ndarray, ...]]:
-    """step -> (z_t, t, y, w, alpha, sigma): the inputs of one distillation step, on the host.
+                   ws_per_input: int = 1, p_null_negative: float = 1.0) -> Callable[[int], tuple[np.ndarray, ...]]:
+    """step -> (z_t, t, y, w, y_neg, alpha, sigma): the inputs of one distillation step, on the host.
 
-    With ``ws_per_input`` k > 1 the batch is ``batch_size / k`` noisy inputs (x, y, t, noise), each
+    With ``ws_per_input`` k > 1 the batch is ``batch_size / k`` noisy inputs (x, y, y_neg, t, noise), each
     repeated in k adjacent rows with its own w: the teacher then runs once per input
     (:func:`teacher_targets`) and the student sees how its target moves with w alone.
     """
@@ -92,30 +115,32 @@ def distill_inputs(data: ImageData, batch_size: int, seed: int, start_step: int,
         t = rng.uniform(0.0, 1.0, n).astype(np.float32)
         w = sample_w(rng, n * k, w_min, w_max, power)
         eps = rng.standard_normal(x.shape).astype(np.float32)
+        y_neg = sample_negative(rng, y, data.num_classes, p_null_negative)  # drawn last: the rest stays as before
         z, alpha, sigma = dm.noisy_at(schedule, x, eps, t)
-        z, t, y, alpha, sigma = (np.repeat(a, k, axis=0) for a in (z, t, y, alpha, sigma))
-        return z, t, y.astype(np.int32), w, alpha, sigma
+        z, t, y, y_neg, alpha, sigma = (np.repeat(a, k, axis=0) for a in (z, t, y, y_neg, alpha, sigma))
+        return z, t, y.astype(np.int32), w, y_neg, alpha, sigma
 
     return make
 
 
-def teacher_targets(teacher_branches: Callable[..., tuple[ms.Tensor, ms.Tensor]], null_class: int,
+def teacher_targets(teacher_branches: Callable[..., tuple[ms.Tensor, ms.Tensor]],
                     inputs: tuple[np.ndarray, ...], ws_per_input: int = 1) -> np.ndarray:
-    """The two-pass guided teacher output ``uncond + w (cond - uncond)`` for one batch of
-    distillation inputs; ``teacher_branches`` gives (cond, uncond) (:class:`GuidanceBranches`).
+    """The two-pass guided teacher output ``out(neg) + w (out(y) - out(neg))`` (neg = each row's
+    negative class, the null class for plain CFG) for one batch of distillation inputs;
+    ``teacher_branches`` gives (cond, uncond) (:class:`GuidanceBranches`).
     With ``ws_per_input`` k the teacher runs on every k-th row only (the rows in between repeat it)."""
-    z, t, y, w, _, _ = inputs
+    z, t, y, w, y_neg, _, _ = inputs
     k = ws_per_input
-    z, t, y = z[::k], t[::k], y[::k]
-    y_null = np.full_like(y, null_class)
-    cond, uncond = teacher_branches(ms.Tensor(z), ms.Tensor(t), ms.Tensor(y), ms.Tensor(w[::k]), ms.Tensor(y_null))
+    z, t, y, y_neg = z[::k], t[::k], y[::k], y_neg[::k]
+    cond, uncond = teacher_branches(ms.Tensor(z), ms.Tensor(t), ms.Tensor(y), ms.Tensor(w[::k]),
+                                    ms.Tensor(y_neg.astype(np.int32)))
     cond, uncond = (np.repeat(a.asnumpy(), k, axis=0) for a in (cond, uncond))
     return dm.cfg_combine(cond, uncond, w.reshape(-1, 1, 1, 1)).astype(np.float32)
 
 
 def regression_batch(inputs: tuple[np.ndarray, ...], target: np.ndarray, loss_space: str,
                      prediction: str, w_loss_power: float = 0.0) -> tuple[np.ndarray, ...]:
-    """(z, t, y, w, target, weight) for :func:`teacher.objective.regression_loss`."""
-    z, t, y, w, alpha, sigma = inputs
+    """(z, t, y, w, y_neg, target, weight) for :func:`teacher.objective.regression_loss`."""
+    z, t, y, w, y_neg, alpha, sigma = inputs
     weight = dm.output_space_weight(loss_space, prediction, alpha, sigma) * guidance_loss_weight(w, w_loss_power)
-    return z, t, y, w, target.astype(np.float32), weight
+    return z, t, y, w, y_neg.astype(np.int32), target.astype(np.float32), weight

@@ -27,6 +27,7 @@ def student_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str
             "prediction": cfg.diffusion.prediction, "w_min": w_min, "w_max": w_max, "w_power": w_power,
             "w_convention": "uncond + w * (cond - uncond)", "loss": str(s.loss),
             "w_loss_power": float(s.w_loss_power), "ws_per_input": int(s.ws_per_input),
+            "negative": bool(s.negative), "p_null_negative": float(s.p_null_negative),
             "data": str(cfg.data.name), "class_names": list(data.class_names),
             "provenance": provenance.record(cfg, "student", {
                 "data": provenance.data_digest(data),

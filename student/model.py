@@ -9,18 +9,20 @@ from teacher.unet import UNet, UNetConfig
 
 
 def student_config(teacher_config: UNetConfig, embed_dim: int, w_scale: float,
-                   class_gate: bool = False, film: bool = False) -> UNetConfig:
+                   class_gate: bool = False, film: bool = False, negative: bool = False) -> UNetConfig:
     if embed_dim < 2 or embed_dim % 2:
         raise UserError(f"student: guidance embed_dim {embed_dim} must be an even number >= 2")
     return dataclasses.replace(teacher_config, guidance_embed_dim=embed_dim, guidance_scale=float(w_scale),
-                               guidance_class_gate=bool(class_gate), guidance_film=bool(film))
+                               guidance_class_gate=bool(class_gate), guidance_film=bool(film),
+                               guidance_negative=bool(negative))
 
 
 def student_from_teacher(teacher: UNet, embed_dim: int, w_scale: float, class_gate: bool = False,
-                         film: bool = False) -> UNet:
+                         film: bool = False, negative: bool = False) -> UNet:
     """A student equal to the teacher's conditional model: shared weights copied, the
-    guidance MLPs' last layers at zero, so the w terms change nothing until trained."""
-    student = UNet(student_config(teacher.config, embed_dim, w_scale, class_gate, film))
+    guidance MLPs' last layers at zero, so the w terms change nothing until trained
+    (``negative``: the same student with a negative-class input, :meth:`UNet.embed`)."""
+    student = UNet(student_config(teacher.config, embed_dim, w_scale, class_gate, film, negative))
     fresh = load_net_state(student, net_state(teacher), "teacher weights", strict=False)
     # student-only cells are the ones named guidance_* (embedding, gate, per-block film), at any depth
     unexpected = [name for name in fresh if not any(part.startswith("guidance_") for part in name.split("."))]

@@ -33,7 +33,8 @@ from distill.core.errors import UserError
 from distill.core.runtime import shard
 from distill.core.training import CHECKPOINT_NAME
 from distill.core.weights import weights_digest
-from student.distill import check_w_loss_power, check_w_range, guidance_loss_weight, sample_w, w_distribution
+from student.distill import (check_w_loss_power, check_w_range, guidance_loss_weight, sample_negative, sample_w,
+                             w_distribution)
 from student.loading import load_student, student_checkpoint_path
 from teacher.loading import teacher_checkpoint_path
 
@@ -71,14 +72,14 @@ def round_checkpoint_path(cfg: DictConfig, num_steps: int) -> Path:
     return progressive_dir(cfg) / f"steps_{num_steps}" / CHECKPOINT_NAME
 
 
-def teacher_denoiser(predict: Callable[..., ms.Tensor], y: np.ndarray, w: np.ndarray, null_class: int,
+def teacher_denoiser(predict: Callable[..., ms.Tensor], y: np.ndarray, w: np.ndarray, y_neg: np.ndarray,
                      prediction: str, clip_x0: bool) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
-    """``denoise(z, t, alpha, sigma) -> (x0, eps)`` of the one-pass teacher for a fixed batch (y, w)."""
+    """``denoise(z, t, alpha, sigma) -> (x0, eps)`` of the teacher for a fixed batch (y, w, negative class)."""
     y_t, w_t = ms.Tensor(y.astype(np.int32)), ms.Tensor(w.astype(np.float32))
-    y_null = ms.Tensor(np.full(len(y), null_class, np.int32))
+    y_neg_t = ms.Tensor(y_neg.astype(np.int32))
 
     def denoise(z: np.ndarray, t: np.ndarray, alpha: np.ndarray, sigma: np.ndarray):
-        out = predict(ms.Tensor(z.astype(np.float32)), ms.Tensor(t.astype(np.float32)), y_t, w_t, y_null)
+        out = predict(ms.Tensor(z.astype(np.float32)), ms.Tensor(t.astype(np.float32)), y_t, w_t, y_neg_t)
         a, s = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
         x0, eps = dm.x0_eps_from_output(z, out.asnumpy().astype(np.float64), a, s, prediction)
         if clip_x0:  # as the sampler does with sampler.clip_x0
@@ -91,14 +92,15 @@ def teacher_denoiser(predict: Callable[..., ms.Tensor], y: np.ndarray, w: np.nda
 
 def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_steps: int, round_index: int,
                         batch_size: int, seed: int, schedule: str, prediction: str, loss_space: str,
-                        w_min: float, w_max: float, w_power: float, clip_x0: bool, w_loss_power: float = 0.0
-                        ) -> Callable[[int], Callable[[int], tuple[np.ndarray, ...]]]:
-    """start_step -> step -> (z_t, t, y, w, target, weight) for :func:`teacher.objective.regression_loss`.
+                        w_min: float, w_max: float, w_power: float, clip_x0: bool, w_loss_power: float = 0.0,
+                        p_null_negative: float = 1.0) -> Callable[[int], Callable[[int], tuple[np.ndarray, ...]]]:
+    """start_step -> step -> (z_t, t, y, w, y_neg, target, weight) for :func:`teacher.objective.regression_loss`.
 
     t is drawn on the N-step grid the sampler uses; all randomness comes from
     ``default_rng((seed, 3, round, step))``, so a resumed round replays the same batches.
     Under data parallelism each rank runs the teacher on its own slice of the global batch only.
-    Each example's loss is weighted by ``(1 + w) ** -w_loss_power``, as in stage one.
+    Each example's loss is weighted by ``(1 + w) ** -w_loss_power``, and its negative class drawn
+    (:func:`student.distill.sample_negative`), as in stage one.
     """
     check_w_range(w_min, w_max, w_power)
     check_w_loss_power(w_loss_power)
@@ -112,14 +114,15 @@ def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_
             i = rng.integers(1, num_steps + 1, b)
             w = sample_w(rng, b, w_min, w_max, w_power)
             eps = rng.standard_normal(x.shape).astype(np.float32)
-            x, y, i, w, eps = shard((x, y, i, w, eps), batch_size)  # this rank's slice (data parallel)
+            y_neg = sample_negative(rng, y, data.num_classes, p_null_negative)
+            x, y, i, w, eps, y_neg = shard((x, y, i, w, eps, y_neg), batch_size)  # this rank's slice (data parallel)
             times = dm.progressive_times(num_steps, i)
             a_t, s_t = dm.grid_alpha_sigma(schedule, times[0])
             z = dm.noisy(x, eps, a_t, s_t)
-            denoise = teacher_denoiser(predict, y, w, data.num_classes, prediction, clip_x0)
+            denoise = teacher_denoiser(predict, y, w, y_neg, prediction, clip_x0)
             target, _, _ = dm.two_step_ddim_target(denoise, z, times, schedule, prediction)
             weight = dm.output_space_weight(loss_space, prediction, a_t, s_t) * guidance_loss_weight(w, w_loss_power)
-            return z, times[0], y.astype(np.int32), w, target.astype(np.float32), weight
+            return z, times[0], y.astype(np.int32), w, y_neg, target.astype(np.float32), weight
 
         return make
 

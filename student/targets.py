@@ -22,12 +22,12 @@ from distill.core import build
 from distill.core.checkpoint import load_checkpoint
 from distill.core.fileio import sha256, write_json
 from distill.core.errors import UserError
-from student.distill import w_distribution
+from student.distill import negative_draw, w_distribution
 from teacher.loading import teacher_checkpoint_path
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-FIELDS = ("z", "t", "y", "w", "alpha", "sigma", "target")
+FIELDS = ("z", "t", "y", "w", "y_neg", "alpha", "sigma", "target")
 
 
 def targets_dir(cfg: DictConfig) -> Path:
@@ -48,7 +48,8 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
             # how the data is read (data.stream) does not change what it is
             "data": {k: v for k, v in build.plain(cfg.data).items() if k != "stream"},
             # only when set, so shards made before the option existed still match
-            **({"ws_per_input": int(s.ws_per_input)} if s.get("ws_per_input", 1) != 1 else {})}
+            **({"ws_per_input": int(s.ws_per_input)} if s.get("ws_per_input", 1) != 1 else {}),
+            **({"p_null_negative": negative_draw(s)} if negative_draw(s) < 1.0 else {})}
 
 
 def shard_name(start: int, stop: int) -> str:

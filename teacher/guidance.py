@@ -63,7 +63,8 @@ class GuidanceBranches(nn.Cell):
 
 
 class ConditionalPrediction(nn.Cell):
-    """One pass of the backbone on (y, w): the student, or the teacher at w = 1."""
+    """One pass of the backbone on (y, w): the student, or the teacher at w = 1. ``y_uncond`` reaches
+    a student with a negative-class input as its negative class; other nets ignore it."""
 
     passes = 1
 
@@ -72,10 +73,10 @@ class ConditionalPrediction(nn.Cell):
         self.net = net
 
     def construct(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor) -> ms.Tensor:
-        return self.net(z, t, y, w)
+        return self.net(z, t, y, w, y_uncond)
 
     def conditioning(self, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor) -> tuple[ms.Tensor, ...]:
-        return self.net.conditioning(t, y, w)
+        return self.net.conditioning(t, y, w, y_uncond)
 
     def predict(self, z: ms.Tensor, cond: tuple[ms.Tensor, ...], w: ms.Tensor) -> ms.Tensor:
         return self.net.backbone(z, cond)

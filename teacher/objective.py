@@ -12,10 +12,11 @@ from distill.core.errors import UserError
 from teacher.unet import UNet
 
 
-def regression_loss(net: UNet, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor,
+def regression_loss(net: UNet, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_neg: ms.Tensor,
                     target: ms.Tensor, weight: ms.Tensor) -> ms.Tensor:
-    """Weighted MSE between the network output and a precomputed target (per-example weight)."""
-    err = (net(z, t, y, w) - target) ** 2
+    """Weighted MSE between the network output (negative class ``y_neg``, used by a student that takes
+    one) and a precomputed target (per-example weight)."""
+    err = (net(z, t, y, w, y_neg) - target) ** 2
     return (err.mean(axis=(1, 2, 3)) * weight).mean()
 
 
@@ -33,7 +34,8 @@ def teacher_batch_maker(
     prediction: str,
     p_uncond: float,
 ) -> Callable[[int], tuple[np.ndarray, ...]]:
-    """Host-side batches for :func:`regression_loss`: (z_t, t, y', w, target, weight).
+    """Host-side batches for :func:`regression_loss`: (z_t, t, y', w, y_neg, target, weight)
+    (w and the negative class are unused by the teacher's backbone).
 
     Labels are replaced by the null class with probability ``p_uncond`` so that one network
     learns both the conditional and the unconditional model.
@@ -52,8 +54,9 @@ def teacher_batch_maker(
         z, alpha, sigma = dm.noisy_at(schedule, x, eps, t)
         a, s = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
         target = dm.output_from_x0_eps(x, eps, a, s, prediction).astype(np.float32)
-        w = np.ones(b, np.float32)  # unused by the teacher's backbone
+        w = np.ones(b, np.float32)
+        y_neg = np.full(b, null_class, np.int32)
         weight = np.ones(b, np.float32)
-        return z, t, y, w, target, weight
+        return z, t, y, w, y_neg, target, weight
 
     return make

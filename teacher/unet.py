@@ -10,7 +10,9 @@ second such MLP, so w = 0 (the unconditional model) is one gate value away rathe
 a cancellation the additive term must learn through the nonlinearities. And each of its
 res blocks may scale its features by 1 + f(embedding) (``guidance_film``, f a linear layer):
 a multiplicative path for w beside the additive one (measured: it closed the student's
-w = 0.5 accuracy gap, README). With the guidance MLPs' last layers and f at zero the
+w = 0.5 accuracy gap, README). A student may take a negative class (``guidance_negative``):
+its gate then works around the negative class instead of the null class, so one pass
+gives negative-class guidance. With the guidance MLPs' last layers and f at zero the
 student is exactly the teacher's conditional model until it is trained.
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ class UNetConfig:
     guidance_scale: float = 100.0   # w is scaled before its sinusoidal features
     guidance_class_gate: bool = False  # student: w also scales the class embedding (see above)
     guidance_film: bool = False     # student: each block also scales its features by 1 + f(embedding), f zero at init
+    guidance_negative: bool = False  # student: the class gate's offset is a negative class input (null = the default)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
@@ -64,7 +67,8 @@ class UNetConfig:
         d["attention_resolutions"] = list(self.attention_resolutions)
         # Written only when on, so a config without it equals the stored dicts of older
         # checkpoints, which resume and the teacher check compare as plain dicts.
-        for flag in ("guidance_class_gate", "guidance_film", "scale_shift_norm", "attention_resolutions"):
+        for flag in ("guidance_class_gate", "guidance_film", "guidance_negative", "scale_shift_norm",
+                     "attention_resolutions"):
             if not d[flag]:
                 del d[flag]
         return d
@@ -86,6 +90,8 @@ class UNetConfig:
         for m in self.channel_mult:
             if (self.channels * m) % self.groups:
                 raise UserError(f"model: channels {self.channels * m} not divisible by groups {self.groups}")
+        if self.guidance_negative and not (self.guidance_embed_dim > 0 and self.guidance_class_gate):
+            raise UserError("student: a negative-class input needs the class gate (student.class_gate=true)")
 
 
     def feature_sizes(self) -> list[int]:
@@ -249,6 +255,7 @@ class UNet(nn.Cell):
                 config.guidance_embed_dim, emb_dim, config.guidance_scale, zero_last=True
             )
         self.has_class_gate = self.has_guidance and config.guidance_class_gate
+        self.has_negative = self.has_class_gate and config.guidance_negative
         self.null_class = config.num_classes
         self.guidance_gate: Optional[EmbeddingMLP] = None
         if self.has_class_gate:
@@ -285,22 +292,31 @@ class UNet(nn.Cell):
         self.act = nn.SiLU()
         self.conv_out = zero_(conv3x3(cur, config.in_channels))
 
-    def embed(self, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
-        """The one conditioning vector: time + class (+ guidance for the student)."""
+    def embed(self, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_neg: Optional[ms.Tensor] = None) -> ms.Tensor:
+        """The one conditioning vector: time + class (+ guidance for the student).
+
+        A student with a negative-class input (``guidance_negative``) gates its class embedding
+        around the negative class ``y_neg`` instead of the null class: neg + (1 + gate(w)) * (class - neg),
+        the embedding-space image of the teacher's ``out(neg) + w (out(y) - out(neg))``; with
+        ``y_neg`` null (or None) it is exactly the null-negative student. Other nets ignore ``y_neg``."""
         c = self.class_embed(y)
         if self.has_class_gate:
-            null = self.class_embed(ops.ones_like(y) * self.null_class)
-            c = c + self.guidance_gate(w) * (c - null)  # = null + (1 + gate) * (c - null), exact at gate 0
+            if self.has_negative and y_neg is not None:
+                base = self.class_embed(y_neg)
+            else:
+                base = self.class_embed(ops.ones_like(y) * self.null_class)
+            c = c + self.guidance_gate(w) * (c - base)  # = base + (1 + gate) * (c - base), exact at gate 0
         emb = self.time_embed(t) + c
         if self.has_guidance:
             emb = emb + self.guidance_embed(w)
         return emb
 
-    def conditioning(self, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor) -> tuple[ms.Tensor, ...]:
+    def conditioning(self, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor,
+                     y_neg: Optional[ms.Tensor] = None) -> tuple[ms.Tensor, ...]:
         """Everything the backbone takes from (t, y, w): two tensors per res block (its embedding
         projection and film factor, :meth:`ResBlock.conditioning`), in the order the backbone uses
         them. It does not depend on x, so a sampler computes it once for all its steps."""
-        emb = self.embed(t, y, w)
+        emb = self.embed(t, y, w, y_neg)
         out = ()
         for i, cell in enumerate(self.down):
             if self.is_resblock_down[i]:
@@ -337,8 +353,9 @@ class UNet(nn.Cell):
                 h = cell(h)
         return self.conv_out(self.act(self.norm_out(h)))
 
-    def construct(self, x: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
-        return self.backbone(x, self.conditioning(t, y, w))
+    def construct(self, x: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor,
+                  y_neg: Optional[ms.Tensor] = None) -> ms.Tensor:
+        return self.backbone(x, self.conditioning(t, y, w, y_neg))
 
 
 def count_parameters(net: nn.Cell) -> int:

@@ -30,7 +30,8 @@ TINY = [
     "teacher.train.checkpoint_every=2", "teacher.train.log_every=2", "teacher.train.warmup_steps=0",
     "teacher.check.num_samples=20", "student.train.steps=4", "student.train.batch_size=16",
     "student.train.checkpoint_every=2", "student.train.log_every=2", "student.targets_per_shard=3",
-    "student.embed_dim=8", "eval.classifier.steps=20", "sampler.num_steps=4", "sampler.batch_size=20",
+    "student.embed_dim=8", "eval.classifier.steps=20", "eval.negative_samples=5", "sampler.num_steps=4",
+    "sampler.batch_size=20",
     "progressive.min_steps=2", "progressive.train.steps=2", "progressive.train.batch_size=16",
     "progressive.train.checkpoint_every=2", "progressive.train.log_every=2",
 ]

@@ -30,6 +30,18 @@ def test_report_files_and_keys(evaluated) -> None:
     for model in ("teacher", "student_4step", "student_2step"):
         assert on_disk["models"][model]["per_w"]["2.0"] == report["models"][model]["per_w"]["2.0"]
     assert "| w | teacher FD |" in (out / "report.md").read_text()
+    # the negative-class comparison: every model that takes a negative class, null and negative draws per w
+    neg = on_disk["negative"]
+    assert neg["pairs"] == [[3, 8], [4, 9], [7, 1], [5, 6]] and list(neg["models"]) == list(on_disk["models"])
+    for name, m in neg["models"].items():
+        for w in ("0.0", "2.0"):
+            assert set(m["per_w"][w]) >= {"null", "negative"}
+            assert 0.0 <= m["per_w"][w]["negative"]["negative_probability"] <= 1.0
+        if name != "teacher":
+            r = m["per_w"]["2.0"]
+            assert r["fd_ratio"] == pytest.approx(r["negative"]["fd"] / neg["models"]["teacher"]["per_w"]["2.0"]
+                                                  ["negative"]["fd"])
+    assert "## Negative classes" in (out / "report.md").read_text()
 
 
 def test_a_model_against_itself(tiny_run, tmp_path) -> None:
@@ -68,8 +80,12 @@ def test_a_model_against_itself(tiny_run, tmp_path) -> None:
 
 def test_samples_are_saved_and_agreement_is_recomputable(evaluated) -> None:
     report, out = evaluated
+    models = (("teacher", 4), ("student", 4), ("student", 2))
     assert {p.name for p in (out / "samples").iterdir()} == {
-        f"{m}_{n}step_w{w}.npz" for m, n in (("teacher", 4), ("student", 4), ("student", 2)) for w in (0, 2)}
+        f"{m}_{n}step_w{w}.npz" for m, n in models for w in (0, 2)} | {
+        f"{m}_{n}step_neg{k}_w{w}.npz" for m, n in models for w in (0, 2) for k in (8, 9, 1, 6)}
+    neg = np.load(out / "samples" / "student_2step_neg9_w2.npz")  # the pair [4, 9]: 5 samples of class 4
+    assert neg["images"].shape == (5, 8, 8, 1) and set(neg["labels"]) == {4} and int(neg["negative_class"]) == 9
     t = np.load(out / "samples" / "teacher_4step_w2.npz")
     s = np.load(out / "samples" / "student_4step_w2.npz")
     assert t["images"].shape == (20, 8, 8, 1) and t["images"].dtype == np.uint8

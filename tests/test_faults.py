@@ -36,10 +36,10 @@ def tiny_trainer(out: Path, steps: int, poison_step: int | None = None) -> Train
         make = teacher_batch_maker(data, 16, 0, start, "cosine", "v", 0.1)
 
         def batch(step: int):
-            z, t, y, w, target, weight = make(step)
+            z, t, y, w, y_neg, target, weight = make(step)
             if step == poison_step:
                 target = np.full_like(target, np.nan)
-            return z, t, y, w, target, weight
+            return z, t, y, w, y_neg, target, weight
         return batch
 
     return Trainer(net, ema, regression_loss, batches, settings, out, {"kind": "teacher", "model": NET.to_dict()})

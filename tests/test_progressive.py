@@ -125,7 +125,7 @@ def test_progressive_loss_falls(tmp_path: Path) -> None:
         return progressive_batches(data, predict, 4, 1, batch_size, seed, "cosine", "v", "x_snr_trunc", 0.0, 5.0, 1.0, False)
 
     held = batches(128, 1)(0)(0)  # a fixed batch the student never trains on
-    assert [a.shape for a in held] == [(128, 1, 8, 8), (128,), (128,), (128,), (128, 1, 8, 8), (128,)]
+    assert [a.shape for a in held] == [(128, 1, 8, 8), (128,), (128,), (128,), (128,), (128, 1, 8, 8), (128,)]
     assert set(np.round(held[1] * 4, 5)) == {1.0, 2.0, 3.0, 4.0}  # t on the student's 4-step grid
 
     def held_loss() -> float:
@@ -275,10 +275,10 @@ def test_round_loss_is_weighted_by_w_like_stage_one() -> None:
                                    power)(0)(0)
 
     plain, weighted = batch(0.0), batch(2.0)
-    for a, b in zip(plain[:5], weighted[:5]):
+    for a, b in zip(plain[:6], weighted[:6]):
         np.testing.assert_array_equal(a, b)
     w = plain[3]
-    np.testing.assert_allclose(weighted[5], plain[5] * (1.0 + w) ** -2.0, rtol=1e-6)
+    np.testing.assert_allclose(weighted[6], plain[6] * (1.0 + w) ** -2.0, rtol=1e-6)
     assert w.min() < 1.0 < w.max()  # the weights really differ across the batch
 
 

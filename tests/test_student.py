@@ -102,7 +102,7 @@ def test_distillation_loss_falls(tmp_path) -> None:
 
         def batch(step: int):
             inputs = make(step)
-            return regression_batch(inputs, teacher_targets(predict, 10, inputs), "x_snr_trunc", "v")
+            return regression_batch(inputs, teacher_targets(predict, inputs), "x_snr_trunc", "v")
         return batch
 
     settings = TrainSettings(steps=40, batch_size=32, lr=3e-3, ema_decay=0.9, checkpoint_every=40, log_every=10)
@@ -114,14 +114,15 @@ def test_distillation_loss_falls(tmp_path) -> None:
 def test_ws_per_input_repeats_each_noisy_input_with_its_own_w_and_two_pass_targets() -> None:
     data = load_data({"name": "digits", "max_train": 64})
     teacher = _random_teacher()
-    z, t, y, w, alpha, sigma = inputs = distill_inputs(data, 32, 0, 0, "cosine", 0.0, 5.0, ws_per_input=4)(3)
+    z, t, y, w, y_neg, alpha, sigma = inputs = distill_inputs(data, 32, 0, 0, "cosine", 0.0, 5.0, ws_per_input=4)(3)
     assert z.shape[0] == 32 and len(np.unique(t)) == 8 and len(np.unique(w)) == 32
+    np.testing.assert_array_equal(y_neg, np.full_like(y, 10))  # no negative classes asked: the null class
     for a in (z, t, y, alpha, sigma):  # 8 inputs, each in 4 adjacent rows
         np.testing.assert_array_equal(a, np.repeat(a[::4], 4, axis=0))
     # the teacher ran on 8 rows, yet every row's target is its own two-pass guided prediction
     null = np.full_like(y, 10)
     expected = GuidedPrediction(teacher)(*(ms.Tensor(a) for a in (z, t, y, w, null))).asnumpy()
-    np.testing.assert_allclose(teacher_targets(GuidanceBranches(teacher), 10, inputs, 4), expected, atol=1e-5)
+    np.testing.assert_allclose(teacher_targets(GuidanceBranches(teacher), inputs, 4), expected, atol=1e-5)
     with pytest.raises(UserError, match="ws_per_input=3 must be an integer >= 1 that divides the batch size 32"):
         distill_inputs(data, 32, 0, 0, "cosine", 0.0, 5.0, ws_per_input=3)
 
@@ -192,7 +193,8 @@ def test_guidance_loss_weight_scales_each_example_by_its_w() -> None:
     np.testing.assert_array_equal(guidance_loss_weight(w, 0.0), [1.0, 1.0, 1.0])
     rng = np.random.default_rng(0)
     inputs = (rng.standard_normal((3, 1, 8, 8)).astype(np.float32), np.full(3, 0.5, np.float32),
-              np.zeros(3, np.int32), w, np.full(3, 0.8, np.float32), np.full(3, 0.6, np.float32))
+              np.zeros(3, np.int32), w, np.full(3, 10, np.int32), np.full(3, 0.8, np.float32),
+              np.full(3, 0.6, np.float32))
     target = np.zeros((3, 1, 8, 8), np.float32)
     plain = regression_batch(inputs, target, "x_snr_trunc", "v")[-1]
     weighted = regression_batch(inputs, target, "x_snr_trunc", "v", w_loss_power=2.0)[-1]

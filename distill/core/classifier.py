@@ -165,20 +165,30 @@ def train_classifier(
     return net
 
 
+def features_and_probabilities(
+    clf: EvalClassifier, images: np.ndarray, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate features (N x feature_dim, float32) and class probabilities (N x num_classes, float64)."""
+    images = np.asarray(images, np.float32)
+    clf.set_train(False)
+    feats, logits = [], []
+    for start in range(0, images.shape[0], batch_size):
+        out, f = clf(ms.Tensor(images[start : start + batch_size]))
+        feats.append(f.asnumpy())
+        logits.append(out.asnumpy().astype(np.float64))
+    if not feats:
+        return np.zeros((0, clf.config["feature_dim"]), np.float32), np.zeros((0, clf.config["num_classes"]))
+    z = np.concatenate(logits)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return np.concatenate(feats).astype(np.float32), p / p.sum(axis=1, keepdims=True)
+
+
 def features_and_predictions(
     clf: EvalClassifier, images: np.ndarray, batch_size: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
     """Penultimate features (N x feature_dim, float32) and predicted classes (N, int64)."""
-    images = np.asarray(images, np.float32)
-    clf.set_train(False)
-    feats, preds = [], []
-    for start in range(0, images.shape[0], batch_size):
-        logits, f = clf(ms.Tensor(images[start : start + batch_size]))
-        feats.append(f.asnumpy())
-        preds.append(logits.asnumpy().argmax(axis=1))
-    if not feats:
-        return np.zeros((0, clf.config["feature_dim"]), np.float32), np.zeros((0,), np.int64)
-    return np.concatenate(feats).astype(np.float32), np.concatenate(preds).astype(np.int64)
+    feats, probs = features_and_probabilities(clf, images, batch_size)
+    return feats, probs.argmax(axis=1).astype(np.int64)
 
 
 def classifier_accuracy(

@@ -83,6 +83,8 @@ class StudentConfig:
     w_scale: float = MISSING
     film: bool = MISSING
     class_gate: bool = MISSING
+    negative: bool = MISSING
+    p_null_negative: float = MISSING
     w_min: float = MISSING
     w_max: float = MISSING
     w_power: float = MISSING
@@ -133,6 +135,8 @@ class EvalConfig:
     students: List[EvalStudent] = MISSING
     progressive: bool = MISSING
     teacher_steps: Optional[int] = MISSING
+    negative_classes: List[List[int]] = MISSING
+    negative_samples: int = MISSING
     classifier: ClassifierConfig = MISSING
 
 
@@ -165,6 +169,7 @@ class SampleConfig:
     variant: Optional[str] = MISSING
     classes: Optional[List[Any]] = MISSING  # class indices or names
     w: Optional[float] = MISSING
+    negative_class: Optional[Any] = MISSING  # a class index or name
     steps: Optional[int] = MISSING
     seed: int = MISSING
     per_class: int = MISSING
@@ -264,8 +269,8 @@ def check_known_keys(cfg: Any, where: str = "") -> None:
 # Counts that must be integers >= 1 (types are Hydra's business; these are the ranges).
 AT_LEAST_ONE = (
     "model.channels", "model.groups", "model.num_res_blocks", "sampler.batch_size",
-    "eval.num_samples", "eval.classifier.batch_size", "teacher.check.num_samples", "student.embed_dim",
-    "student.ws_per_input", "student.targets_per_shard", "progressive.min_steps", "progressive.start_steps",
+    "eval.num_samples", "eval.negative_samples", "eval.classifier.batch_size", "teacher.check.num_samples",
+    "student.embed_dim", "student.ws_per_input", "student.targets_per_shard", "progressive.min_steps", "progressive.start_steps",
     "publish.mindir_batch", "sample.per_class", "response.num_images",
 )
 AT_LEAST_ZERO = ("eval.classifier.steps", "seed")

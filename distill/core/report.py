@@ -112,7 +112,44 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         speedup_lines(report),
         "",
-    ])
+    ] + negative_lines(report))
+
+
+def negative_lines(report: dict[str, Any]) -> list[str]:
+    """The negative-class section of the report: each model guided away from a negative class vs with the null class."""
+    neg = report.get("negative")
+    if not neg:
+        return []
+    names = list(neg["models"])
+    rows = []
+    for w in report["ws"]:
+        for name in names:
+            m = neg["models"][name]["per_w"][str(w)]
+            ratio = (f"{m['fd_ratio']:.2f}", f"{m['negative_probability_ratio']:.2f}") if "fd_ratio" in m else ("", "")
+            rows.append([f"{w:g}", _label(name, report["models"][name]), f"{m['negative']['fd']:.2f}", ratio[0],
+                         f"{m['negative']['accuracy']:.3f}", f"{m['null']['accuracy']:.3f}",
+                         f"{m['negative']['negative_probability']:.3f}", f"{m['null']['negative_probability']:.3f}",
+                         ratio[1]])
+    pairs = ", ".join(f"{y} not {k}" for y, k in neg["pairs"])
+    b = neg["bars"]
+    verdicts = [f"- {_label(n, report['models'][n])}: "
+                f"{'within' if neg['models'][n]['within_bars'] else 'OUTSIDE'} the bars (FD ratio <= {b['fd_ratio']:g}, "
+                f"P(neg) within {100 * b['negative_probability_rel']:g}% of the teacher's, at every w <= {b['max_w']:g})"
+                for n in names[1:]]
+    return [
+        "## Negative classes",
+        "",
+        f"Pairs (target not negative): {pairs}; {neg['samples_per_pair']} samples per pair, model and w, each drawn "
+        "from the same noise twice: guided away from the negative class (`out(neg) + w * (out(y) - out(neg))`; the "
+        "teacher in two passes, each student in one) and with the null class. FD against the held-out images of the "
+        "target classes; P(neg): the evaluation classifier's mean probability of the negative class.",
+        "",
+        markdown_table(["w", "model", "FD (neg)", "FD / teacher", "acc (neg)", "acc (null)", "P(neg) (neg)",
+                        "P(neg) (null)", "P(neg) / teacher"], rows),
+        "",
+        *verdicts,
+        "",
+    ]
 
 
 def plot_metrics(report: dict[str, Any], path: Path) -> Path:

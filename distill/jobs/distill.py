@@ -16,8 +16,8 @@ from distill.core.errors import UserError
 from distill.core.runtime import is_main, local_batch_size, shard
 from distill.core.sampling import jit_predictor
 from distill.core.training import CHECKPOINT_NAME, Trainer
-from student.distill import (check_w_loss_power, check_w_range, check_ws_per_input, describe_w, distill_inputs,
-                             regression_batch, teacher_targets, w_distribution)
+from student.distill import (check_p_null_negative, check_w_loss_power, check_w_range, check_ws_per_input, describe_w,
+                             distill_inputs, negative_draw, regression_batch, teacher_targets, w_distribution)
 from student.loading import student_meta
 from student.model import student_from_teacher
 from teacher.guidance import GuidanceBranches
@@ -52,11 +52,11 @@ def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
         make = distill_inputs(data, int(s.train.batch_size), int(cfg.seed), start, cfg.diffusion.schedule,
-                              *w_distribution(s), s.ws_per_input)
+                              *w_distribution(s), s.ws_per_input, negative_draw(s))
 
         def batch(step: int) -> tuple[np.ndarray, ...]:
             inputs = shard(make(step), int(s.train.batch_size))  # data parallel: targets for this rank's slice only
-            target = teacher_targets(branches, data.num_classes, inputs, s.ws_per_input)
+            target = teacher_targets(branches, inputs, s.ws_per_input)
             return regression_batch(inputs, target, loss_space, prediction, w_loss_power)
         return batch
 
@@ -71,20 +71,24 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     s = cfg.student
     check_w_range(*w_distribution(s))
     check_w_loss_power(float(s.w_loss_power))
+    check_p_null_negative(float(s.p_null_negative))
     check_ws_per_input(s.ws_per_input, local_batch_size(int(s.train.batch_size)))  # a rank's rows keep whole groups
     data = load_data(cfg.data)
     teacher = load_teacher(cfg, data)
     out = build.run_dir(cfg) / "student"
-    student = student_from_teacher(teacher, int(s.embed_dim), float(s.w_scale), bool(s.class_gate), bool(s.film))
+    student = student_from_teacher(teacher, int(s.embed_dim), float(s.w_scale), bool(s.class_gate), bool(s.film),
+                                   bool(s.negative))
     ema = UNet(student.config)
     settings = build.train_settings(s.train, int(cfg.seed), bool(cfg.jit))
     writer = SummaryWriter(str(build.run_dir(cfg) / "tb")) if is_main() else None  # rank 0 writes
     meta = student_meta(student.config, cfg, data)
     trainer = Trainer(student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out, meta, writer)
     trainer.try_resume(build.restart(cfg, follow_inputs))
-    log.info("distill: %s targets, %s, loss %s x (1 + w)^-%g, %d steps at batch %d (%d inputs x %d w)", s.targets,
+    log.info("distill: %s targets, %s, loss %s x (1 + w)^-%g, %d steps at batch %d (%d inputs x %d w), %s", s.targets,
              describe_w(*w_distribution(s)), s.loss, float(s.w_loss_power), settings.steps, settings.batch_size,
-             settings.batch_size // s.ws_per_input, s.ws_per_input)
+             settings.batch_size // s.ws_per_input, s.ws_per_input,
+             f"negative class null with p={negative_draw(s):g}, else another class" if s.negative
+             else "no negative-class input")
     start_step, t0 = trainer.step, time.perf_counter()
     losses = trainer.run()
     seconds = time.perf_counter() - t0

@@ -34,6 +34,7 @@ from distill.core.report import write_evaluation_report
 from distill.core.runtime import current, is_main, my_items
 from distill.core.sampling import Predictor, SamplerSettings, jit_predictor
 from distill.jobs.common import evaluation_classifier, guided_samples
+from distill.jobs.negatives import evaluate_negatives, sample_negative_share
 from student.loading import load_student, student_checkpoint_path
 from student.progressive import verified_rounds
 from teacher.guidance import ConditionalPrediction, GuidedPrediction
@@ -141,7 +142,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     clf = evaluation_classifier(cfg, data) if is_main() else None
     predictors, settings = warmed_predictors(cfg, data, models)
     if not is_main():  # the other workers only draw their share of the samples
-        return _sample_share(cfg, data, predictors, settings)
+        return _sample_share(cfg, data, models, predictors, settings)
     students = [name for name in models if name != "teacher"]
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
     ws = [float(w) for w in cfg.eval.ws]
@@ -191,6 +192,9 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
             "batch_size": int(cfg.sampler.batch_size), "steps": steps,
             "speedup": seconds["teacher"] / seconds[name]}
     report["speedup"] = report["models"][students[0]]["speed"]["speedup"]  # first student vs teacher
+    negative = evaluate_negatives(cfg, data, clf, models, predictors, settings, out, sample_stem, workers > 1)
+    if negative is not None:
+        report["negative"] = negative
     grid = save_side_by_side_png(rows, out / "samples_side_by_side.png")
     with SummaryWriter(str(build.run_dir(cfg) / "tb")) as writer:
         write_evaluation_report(report, out, writer)
@@ -214,14 +218,15 @@ def warmed_predictors(cfg: DictConfig, data: ImageData, models: dict[str, tuple[
     return predictors, settings
 
 
-def _sample_share(cfg: DictConfig, data: ImageData, predictors: dict[str, Predictor],
-                  settings: dict[str, SamplerSettings]) -> None:
+def _sample_share(cfg: DictConfig, data: ImageData, models: dict[str, tuple[Any, int]],
+                  predictors: dict[str, Predictor], settings: dict[str, SamplerSettings]) -> None:
     """A worker other than rank 0: the sampler calls of rank 0 in the same order (w by w, model by
     model), drawing its own share of each; rank 0 judges and writes."""
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
     for w in [float(w) for w in cfg.eval.ws]:
         for name, predict in predictors.items():
             guided_samples(predict, data, cfg, w, n, seed, settings[name], across_ranks=True)
+    sample_negative_share(cfg, data, models, predictors, settings)
     chunks = -(-n // int(cfg.sampler.batch_size))
     log.info("evaluate: rank %d drew %d of %d sample chunks per model and w", current().rank,
              len(my_items(chunks)), chunks)

@@ -15,7 +15,8 @@ from distill.core.config import check_known_keys, check_ranges
 from distill.jobs.bench import bench_options
 from distill.jobs.distill import check_targets
 from distill.jobs.progressive import first_teacher
-from student.distill import check_w_loss_power, check_w_range, check_ws_per_input, w_distribution
+from student.distill import (check_p_null_negative, check_w_loss_power, check_w_range, check_ws_per_input,
+                             w_distribution)
 from student.progressive import round_plan
 from teacher.objective import check_p_uncond
 
@@ -33,6 +34,9 @@ def check_config(cfg: DictConfig) -> None:
     s = cfg.student
     check_w_range(*w_distribution(s))
     check_w_loss_power(float(s.w_loss_power))
+    check_p_null_negative(float(s.p_null_negative))
+    if bool(s.negative) and not bool(s.class_gate):
+        raise UserError("student: negative=true needs class_gate=true (the negative class is the gate's offset)")
     check_ws_per_input(s.ws_per_input, int(s.train.batch_size))
     check_targets(str(s.targets))
     p = cfg.progressive

@@ -19,7 +19,7 @@ from distill.core.runtime import is_main
 from distill.core.sampling import jit_predictor
 from distill.core.training import Trainer
 from distill.core.weights import copy_weights, weights_digest
-from student.distill import check_w_loss_power, check_w_range, describe_w
+from student.distill import check_w_loss_power, check_w_range, describe_w, negative_draw
 from student.loading import load_student
 from student.progressive import (finished_round, progressive_batches, progressive_dir, round_checkpoint_path,
                                  round_meta, round_plan, round_w_settings, source_checkpoint)
@@ -110,7 +110,8 @@ def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_met
     w_min, w_max, w_power, w_loss_power = round_w_settings(p, source_meta)
     factory = progressive_batches(
         data, predict, num_steps, round_index, settings.batch_size, settings.seed, str(cfg.diffusion.schedule),
-        str(cfg.diffusion.prediction), str(p.loss), w_min, w_max, w_power, bool(p.clip_x0), w_loss_power)
+        str(cfg.diffusion.prediction), str(p.loss), w_min, w_max, w_power, bool(p.clip_x0), w_loss_power,
+        negative_draw(source_meta))
     out = round_checkpoint_path(cfg, num_steps).parent
     trainer = Trainer(student, ema, regression_loss, factory, settings, out, meta, writer)
     trainer.try_resume(restart)

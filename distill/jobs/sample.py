@@ -16,7 +16,7 @@ from student.bundle import from_pretrained
 log = logging.getLogger(__name__)
 
 
-def _classes(spec: Any, names: list[str]) -> list[int]:
+def _classes(spec: Any, names: list[str], what: str = "sample.classes") -> list[int]:
     if spec is None:
         return list(range(len(names)))
     out = []
@@ -26,9 +26,9 @@ def _classes(spec: Any, names: list[str]) -> list[int]:
         elif str(c) in names:
             out.append(names.index(str(c)))
         else:
-            raise UserError(f"sample.classes: {c!r} is neither a class index in [0, {len(names)}) nor a class name")
+            raise UserError(f"{what}: {c!r} is neither a class index in [0, {len(names)}) nor a class name")
     if not out:
-        raise UserError("sample.classes is empty")
+        raise UserError(f"{what} is empty")
     return out
 
 
@@ -54,15 +54,18 @@ def run_sample(cfg: DictConfig) -> Path:
     steps = int(s.steps) if s.steps is not None else int(model.config["sampler"]["num_steps"])
     schedule, seed = str(cfg.sampler.w_schedule), int(s.seed)
     labels = np.repeat(np.asarray(classes, np.int64), per_class)
+    negative = None if s.get("negative_class") is None else _classes(s.negative_class, model.class_names, "sample.negative_class")[0]
     images = model.sample(labels, w, num_steps=steps, seed=seed, w_schedule=schedule,
-                          allow_extrapolation=bool(s.get("allow_extrapolation", False)))
+                          allow_extrapolation=bool(s.get("allow_extrapolation", False)), negative=negative)
     out = Path(str(s.out)).expanduser() if s.out else build.run_dir(cfg) / "samples"
     out.mkdir(parents=True, exist_ok=True)
-    tag = "" if schedule == "constant" else f"_{schedule}"
+    tag = ("" if schedule == "constant" else f"_{schedule}") + ("" if negative is None else f"_neg{negative}")
     name = _free_name(out, f"student_w{w:g}{tag}_seed{seed}_steps{steps}")
     save_grid_png(images, out / f"{name}.png", nrow=per_class)
+    extra = {} if negative is None else {"negative_class": negative}
     npz = save_samples_npz(out / f"{name}.npz", images, labels, w=w, w_schedule=schedule, steps=steps, seed=seed,
-                           model="student")
-    log.info("sample: %d images (%d classes x %d) at w=%g (%s), %d steps, seed %d -> %s.{png,npz}",
-             len(labels), len(classes), per_class, w, schedule, steps, seed, out / name)
+                           model="student", **extra)
+    log.info("sample: %d images (%d classes x %d) at w=%g (%s%s), %d steps (one network call each), seed %d -> "
+             "%s.{png,npz}", len(labels), len(classes), per_class, w, schedule,
+             "" if negative is None else f", away from class {negative}", steps, seed, out / name)
     return npz

@@ -23,7 +23,7 @@ from distill.core.errors import UserError
 from distill.core.fileio import clean_leftovers, sha256
 from distill.core.runtime import broadcast_from_main, current, gather_rows, is_main, my_items
 from distill.core.sampling import jit_predictor
-from student.distill import distill_inputs, teacher_targets, w_distribution
+from student.distill import distill_inputs, negative_draw, teacher_targets, w_distribution
 from student.targets import (FIELDS, MANIFEST, fingerprint, read_manifest, shard_grid, shard_name, shard_ok,
                              targets_dir, write_manifest)
 from teacher.guidance import GuidanceBranches
@@ -76,11 +76,11 @@ def run_targets(cfg: DictConfig) -> Path:
         bar = tqdm(total=sum(b - a for a, b in mine), desc="targets", unit="step", mininterval=2.0)
     for start, stop in mine:
         make = distill_inputs(data, int(s.train.batch_size), int(cfg.seed), start, cfg.diffusion.schedule,
-                              *w_distribution(s), s.ws_per_input)
+                              *w_distribution(s), s.ws_per_input, negative_draw(s))
         rows = []
         for step in range(start, stop):
             inputs = make(step)
-            rows.append(inputs + (teacher_targets(branches, data.num_classes, inputs, s.ws_per_input),))
+            rows.append(inputs + (teacher_targets(branches, inputs, s.ws_per_input),))
             bar.update(1)
         shard = {name: np.stack([r[i] for r in rows]) for i, name in enumerate(FIELDS)}
         path = folder / shard_name(start, stop)

@@ -1,0 +1,149 @@
+"""Negative-class guidance in ``task=evaluate``: ``out(neg) + w (out(y) - out(neg))``, the two-pass
+teacher against each one-pass student that takes a negative class, on the same noise.
+
+Each pair (target y, negative K) of ``eval.negative_classes`` gets ``eval.negative_samples`` samples
+at every w, drawn twice per model from the same noise: once guided away from K, once with the null
+class (plain CFG). Judged by the evaluation classifier: the Frechet distance of the pooled samples to
+the held-out images of the target classes, the target-class accuracy, and the mean probability of
+the negative class K, which negative guidance should lower against the null-class samples.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from distill.core.classifier import EvalClassifier, features_and_probabilities
+from distill.core.data import ImageData
+from distill.core.errors import UserError
+from distill.core.images import save_samples_npz, save_side_by_side_png
+from distill.core.metrics import frechet_distance
+from distill.core.sampling import Predictor, SamplerSettings, initial_noise, sample_in_batches
+
+log = logging.getLogger(__name__)
+KINDS = ("null", "negative")  # the same samples guided with the null class, then with the pair's negative class
+FD_BAR, PROB_BAR, MAX_BAR_W = 1.15, 0.20, 4.0  # student vs its teacher, at every w <= MAX_BAR_W
+
+
+def negative_pairs(cfg: DictConfig, num_classes: int) -> list[tuple[int, int]]:
+    """``eval.negative_classes`` as (target, negative) pairs, each a pair of distinct class indices."""
+    pairs = []
+    for entry in cfg.eval.get("negative_classes") or []:
+        if len(entry) != 2:
+            raise UserError(f"eval.negative_classes: each entry is [target, negative], got {list(entry)}")
+        y, neg = int(entry[0]), int(entry[1])
+        if not (0 <= y < num_classes and 0 <= neg < num_classes):
+            raise UserError(f"eval.negative_classes: {[y, neg]} is not a pair of class indices in [0, {num_classes}) "
+                            f"(set eval.negative_classes=[] for data with fewer classes)")
+        if y == neg:
+            raise UserError(f"eval.negative_classes: {[y, neg]}: the negative class equals the target class")
+        pairs.append((y, neg))
+    return pairs
+
+
+def negative_inputs(pairs: list[tuple[int, int]], per_pair: int, shape: tuple[int, ...], seed: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(noise, target labels, negative labels) of every sample, pair by pair."""
+    labels = np.repeat([y for y, _ in pairs], per_pair).astype(np.int32)
+    negatives = np.repeat([k for _, k in pairs], per_pair).astype(np.int32)
+    return initial_noise(seed + 1, len(labels), shape), labels, negatives
+
+
+def negative_models(models: dict[str, Any]) -> list[str]:
+    """The evaluated models that can take a negative class: the teacher and each student built for it."""
+    return [name for name, (cell, _) in models.items() if name == "teacher" or getattr(cell.net, "has_negative", False)]
+
+
+def draw_negative_samples(cfg: DictConfig, data: ImageData, names: list[str], predictors: dict[str, Predictor],
+                          settings: dict[str, SamplerSettings], w: float, across_ranks: bool = False
+                          ) -> dict[tuple[str, str], np.ndarray]:
+    """(model, kind) -> images at ``w``; every data-parallel worker calls it in the same order."""
+    pairs = negative_pairs(cfg, data.num_classes)
+    noise, labels, negatives = negative_inputs(pairs, int(cfg.eval.negative_samples), data.image_shape, int(cfg.seed))
+    null = np.full_like(labels, data.num_classes)
+    out = {}
+    for name in names:
+        for kind, uncond in zip(KINDS, (null, negatives)):
+            out[(name, kind)] = sample_in_batches(predictors[name], noise, labels, w, settings[name], uncond,
+                                                  int(cfg.sampler.batch_size), seed=int(cfg.seed) + 1,
+                                                  across_ranks=across_ranks)
+    return out
+
+
+def negative_metrics(feats: np.ndarray, probs: np.ndarray, labels: np.ndarray, negatives: np.ndarray,
+                     real_feats: np.ndarray) -> dict[str, float]:
+    """FD to the real images of the target classes, target accuracy, mean probability of the negative class."""
+    return {"fd": frechet_distance(feats, real_feats),
+            "accuracy": float((probs.argmax(axis=1) == labels).mean()),
+            "negative_probability": float(probs[np.arange(len(labels)), negatives].mean())}
+
+
+def evaluate_negatives(cfg: DictConfig, data: ImageData, clf: EvalClassifier, models: dict[str, Any],
+                       predictors: dict[str, Predictor], settings: dict[str, SamplerSettings], out: Path,
+                       stem: Any, across_ranks: bool = False) -> dict[str, Any] | None:
+    """The report's ``negative`` section (None without pairs or a student that takes a negative class);
+    writes ``samples/<model>_neg<K>_w<w>.npz`` and ``negative_w<w>.png``. ``stem(name, steps)`` names files."""
+    pairs = negative_pairs(cfg, data.num_classes)
+    names = negative_models(models)
+    skipped = [n for n in models if n not in names]
+    if skipped:
+        log.info("evaluate: %s take(s) no negative class; left out of the negative-class comparison", skipped)
+    if not pairs or len(names) < 2:
+        return None
+    per_pair = int(cfg.eval.negative_samples)
+    _, labels, negatives = negative_inputs(pairs, per_pair, data.image_shape, int(cfg.seed))
+    targets = sorted({y for y, _ in pairs})
+    real_feats, _ = features_and_probabilities(clf, data.test_images[np.isin(data.test_labels, targets)])
+    section: dict[str, Any] = {"pairs": [list(p) for p in pairs], "samples_per_pair": per_pair,
+                               "bars": {"fd_ratio": FD_BAR, "negative_probability_rel": PROB_BAR, "max_w": MAX_BAR_W},
+                               "models": {n: {"per_w": {}} for n in names}}
+    for w in [float(w) for w in cfg.eval.ws]:
+        images = draw_negative_samples(cfg, data, names, predictors, settings, w, across_ranks)
+        rows = []
+        for name in names:
+            steps = settings[name].num_steps
+            entry = {}
+            for kind in KINDS:
+                feats, probs = features_and_probabilities(clf, images[(name, kind)])
+                entry[kind] = negative_metrics(feats, probs, labels, negatives, real_feats)
+                rows.append((f"{name} ({steps} steps) {kind}", images[(name, kind)][::per_pair // 4 or 1][:4 * len(pairs)]))
+            for k in sorted({k for _, k in pairs}):
+                pick = negatives == k
+                save_samples_npz(out / "samples" / f"{stem(name, steps)}_neg{k}_w{w:g}.npz",
+                                 images[(name, "negative")][pick], labels[pick], w=w, model=name, steps=steps,
+                                 negative_class=k)
+            section["models"][name]["per_w"][str(w)] = entry
+        save_side_by_side_png(rows, out / f"negative_w{w:g}.png")
+        teacher = section["models"]["teacher"]["per_w"][str(w)]["negative"]
+        for name in names[1:]:
+            entry = section["models"][name]["per_w"][str(w)]
+            entry.update(student_vs_teacher(entry["negative"], teacher))
+        log.info("evaluate: negative classes, w=%g %s", w, "  ".join(
+            f"{n} fd={section['models'][n]['per_w'][str(w)]['negative']['fd']:.2f} "
+            f"p(neg)={section['models'][n]['per_w'][str(w)]['negative']['negative_probability']:.3f} "
+            f"(null {section['models'][n]['per_w'][str(w)]['null']['negative_probability']:.3f})" for n in names))
+    for name in names[1:]:
+        per_w = section["models"][name]["per_w"]
+        section["models"][name]["within_bars"] = all(
+            m["fd_ratio"] <= FD_BAR and abs(m["negative_probability_ratio"] - 1.0) <= PROB_BAR
+            for w, m in per_w.items() if float(w) <= MAX_BAR_W)
+    return section
+
+
+def student_vs_teacher(student: dict[str, float], teacher: dict[str, float]) -> dict[str, float]:
+    """The student's FD and negative-class probability relative to its teacher's, with the same negative class."""
+    return {"fd_ratio": student["fd"] / max(teacher["fd"], 1e-12),
+            "negative_probability_ratio": student["negative_probability"] / max(teacher["negative_probability"], 1e-12)}
+
+
+def sample_negative_share(cfg: DictConfig, data: ImageData, models: dict[str, Any], predictors: dict[str, Predictor],
+                          settings: dict[str, SamplerSettings]) -> None:
+    """A worker other than rank 0: the sampler calls of :func:`evaluate_negatives` in the same order."""
+    names = negative_models(models)
+    if not negative_pairs(cfg, data.num_classes) or len(names) < 2:
+        return
+    for w in [float(w) for w in cfg.eval.ws]:
+        draw_negative_samples(cfg, data, names, predictors, settings, w, across_ranks=True)
