@@ -24,6 +24,7 @@ FORMAT = "guidance-distilled-student"
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, MINDIR, SAMPLER_MINDIR = "config.json", "model.safetensors", "model.mindir", "sampler.mindir"
 CARD, GRID, MANIFEST = "README.md", "samples.png", "manifest.json"
+NEGATIVE_GRID = "negative_classes.png"  # rows: target class; columns: the null class, then each negative class
 W_CONVENTION = "uncond + w * (cond - uncond)"
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from distill.core.report import markdown_table, metrics_table, speed_table
-from student.bundle import GRID, MINDIR, W_CONVENTION
+from distill.core.report import markdown_table, metrics_table, negative_lines, speed_table
+from student.bundle import GRID, MINDIR, NEGATIVE_GRID, W_CONVENTION
 from student.distill import describe_w
 
 Row = dict[str, Any]
@@ -91,6 +91,30 @@ def evaluation_section(report: Optional[dict[str, Any]]) -> str:
     if scalars:
         parts.append("\n".join(f"- {k}: {_fmt(v)}" for k, v in scalars.items()))
     return "\n\n".join(parts)
+
+
+def negative_section(config: dict[str, Any], report: Optional[dict[str, Any]]) -> str:
+    """Negative classes in one pass: how to ask for them, the grid, and the evaluation's comparison."""
+    if not config["guidance"].get("negative_classes"):
+        return ""
+    k, w = config["classes"]["num_classes"], config["sampler"]["w"]
+    table = "\n".join(negative_lines(report)[2:]) if report and report.get("negative") else (
+        "Not evaluated yet: run `task=evaluate`, then publish again.")
+    return f"""## Negative classes, in one pass
+
+Guide toward class y and away from class K with `model.sample(labels, w, negative=K)` (command line:
+`sample.negative_class=K`): the student produces `out(K) + w * (out(y) - out(K))`, which a two-pass
+teacher computes with K in place of the null class, in **one** network pass per step. K must differ
+from every label; `negative=None` is the null class (plain guidance).
+
+![negative classes]({NEGATIVE_GRID})
+
+Rows: target class 0..{k - 1}; first column: the null class; column 1 + K: guided away from class K (blank where
+K is the target), w = {w:g}, the same noise along each row.
+
+{table}
+
+"""
 
 
 def _gate_text(model: dict[str, Any]) -> str:
@@ -194,7 +218,7 @@ Default sampler: {s['kind']}, {s['num_steps']} steps, eta {s['eta']:g}, w = {s['
 One row per w in {', '.join(f'{w:g}' for w in card_ws)}, one column per class, the same noise in every row
 ({s['num_steps']} {s['kind']} steps, seed 0).
 
-## Intended use and limits
+{negative_section(config, report)}## Intended use and limits
 
 - For research and teaching on guidance distillation: generating class-conditional images like the training
   data, and comparing one-pass against two-pass guided sampling.

@@ -96,7 +96,8 @@ def bundle_config(cfg: DictConfig, net: Any, meta: dict[str, Any], mindir_batch:
         "diffusion": {"schedule": meta["schedule"], "prediction": meta["prediction"],
                       "time": "continuous t in [0, 1], variance preserving, parametrised by logSNR"},
         "guidance": {"w_min": w_min, "w_max": w_max, "convention": W_CONVENTION,
-                     "w_schedules": ["constant", "linear", "cosine"]},
+                     "w_schedules": ["constant", "linear", "cosine"],
+                     "negative_classes": bool(ucfg.guidance_negative)},
         "classes": {"names": [str(n) for n in meta["class_names"]], "num_classes": ucfg.num_classes,
                     "null_class": ucfg.num_classes},
         "image": {"channels": c, "height": h, "width": h, "range": [-1.0, 1.0], "layout": "NCHW"},
@@ -177,6 +178,19 @@ def write_sample_grid(model: Pretrained, path: Path, ws: list[float]) -> None:
     labels = np.arange(len(model.class_names))
     rows = [(f"w={w:g}", model.sample(labels, w, seed=0)) for w in ws]
     save_side_by_side_png(rows, path, nrow=len(labels))
+
+
+def write_negative_grid(model: Pretrained, path: Path, w: float) -> None:
+    """A grid drawn in one pass per step: row y = target class y, column 0 = guided away from the null class,
+    column 1 + k = away from class k (blank where k = y); each row from one noise."""
+    k = len(model.class_names)
+    noise = model.noise(k, 0)
+    cells = np.full((k, k + 1, *model.image_shape), -1.0, np.float32)
+    cells[:, 0] = model.sample(np.arange(k), w, noise=noise)
+    for neg in range(k):
+        rows = np.array([y for y in range(k) if y != neg])
+        cells[rows, 1 + neg] = model.sample(rows, w, noise=noise[rows], negative=neg)
+    save_side_by_side_png([(f"class {model.class_names[y]}", cells[y]) for y in range(k)], path, nrow=k + 1)
 
 
 # ----------------------------------------------------------------------------- task=sample

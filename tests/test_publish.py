@@ -28,8 +28,7 @@ from teacher.guidance import ConditionalPrediction
 from distill.jobs.common import guided_samples
 
 FILES = {"config.json", "model.safetensors", "model_4step.safetensors", "model.mindir", "sampler.mindir",
-         "README.md", "samples.png",
-         "manifest.json"}
+         "README.md", "samples.png", "negative_classes.png", "manifest.json"}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ def test_bundle_is_complete_and_self_describing(bundle: Path) -> None:
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     config = json.loads((bundle / "config.json").read_text())
     assert config["guidance"] == {"w_min": 0.0, "w_max": 5.0, "convention": "uncond + w * (cond - uncond)",
-                                  "w_schedules": ["constant", "linear", "cosine"]}
+                                  "w_schedules": ["constant", "linear", "cosine"], "negative_classes": True}
     assert config["model"]["guidance_embed_dim"] > 0 and config["classes"]["null_class"] == 10
     assert config["mindir"]["batch_size"] == 16 and config["mindir"]["inputs"][0]["shape"] == [16, 1, 8, 8]
     assert config["training"]["teacher_steps"] == 4 and config["training"]["student_steps"] == 4

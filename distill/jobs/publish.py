@@ -12,11 +12,11 @@ from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
 from distill.core.fileio import json_text, staged_folder
 from distill.core.weights import save_weights
-from student.bundle import CARD, CONFIG, GRID, MINDIR, WEIGHTS, Pretrained, build_net, write_manifest
+from student.bundle import CARD, CONFIG, GRID, MINDIR, NEGATIVE_GRID, WEIGHTS, Pretrained, build_net, write_manifest
 from student.loading import load_student, student_checkpoint_path
 from student.progressive import verified_rounds
 from student.publish import (bundle_config, bundle_dir, export_mindir, export_sampler_mindir, read_report,
-                             variant_weights, write_sample_grid)
+                             variant_weights, write_negative_grid, write_sample_grid)
 from teacher.loading import teacher_checkpoint_path
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ def run_publish(cfg: DictConfig, replace: bool = False) -> Path:
         if config["mindir_sampler"]:
             export_sampler_mindir(model, tmp / config["mindir_sampler"]["file"])
         write_sample_grid(model, tmp / GRID, card_ws)
+        if model.takes_negative:
+            write_negative_grid(model, tmp / NEGATIVE_GRID, float(config["sampler"]["w"]))
         (tmp / CARD).write_text(model_card(config, read_report(cfg), card_ws))
         write_manifest(tmp)
     sizes = {f.name: f.stat().st_size for f in sorted(dest.iterdir())}

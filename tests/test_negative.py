@@ -1,0 +1,150 @@
+"""Negative classes in one pass: the student's input, its targets, sampling, bundle errors and the effect."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import mindspore as ms
+import pytest
+
+from conftest import compose_cfg
+from distill.core.data import load_data
+from distill.core.errors import UserError
+from distill.core.weights import load_net_state, net_state
+from distill.jobs import publish, sample as sample_job
+from student import from_pretrained
+from distill.core.weights import save_weights
+from student.bundle import WEIGHTS, write_manifest
+from student.distill import distill_inputs, sample_negative, teacher_targets
+from student.model import student_from_teacher
+from teacher.guidance import ConditionalPrediction, GuidanceBranches, GuidedPrediction
+from teacher.unet import UNet, UNetConfig
+
+NULL = 10
+
+
+def _random_teacher(seed: int = 0) -> UNet:
+    ms.set_seed(seed)
+    teacher = UNet(UNetConfig(channels=8, channel_mult=(1, 2), groups=4, image_size=8, num_classes=10))
+    rng = np.random.default_rng(seed)
+    for p in teacher.trainable_params():  # non-trivial weights (output layers start at zero)
+        p.set_data(ms.Tensor((p.asnumpy() + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
+    return teacher
+
+
+def _inputs(n: int = 6, seed: int = 1) -> tuple[ms.Tensor, ...]:
+    rng = np.random.default_rng(seed)
+    return (ms.Tensor(rng.standard_normal((n, 1, 8, 8)).astype(np.float32)),
+            ms.Tensor(rng.uniform(size=n).astype(np.float32)), ms.Tensor(rng.integers(0, 10, n).astype(np.int32)),
+            ms.Tensor(np.linspace(0, 4, n).astype(np.float32)))
+
+
+def test_null_negative_is_the_student_without_the_input_and_a_class_changes_it() -> None:
+    teacher = _random_teacher()
+    plain = student_from_teacher(teacher, 8, 1000.0, class_gate=True, film=True)
+    negative = student_from_teacher(teacher, 8, 1000.0, class_gate=True, film=True, negative=True)
+    z, t, y, w = _inputs()
+    null, other = ms.Tensor(np.full(6, NULL, np.int32)), ms.Tensor(((y.asnumpy() + 3) % 10).astype(np.int32))
+    # at init (gate zero) every negative class gives today's student, which is the teacher's conditional model
+    for neg in (null, other):
+        np.testing.assert_array_equal(negative(z, t, y, w, neg).asnumpy(), teacher(z, t, y, w).asnumpy())
+    # trained-like weights: the same weights in both students; null negative still equals the plain student
+    rng = np.random.default_rng(2)
+    for p in plain.trainable_params():
+        if "guidance_" in p.name:
+            p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.3))
+    load_net_state(negative, net_state(plain), "plain student")
+    np.testing.assert_allclose(negative(z, t, y, w, null).asnumpy(), plain(z, t, y, w).asnumpy(), atol=1e-6)
+    assert not np.allclose(negative(z, t, y, w, other).asnumpy(), plain(z, t, y, w).asnumpy(), atol=1e-3)
+    # the one-pass cell hands the sampler's uncond labels to the student as its negative class
+    np.testing.assert_array_equal(ConditionalPrediction(negative)(z, t, y, w, other).asnumpy(),
+                                  negative(z, t, y, w, other).asnumpy())
+    # a student without the input ignores it (so an old student cannot silently "use" a negative class)
+    np.testing.assert_array_equal(plain(z, t, y, w, other).asnumpy(), plain(z, t, y, w).asnumpy())
+
+
+def test_negative_draw_is_null_or_another_class() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 4000)
+    neg = sample_negative(rng, y, 10, 0.5)
+    assert not np.any(neg == y)
+    assert 0.45 < np.mean(neg == NULL) < 0.55
+    others = neg[neg != NULL]
+    assert set(np.unique(others)) == set(range(10)) and np.ptp(np.bincount(others)) < 0.3 * len(others) / 10
+    state = np.random.default_rng(5)
+    assert np.all(sample_negative(state, y, 10, 1.0) == NULL)
+    assert state.uniform() == np.random.default_rng(5).uniform()  # p = 1 draws nothing: batches stay as before
+
+
+def test_targets_are_the_teacher_guided_away_from_each_rows_negative_class() -> None:
+    data = load_data({"name": "digits", "max_train": 64})
+    teacher = _random_teacher()
+    inputs = distill_inputs(data, 32, 0, 0, "cosine", 0.0, 5.0, ws_per_input=2, p_null_negative=0.5)(1)
+    z, t, y, w, y_neg, _, _ = inputs
+    assert np.any(y_neg == NULL) and np.any(y_neg != NULL) and not np.any(y_neg == y)
+    np.testing.assert_array_equal(y_neg, np.repeat(y_neg[::2], 2))  # one negative class per noisy input
+    target = teacher_targets(GuidanceBranches(teacher), inputs, 2)
+    expected = GuidedPrediction(teacher)(*(ms.Tensor(a) for a in (z, t, y, w, y_neg))).asnumpy()
+    np.testing.assert_allclose(target, expected, atol=1e-5)
+    # the formula on the same tensors: out(neg) + w (out(y) - out(neg))
+    one = ms.Tensor(np.ones(len(y), np.float32))
+    cond = teacher(ms.Tensor(z), ms.Tensor(t), ms.Tensor(y), one).asnumpy()
+    away = teacher(ms.Tensor(z), ms.Tensor(t), ms.Tensor(y_neg), one).asnumpy()
+    np.testing.assert_allclose(target, away + w.reshape(-1, 1, 1, 1) * (cond - away), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("negative_bundle")
+    for stage in ("teacher", "student", "progressive"):
+        shutil.copytree(tiny_run / stage, run / stage)
+    dest = publish.run_publish(compose_cfg(run, f"publish.dir={run / 'bundle'}"))
+    # a few tiny training steps leave the output layer and the gate near zero: perturb the default student's
+    # weights (and give the bundle a new manifest), so that the negative class shows in the images
+    model = from_pretrained(dest)
+    rng = np.random.default_rng(0)
+    for p in model.net.trainable_params():
+        scale = 1.0 if "guidance_gate" in p.name else 0.1
+        p.set_data(ms.Tensor((p.asnumpy() + scale * rng.standard_normal(p.shape)).astype(np.float32)))
+    save_weights(model.net, dest / WEIGHTS)
+    write_manifest(dest)
+    return dest
+
+
+def test_bundle_samples_with_a_negative_class_in_one_pass(bundle: Path, tiny_run: Path, tmp_path: Path) -> None:
+    model = from_pretrained(bundle)
+    assert model.takes_negative and "Negative classes, in one pass" in (bundle / "README.md").read_text()
+    labels = [3, 3, 4]
+    null, away = model.sample(labels, 3.0), model.sample(labels, 3.0, negative=8)
+    np.testing.assert_array_equal(null, model.sample(labels, 3.0, negative=None))
+    assert not np.allclose(null, away)
+    out = sample_job.run_sample(compose_cfg(tiny_run, f"sample.bundle={bundle}", f"sample.out={tmp_path}",
+                                            "sample.classes=[3]", "sample.negative_class=8", "sample.w=3",
+                                            "sample.per_class=3", "sample.steps=2"))
+    saved = np.load(out)
+    assert out.name == "student_w3_neg8_seed0_steps2.npz" and int(saved["negative_class"]) == 8
+    as_saved = lambda x: np.rint((x + 1) * 127.5).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)  # noqa: E731
+    np.testing.assert_array_equal(saved["images"], as_saved(model.sample([3, 3, 3], 3.0, num_steps=2, negative=8)))
+    assert not np.array_equal(saved["images"], as_saved(model.sample([3, 3, 3], 3.0, num_steps=2)))
+
+
+@pytest.mark.parametrize("negative,message", [(3, "equals a target class"), (10, "not a class index"),
+                                              (-1, "not a class index")])
+def test_bad_negative_classes_are_one_line_errors(bundle: Path, negative: int, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        from_pretrained(bundle).sample([3, 4], 2.0, negative=negative)
+
+
+def test_a_student_without_the_input_refuses_a_negative_class(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "teacher", run / "teacher")
+    from distill.jobs.distill import run_distill
+
+    run_distill(compose_cfg(run, "student.negative=false"))
+    dest = publish.run_publish(compose_cfg(run, "student.negative=false", "publish.few_step=false",
+                                           f"publish.dir={run / 'bundle'}"))
+    assert not (dest / "negative_classes.png").exists()
+    with pytest.raises(UserError, match="takes no negative class"):
+        from_pretrained(dest).sample([3], 2.0, negative=8)
+
