@@ -20,7 +20,7 @@ from distill.core.classifier import EvalClassifier, features_and_probabilities
 from distill.core.data import ImageData
 from distill.core.errors import UserError
 from distill.core.images import save_samples_npz, save_side_by_side_png
-from distill.core.metrics import frechet_distance
+from distill.core.metrics import accuracy, frechet_distance
 from distill.core.sampling import Predictor, SamplerSettings, initial_noise, sample_in_batches
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,12 @@ def negative_models(models: dict[str, Any]) -> list[str]:
     return [name for name, (cell, _) in models.items() if name == "teacher" or getattr(cell.net, "has_negative", False)]
 
 
-def draw_negative_samples(cfg: DictConfig, data: ImageData, names: list[str], predictors: dict[str, Predictor],
-                          settings: dict[str, SamplerSettings], w: float, across_ranks: bool = False
-                          ) -> dict[tuple[str, str], np.ndarray]:
-    """(model, kind) -> images at ``w``; every data-parallel worker calls it in the same order."""
-    pairs = negative_pairs(cfg, data.num_classes)
-    noise, labels, negatives = negative_inputs(pairs, int(cfg.eval.negative_samples), data.image_shape, int(cfg.seed))
+def draw_negative_samples(cfg: DictConfig, data: ImageData, inputs: tuple[np.ndarray, np.ndarray, np.ndarray],
+                          names: list[str], predictors: dict[str, Predictor], settings: dict[str, SamplerSettings],
+                          w: float, across_ranks: bool = False) -> dict[tuple[str, str], np.ndarray]:
+    """(model, kind) -> images at ``w`` from ``inputs`` (:func:`negative_inputs`); every data-parallel worker
+    calls it in the same order."""
+    noise, labels, negatives = inputs
     null = np.full_like(labels, data.num_classes)
     out = {}
     for name in names:
@@ -76,8 +76,7 @@ def draw_negative_samples(cfg: DictConfig, data: ImageData, names: list[str], pr
 def negative_metrics(feats: np.ndarray, probs: np.ndarray, labels: np.ndarray, negatives: np.ndarray,
                      real_feats: np.ndarray) -> dict[str, float]:
     """FD to the real images of the target classes, target accuracy, mean probability of the negative class."""
-    return {"fd": frechet_distance(feats, real_feats),
-            "accuracy": float((probs.argmax(axis=1) == labels).mean()),
+    return {"fd": frechet_distance(feats, real_feats), "accuracy": accuracy(probs.argmax(axis=1), labels),
             "negative_probability": float(probs[np.arange(len(labels)), negatives].mean())}
 
 
@@ -94,14 +93,15 @@ def evaluate_negatives(cfg: DictConfig, data: ImageData, clf: EvalClassifier, mo
     if not pairs or len(names) < 2:
         return None
     per_pair = int(cfg.eval.negative_samples)
-    _, labels, negatives = negative_inputs(pairs, per_pair, data.image_shape, int(cfg.seed))
+    inputs = negative_inputs(pairs, per_pair, data.image_shape, int(cfg.seed))
+    _, labels, negatives = inputs
     targets = sorted({y for y, _ in pairs})
     real_feats, _ = features_and_probabilities(clf, data.test_images[np.isin(data.test_labels, targets)])
     section: dict[str, Any] = {"pairs": [list(p) for p in pairs], "samples_per_pair": per_pair,
                                "bars": {"fd_ratio": FD_BAR, "negative_probability_rel": PROB_BAR, "max_w": MAX_BAR_W},
                                "models": {n: {"per_w": {}} for n in names}}
     for w in [float(w) for w in cfg.eval.ws]:
-        images = draw_negative_samples(cfg, data, names, predictors, settings, w, across_ranks)
+        images = draw_negative_samples(cfg, data, inputs, names, predictors, settings, w, across_ranks)
         rows = []
         for name in names:
             steps = settings[name].num_steps
@@ -142,8 +142,9 @@ def student_vs_teacher(student: dict[str, float], teacher: dict[str, float]) -> 
 def sample_negative_share(cfg: DictConfig, data: ImageData, models: dict[str, Any], predictors: dict[str, Predictor],
                           settings: dict[str, SamplerSettings]) -> None:
     """A worker other than rank 0: the sampler calls of :func:`evaluate_negatives` in the same order."""
-    names = negative_models(models)
-    if not negative_pairs(cfg, data.num_classes) or len(names) < 2:
+    names, pairs = negative_models(models), negative_pairs(cfg, data.num_classes)
+    if not pairs or len(names) < 2:
         return
+    inputs = negative_inputs(pairs, int(cfg.eval.negative_samples), data.image_shape, int(cfg.seed))
     for w in [float(w) for w in cfg.eval.ws]:
-        draw_negative_samples(cfg, data, names, predictors, settings, w, across_ranks=True)
+        draw_negative_samples(cfg, data, inputs, names, predictors, settings, w, across_ranks=True)
