@@ -148,3 +148,34 @@ def test_a_student_without_the_input_refuses_a_negative_class(tiny_run: Path, tm
     with pytest.raises(UserError, match="takes no negative class"):
         from_pretrained(dest).sample([3], 2.0, negative=8)
 
+
+
+@pytest.mark.slow
+def test_guiding_away_lowers_the_negative_class_probability_on_a_trained_run(tmp_path: Path) -> None:
+    """A small teacher and student, trained for a few hundred steps on the digits: the evaluation classifier
+    gives the negative class a lower mean probability when the samples are guided away from it than when they
+    are guided with the null class, for the two-pass teacher and equally for the one-pass student."""
+    from distill.jobs.distill import run_distill
+    from distill.jobs.evaluate import run_evaluate
+    from distill.jobs.teacher import run_teacher
+
+    cfg = compose_cfg(tmp_path / "run", "model.channels=16", "model.groups=8", "data.max_train=null",
+                      "teacher.train.steps=300", "teacher.train.batch_size=64", "teacher.train.lr=3e-3",
+                      "teacher.train.checkpoint_every=300", "teacher.check.num_samples=10",
+                      "student.train.steps=150", "student.train.batch_size=64", "student.train.checkpoint_every=150",
+                      "student.p_null_negative=0.2", "student.w_loss_power=0", "student.w_min=2", "student.w_max=4",
+                      "eval.classifier.steps=150", "eval.progressive=false", "eval.num_samples=20",
+                      "eval.ws=[3.0]", "eval.negative_classes=[[3,8],[7,1]]", "eval.negative_samples=40",
+                      "sampler.num_steps=8", "sampler.batch_size=80")
+    run_teacher(cfg)
+    run_distill(cfg)
+    report = run_evaluate(cfg)
+    models = report["negative"]["models"]
+    assert set(models) == {"teacher", "student_8step"}
+    # the same noise drawn both ways: a student that ignored its negative input would give a ratio of exactly 1
+    for name, bound in (("teacher", 0.7), ("student_8step", 0.85)):
+        m = models[name]["per_w"]["3.0"]
+        away, null = m["negative"]["negative_probability"], m["null"]["negative_probability"]
+        assert away < bound * null, (name, away, null)
+    ratio = models["student_8step"]["per_w"]["3.0"]["negative_probability_ratio"]
+    assert 0.5 < ratio < 2.0, ratio
