@@ -179,3 +179,16 @@ def test_guiding_away_lowers_the_negative_class_probability_on_a_trained_run(tmp
         assert away < bound * null, (name, away, null)
     ratio = models["student_8step"]["per_w"]["3.0"]["negative_probability_ratio"]
     assert 0.5 < ratio < 2.0, ratio
+
+
+def test_push_is_the_drop_in_the_negative_class_log_probability() -> None:
+    """The push still tells guided-away samples from null-class ones where both probabilities round to zero."""
+    from distill.jobs.negatives import guidance_push, negative_metrics
+
+    feats = np.random.default_rng(0).standard_normal((4, 3))
+    labels, negatives = np.array([0, 0, 1, 1]), np.array([2, 2, 2, 2])
+    probs = lambda p: np.array([[1 - p, 0, p]] * 2 + [[0, 1 - p, p]] * 2)  # noqa: E731
+    null, away = (negative_metrics(feats, probs(p), labels, negatives, feats) for p in (1e-4, 1e-7))
+    assert null["accuracy"] == away["accuracy"] == 1.0 and away["negative_probability"] < 1e-3
+    assert guidance_push({"null": null, "negative": away}) == pytest.approx(np.log(1e3))
+    assert guidance_push({"null": null, "negative": null}) == 0.0

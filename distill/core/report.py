@@ -128,8 +128,8 @@ def negative_lines(report: dict[str, Any]) -> list[str]:
             ratio = (f"{m['fd_ratio']:.2f}", f"{m['negative_probability_ratio']:.2f}") if "fd_ratio" in m else ("", "")
             rows.append([f"{w:g}", _label(name, report["models"][name]), f"{m['negative']['fd']:.2f}", ratio[0],
                          f"{m['negative']['accuracy']:.3f}", f"{m['null']['accuracy']:.3f}",
-                         f"{m['negative']['negative_probability']:.3f}", f"{m['null']['negative_probability']:.3f}",
-                         ratio[1]])
+                         f"{m['negative']['negative_probability']:.4f}", f"{m['null']['negative_probability']:.4f}",
+                         ratio[1], f"{m['push']:.2f}" if "push" in m else ""])
     pairs = ", ".join(f"{y} not {k}" for y, k in neg["pairs"])
     b = neg["bars"]
     verdicts = [f"- {_label(n, report['models'][n])}: "
@@ -142,10 +142,12 @@ def negative_lines(report: dict[str, Any]) -> list[str]:
         f"Pairs (target not negative): {pairs}; {neg['samples_per_pair']} samples per pair, model and w, each drawn "
         "from the same noise twice: guided away from the negative class (`out(neg) + w * (out(y) - out(neg))`; the "
         "teacher in two passes, each student in one) and with the null class. FD against the held-out images of the "
-        "target classes; P(neg): the evaluation classifier's mean probability of the negative class.",
+        "target classes; P(neg): the evaluation classifier's mean probability of the negative class; push: how far "
+        "guiding away lowered the mean log P(neg) against the null-class samples, in nats (it still shows where "
+        "both probabilities are near zero; negative below w = 1, where the formula pulls towards the class).",
         "",
         markdown_table(["w", "model", "FD (neg)", "FD / teacher", "acc (neg)", "acc (null)", "P(neg) (neg)",
-                        "P(neg) (null)", "P(neg) / teacher"], rows),
+                        "P(neg) (null)", "P(neg) / teacher", "push (nats)"], rows),
         "",
         *verdicts,
         "",

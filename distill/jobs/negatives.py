@@ -75,9 +75,18 @@ def draw_negative_samples(cfg: DictConfig, data: ImageData, inputs: tuple[np.nda
 
 def negative_metrics(feats: np.ndarray, probs: np.ndarray, labels: np.ndarray, negatives: np.ndarray,
                      real_feats: np.ndarray) -> dict[str, float]:
-    """FD to the real images of the target classes, target accuracy, mean probability of the negative class."""
+    """FD to the real images of the target classes, target accuracy, the negative class's mean probability and
+    mean log-probability (which still shows the push where the probabilities are all near zero)."""
+    p_neg = probs[np.arange(len(labels)), negatives]
     return {"fd": frechet_distance(feats, real_feats), "accuracy": accuracy(probs.argmax(axis=1), labels),
-            "negative_probability": float(probs[np.arange(len(labels)), negatives].mean())}
+            "negative_probability": float(p_neg.mean()),
+            "negative_log_probability": float(np.log(np.maximum(p_neg, 1e-30)).mean())}
+
+
+def guidance_push(entry: dict[str, dict[str, float]]) -> float:
+    """How far guiding away from the negative class lowered its log-probability against the null-class
+    samples from the same noise, in nats (negative where w < 1 pulls towards it; 0 at w = 1)."""
+    return entry["null"]["negative_log_probability"] - entry["negative"]["negative_log_probability"]
 
 
 def evaluate_negatives(cfg: DictConfig, data: ImageData, clf: EvalClassifier, models: dict[str, Any],
@@ -110,6 +119,7 @@ def evaluate_negatives(cfg: DictConfig, data: ImageData, clf: EvalClassifier, mo
                 feats, probs = features_and_probabilities(clf, images[(name, kind)])
                 entry[kind] = negative_metrics(feats, probs, labels, negatives, real_feats)
                 rows.append((f"{name} ({steps} steps) {kind}", images[(name, kind)][::per_pair // 4 or 1][:4 * len(pairs)]))
+            entry["push"] = guidance_push(entry)
             for k in sorted({k for _, k in pairs}):
                 pick = negatives == k
                 save_samples_npz(out / "samples" / f"{stem(name, steps)}_neg{k}_w{w:g}.npz",
