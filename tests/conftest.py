@@ -65,7 +65,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from distill.jobs.teacher import run_teacher
 
     run_dir = tmp_path_factory.mktemp("tiny_run")
-    cfg = compose_cfg(run_dir)
+    cfg = compose_cfg(run_dir, "student.negative=true")  # the shared students take a negative class (opt-in)
     run_teacher(cfg)
     run_distill(cfg)
     run_progressive(cfg)

@@ -163,7 +163,8 @@ def test_guiding_away_lowers_the_negative_class_probability_on_a_trained_run(tmp
                       "teacher.train.steps=300", "teacher.train.batch_size=64", "teacher.train.lr=3e-3",
                       "teacher.train.checkpoint_every=300", "teacher.check.num_samples=10",
                       "student.train.steps=150", "student.train.batch_size=64", "student.train.checkpoint_every=150",
-                      "student.p_null_negative=0.2", "student.w_loss_power=0", "student.w_min=2", "student.w_max=4",
+                      "student.negative=true", "student.p_null_negative=0.2", "student.w_loss_power=0", "student.w_min=2",
+                      "student.w_max=4",
                       "eval.classifier.steps=150", "eval.progressive=false", "eval.num_samples=20",
                       "eval.ws=[3.0]", "eval.negative_classes=[[3,8],[7,1]]", "eval.negative_samples=40",
                       "sampler.num_steps=8", "sampler.batch_size=80")
@@ -192,3 +193,16 @@ def test_push_is_the_drop_in_the_negative_class_log_probability() -> None:
     assert null["accuracy"] == away["accuracy"] == 1.0 and away["negative_probability"] < 1e-3
     assert guidance_push({"null": null, "negative": away}) == pytest.approx(np.log(1e3))
     assert guidance_push({"null": null, "negative": null}) == 0.0
+
+
+@pytest.mark.parametrize("pairs,message", [("[[3,3]]", "equals the target class"), ("[[3,12]]", "not a pair of class"),
+                                           ("[[3]]", "each entry is")])
+def test_bad_negative_pairs_fail_before_any_sampling(tiny_run: Path, tmp_path: Path, pairs: str, message: str) -> None:
+    from distill.jobs.evaluate import run_evaluate
+
+    run = tmp_path / "run"
+    for stage in ("teacher", "student", "progressive"):
+        shutil.copytree(tiny_run / stage, run / stage)
+    with pytest.raises(UserError, match=message):
+        run_evaluate(compose_cfg(run, f"eval.negative_classes={pairs}", "eval.num_samples=10"))
+    assert not (run / "evaluate").exists() and not (run / "eval_classifier").exists()

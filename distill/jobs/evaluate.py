@@ -34,7 +34,7 @@ from distill.core.report import write_evaluation_report
 from distill.core.runtime import current, is_main, my_items
 from distill.core.sampling import Predictor, SamplerSettings, jit_predictor
 from distill.jobs.common import evaluation_classifier, guided_samples
-from distill.jobs.negatives import evaluate_negatives, sample_negative_share
+from distill.jobs.negatives import NegativePlan, evaluate_negatives, negative_plan, sample_negative_share
 from student.loading import load_student, student_checkpoint_path
 from student.progressive import verified_rounds
 from teacher.guidance import ConditionalPrediction, GuidedPrediction
@@ -139,10 +139,11 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     out = build.run_dir(cfg) / "evaluate"
     specs = student_specs(cfg, data)  # bad entries and missing rounds fail before the classifier is trained
     models = evaluation_models(cfg, data, specs)  # so do unreadable or non-finite checkpoints
+    negatives = negative_plan(cfg, data.num_classes, models)  # and bad negative-class pairs
     clf = evaluation_classifier(cfg, data) if is_main() else None
     predictors, settings = warmed_predictors(cfg, data, models)
     if not is_main():  # the other workers only draw their share of the samples
-        return _sample_share(cfg, data, models, predictors, settings)
+        return _sample_share(cfg, data, negatives, predictors, settings)
     students = [name for name in models if name != "teacher"]
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
     ws = [float(w) for w in cfg.eval.ws]
@@ -192,9 +193,9 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
             "batch_size": int(cfg.sampler.batch_size), "steps": steps,
             "speedup": seconds["teacher"] / seconds[name]}
     report["speedup"] = report["models"][students[0]]["speed"]["speedup"]  # first student vs teacher
-    negative = evaluate_negatives(cfg, data, clf, models, predictors, settings, out, sample_stem, workers > 1)
-    if negative is not None:
-        report["negative"] = negative
+    if negatives is not None:
+        report["negative"] = evaluate_negatives(cfg, data, clf, negatives, predictors, settings, out, sample_stem,
+                                                workers > 1)
     grid = save_side_by_side_png(rows, out / "samples_side_by_side.png")
     with SummaryWriter(str(build.run_dir(cfg) / "tb")) as writer:
         write_evaluation_report(report, out, writer)
@@ -218,7 +219,7 @@ def warmed_predictors(cfg: DictConfig, data: ImageData, models: dict[str, tuple[
     return predictors, settings
 
 
-def _sample_share(cfg: DictConfig, data: ImageData, models: dict[str, tuple[Any, int]],
+def _sample_share(cfg: DictConfig, data: ImageData, negatives: NegativePlan | None,
                   predictors: dict[str, Predictor], settings: dict[str, SamplerSettings]) -> None:
     """A worker other than rank 0: the sampler calls of rank 0 in the same order (w by w, model by
     model), drawing its own share of each; rank 0 judges and writes."""
@@ -226,7 +227,8 @@ def _sample_share(cfg: DictConfig, data: ImageData, models: dict[str, tuple[Any,
     for w in [float(w) for w in cfg.eval.ws]:
         for name, predict in predictors.items():
             guided_samples(predict, data, cfg, w, n, seed, settings[name], across_ranks=True)
-    sample_negative_share(cfg, data, models, predictors, settings)
+    if negatives is not None:
+        sample_negative_share(cfg, data, negatives, predictors, settings)
     chunks = -(-n // int(cfg.sampler.batch_size))
     log.info("evaluate: rank %d drew %d of %d sample chunks per model and w", current().rank,
              len(my_items(chunks)), chunks)

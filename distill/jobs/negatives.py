@@ -57,6 +57,21 @@ def negative_models(models: dict[str, Any]) -> list[str]:
     return [name for name, (cell, _) in models.items() if name == "teacher" or getattr(cell.net, "has_negative", False)]
 
 
+NegativePlan = tuple[list[tuple[int, int]], list[str]]  # (target, negative) pairs; the models compared on them
+
+
+def negative_plan(cfg: DictConfig, num_classes: int, models: dict[str, Any]) -> NegativePlan | None:
+    """The pairs and the models of the negative-class comparison, or None when no student takes a negative
+    class or ``eval.negative_classes`` is empty. Bad pairs fail here, before any sampling."""
+    names = negative_models(models)
+    if len(names) < 2 or not cfg.eval.get("negative_classes"):
+        return None
+    skipped = [n for n in models if n not in names]
+    if skipped:
+        log.info("evaluate: %s take(s) no negative class; left out of the negative-class comparison", skipped)
+    return negative_pairs(cfg, num_classes), names
+
+
 def draw_negative_samples(cfg: DictConfig, data: ImageData, inputs: tuple[np.ndarray, np.ndarray, np.ndarray],
                           names: list[str], predictors: dict[str, Predictor], settings: dict[str, SamplerSettings],
                           w: float, across_ranks: bool = False) -> dict[tuple[str, str], np.ndarray]:
@@ -89,18 +104,12 @@ def guidance_push(entry: dict[str, dict[str, float]]) -> float:
     return entry["null"]["negative_log_probability"] - entry["negative"]["negative_log_probability"]
 
 
-def evaluate_negatives(cfg: DictConfig, data: ImageData, clf: EvalClassifier, models: dict[str, Any],
+def evaluate_negatives(cfg: DictConfig, data: ImageData, clf: EvalClassifier, plan: NegativePlan,
                        predictors: dict[str, Predictor], settings: dict[str, SamplerSettings], out: Path,
-                       stem: Any, across_ranks: bool = False) -> dict[str, Any] | None:
-    """The report's ``negative`` section (None without pairs or a student that takes a negative class);
-    writes ``samples/<model>_neg<K>_w<w>.npz`` and ``negative_w<w>.png``. ``stem(name, steps)`` names files."""
-    pairs = negative_pairs(cfg, data.num_classes)
-    names = negative_models(models)
-    skipped = [n for n in models if n not in names]
-    if skipped:
-        log.info("evaluate: %s take(s) no negative class; left out of the negative-class comparison", skipped)
-    if not pairs or len(names) < 2:
-        return None
+                       stem: Any, across_ranks: bool = False) -> dict[str, Any]:
+    """The report's ``negative`` section for ``plan`` (:func:`negative_plan`); writes
+    ``samples/<model>_neg<K>_w<w>.npz`` and ``negative_w<w>.png``. ``stem(name, steps)`` names files."""
+    pairs, names = plan
     per_pair = int(cfg.eval.negative_samples)
     inputs = negative_inputs(pairs, per_pair, data.image_shape, int(cfg.seed))
     _, labels, negatives = inputs
@@ -149,12 +158,10 @@ def student_vs_teacher(student: dict[str, float], teacher: dict[str, float]) -> 
             "negative_probability_ratio": student["negative_probability"] / max(teacher["negative_probability"], 1e-12)}
 
 
-def sample_negative_share(cfg: DictConfig, data: ImageData, models: dict[str, Any], predictors: dict[str, Predictor],
+def sample_negative_share(cfg: DictConfig, data: ImageData, plan: NegativePlan, predictors: dict[str, Predictor],
                           settings: dict[str, SamplerSettings]) -> None:
     """A worker other than rank 0: the sampler calls of :func:`evaluate_negatives` in the same order."""
-    names, pairs = negative_models(models), negative_pairs(cfg, data.num_classes)
-    if not pairs or len(names) < 2:
-        return
+    pairs, names = plan
     inputs = negative_inputs(pairs, int(cfg.eval.negative_samples), data.image_shape, int(cfg.seed))
     for w in [float(w) for w in cfg.eval.ws]:
         draw_negative_samples(cfg, data, inputs, names, predictors, settings, w, across_ranks=True)
