@@ -37,6 +37,11 @@ TINY = [
 ]
 
 
+# What the shared tiny run (the ``tiny_run`` fixture) sets beyond TINY: its students take a negative class
+# (opt-in), so the tests that read it cover that path. Tests that train its student further compose with these too.
+TINY_RUN = ("student.negative=true",)
+
+
 def compose_cfg(run_dir: Path, *overrides: str, tiny: bool = True) -> DictConfig:
     """The app's config as `distill` would see it, writing into ``run_dir``."""
     with initialize_config_module(config_module=CONF, version_base="1.3"):
@@ -65,7 +70,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from distill.jobs.teacher import run_teacher
 
     run_dir = tmp_path_factory.mktemp("tiny_run")
-    cfg = compose_cfg(run_dir, "student.negative=true")  # the shared students take a negative class (opt-in)
+    cfg = compose_cfg(run_dir, *TINY_RUN)
     run_teacher(cfg)
     run_distill(cfg)
     run_progressive(cfg)

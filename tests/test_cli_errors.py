@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, compose_cfg
+from conftest import TINY, TINY_RUN, compose_cfg
 from distill.core.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -78,8 +78,7 @@ def _rows(files: Path) -> list[Row]:
             "sampler.batch_size=0 must be an integer >= 1"),
         Row("zero GroupNorm groups", ("task=teacher", "model.groups=0"), "model.groups=0 must be an integer >= 1"),
         Row("empty evaluation grid", ("task=evaluate", "eval.ws=[]"), "eval.ws is empty"),
-        Row("resume with other settings", ("task=distill", "student.negative=true", "student.w_max=3",
-                                           "student.loss=eps"),  # the shared run's student takes a negative class
+        Row("resume with other settings", ("task=distill", *TINY_RUN, "student.w_max=3", "student.loss=eps"),
             "{run}/student/checkpoint.safetensors was made with other settings: student.loss x_snr_trunc vs eps; "
             "student.w_max 5.0 vs 3.0 (checkpoint vs now); set restart=true"),
         Row("fewer steps than the checkpoint has", ("task=teacher", "teacher.train.steps=2"),

@@ -10,7 +10,7 @@ import mindspore as ms
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from conftest import compose_cfg
+from conftest import TINY_RUN, compose_cfg
 from distill.core import diffusion as dm
 from distill.core.checkpoint import load_checkpoint, read_meta
 from distill.core.data import load_data
@@ -253,7 +253,7 @@ def test_rounds_of_another_stage_one_student_are_refused(tiny_run: Path, tmp_pat
 
     for stage in ("teacher", "progressive"):
         shutil.copytree(tiny_run / stage, tmp_path / stage)
-    run_distill(compose_cfg(tmp_path, "seed=1", "student.negative=true"))  # another stage-one student, same kind
+    run_distill(compose_cfg(tmp_path, "seed=1", *TINY_RUN))  # another stage-one student of the same kind
     round_file = tmp_path / "progressive" / "steps_2" / "checkpoint.safetensors"
     before = round_file.read_bytes()
     with pytest.raises(UserError, match=r"was made with other inputs: inputs.stage_one \w+ vs \w+; inputs.teacher"):

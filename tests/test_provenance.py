@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose_cfg
+from conftest import TINY_RUN, compose_cfg
 from distill.core import provenance
 from distill.core.checkpoint import read_meta
 from distill.core.data import load_data
@@ -72,13 +72,13 @@ def test_resume_with_other_student_settings_is_refused_then_restart_trains_again
     for more in ([], ["student.train.steps=6"]):  # finished, or with more steps to go: both refused
         with pytest.raises(UserError, match=r"student.loss x_snr_trunc vs eps; (student.train.steps 4 vs 6; )?"
                                             r"student.w_max 5.0 vs 3.0"):
-            run_distill(compose_cfg(run, "student.w_max=3", "student.loss=eps", *more))
+            run_distill(compose_cfg(run, *TINY_RUN, "student.w_max=3", "student.loss=eps", *more))
     assert (run / "student" / CKPT).read_bytes() == before
-    run_distill(compose_cfg(run, "student.w_max=3", "student.loss=eps", "restart=true"))
+    run_distill(compose_cfg(run, *TINY_RUN, "student.w_max=3", "student.loss=eps", "restart=true"))
     meta = read_meta(run / "student" / CKPT)
     assert (meta["w_max"], meta["loss"], meta["step"]) == (3.0, "eps", 4)
     assert meta["provenance"]["config"]["student.w_max"] == 3.0
-    run_distill(compose_cfg(run, "student.w_max=3", "student.loss=eps"))  # now the same: resumes (done)
+    run_distill(compose_cfg(run, *TINY_RUN, "student.w_max=3", "student.loss=eps"))  # now the same: resumes (done)
     assert read_meta(run / "student" / CKPT) == meta
 
 
@@ -96,7 +96,7 @@ def test_a_retrained_teacher_makes_the_student_stale(tiny_run: Path, tmp_path: P
     report = json.loads((run / "teacher" / "report.json").read_text())
     assert report["provenance"]["inputs"]["teacher"] == provenance.file_digest(teacher) != \
         old_report["provenance"]["inputs"]["teacher"]
-    cfg = compose_cfg(run, "teacher.train.steps=6")
+    cfg = compose_cfg(run, *TINY_RUN, "teacher.train.steps=6")
     with pytest.raises(UserError, match=r"student/checkpoint.safetensors was made with other inputs: inputs.teacher"):
         run_distill(cfg)
     run_distill(cfg, follow_inputs=True)
