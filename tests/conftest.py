@@ -5,6 +5,7 @@ import contextlib
 import os
 import resource
 import signal
+import shutil
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +41,13 @@ TINY = [
 # What the shared tiny run (the ``tiny_run`` fixture) sets beyond TINY: its students take a negative class
 # (opt-in), so the tests that read it cover that path. Tests that train its student further compose with these too.
 TINY_RUN = ("student.negative=true",)
+
+
+def copy_run(src: Path, dest: Path, stages: tuple[str, ...] = ("teacher", "student", "progressive")) -> Path:
+    """A private copy of a run's stage folders (other tests write into the shared run itself); returns ``dest``."""
+    for stage in stages:
+        shutil.copytree(src / stage, dest / stage)
+    return dest
 
 
 def compose_cfg(run_dir: Path, *overrides: str, tiny: bool = True) -> DictConfig:

@@ -5,13 +5,12 @@ No test asserts a timing threshold: speed claims come from `distill task=bench`,
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import compose_cfg, tensorboard_scalars
+from conftest import compose_cfg, copy_run, tensorboard_scalars
 from distill.jobs.bench import busy_warning, flop_rate, forward_flops, run_bench, speedup, spread, summarize
 from distill.core.errors import UserError
 
@@ -115,9 +114,7 @@ def test_tiny_bench_writes_reports(tiny_run: Path, capsys: pytest.CaptureFixture
 
 
 def test_few_step_student_is_benched_against_the_teacher(tiny_run: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    for stage in ("teacher", "student", "progressive"):  # the run's 2-step round descends from its student
-        shutil.copytree(tiny_run / stage, run / stage)
+    run = copy_run(tiny_run, tmp_path / "run")  # the run's 2-step round descends from its student
     cfg = compose_cfg(run, *TINY_BENCH, "bench.repeats=1", "bench.eager_models=[]")
     report = json.loads(run_bench(cfg).read_text())
     assert [m["name"] for m in report["models"]] == ["teacher", "student", "student_2step"]

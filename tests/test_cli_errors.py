@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, TINY_RUN, compose_cfg
+from conftest import TINY, TINY_RUN, compose_cfg, copy_run
 from distill.core.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -141,9 +141,7 @@ def outcomes(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     from student.bundle import write_manifest
 
     root = tmp_path_factory.mktemp("cli_errors")
-    trained = root / "trained"
-    for stage in ("teacher", "student", "progressive"):
-        shutil.copytree(tiny_run / stage, trained / stage)
+    trained = copy_run(tiny_run, root / "trained")
     run_publish(compose_cfg(trained))  # -> trained/bundle
     files = root / "files"
     (files / "bad_mnist").mkdir(parents=True)

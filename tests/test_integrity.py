@@ -3,14 +3,13 @@ wherever a teacher or student is loaded (issue 20, item 3)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import compose_cfg
+from conftest import compose_cfg, copy_run
 from distill.core.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from distill.core.data import load_data
 from distill.core.errors import UserError
@@ -20,10 +19,7 @@ from teacher.loading import load_teacher
 
 
 def _private_run(tiny_run: Path, tmp_path: Path) -> Path:
-    run = tmp_path / "run"
-    for stage in ("teacher", "student", "progressive"):
-        shutil.copytree(tiny_run / stage, run / stage)
-    return run
+    return copy_run(tiny_run, tmp_path / "run")
 
 
 def test_a_flipped_byte_in_a_teacher_checkpoint_is_refused_naming_the_file(tiny_run: Path, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import mindspore as ms
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from conftest import TINY_RUN, compose_cfg
+from conftest import TINY_RUN, compose_cfg, copy_run
 from distill.core import diffusion as dm
 from distill.core.checkpoint import load_checkpoint, read_meta
 from distill.core.data import load_data
@@ -140,11 +140,6 @@ def test_progressive_loss_falls(tmp_path: Path) -> None:
 TRAIN = ["progressive.train.batch_size=16", "progressive.train.checkpoint_every=2", "progressive.train.log_every=2"]
 
 
-def _copy_run(src: Path, dest: Path, stages: tuple[str, ...] = ("teacher", "student")) -> Path:
-    """A private copy of a run's checkpoints (other tests evaluate into tiny_run itself)."""
-    for stage in stages:
-        shutil.copytree(src / stage, dest / stage)
-    return dest
 
 
 def _progressive(run: Path, *overrides: str) -> Path:
@@ -154,7 +149,7 @@ def _progressive(run: Path, *overrides: str) -> Path:
 
 @pytest.fixture(scope="module")
 def progressive_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = _copy_run(tiny_run, tmp_path_factory.mktemp("progressive"))
+    run = copy_run(tiny_run, tmp_path_factory.mktemp("progressive"), ("teacher", "student"))
     _progressive(run)
     return run
 
@@ -176,7 +171,7 @@ def test_one_round_halves_the_steps(progressive_run: Path) -> None:
 
 @pytest.mark.slow
 def test_resume_skips_finished_rounds_and_continues_a_partial_one(progressive_run: Path, tmp_path: Path) -> None:
-    run = _copy_run(progressive_run, tmp_path / "more", ("teacher", "student", "progressive"))
+    run = copy_run(progressive_run, tmp_path / "more")
     done = run / "progressive" / "steps_2" / "checkpoint.safetensors"
     before = done.read_bytes()
     last = _progressive(run, "progressive.min_steps=1")
@@ -187,7 +182,7 @@ def test_resume_skips_finished_rounds_and_continues_a_partial_one(progressive_ru
     rounds = json.loads((run / "progressive" / "rounds.json").read_text())["rounds"]
     assert [(r["steps"], r["status"]) for r in rounds] == [(2, "skipped"), (1, "trained")]
     # an interrupted round (2 of 4 steps) resumes where it stopped and replays the same batches
-    run = _copy_run(progressive_run, tmp_path / "partial")
+    run = copy_run(progressive_run, tmp_path / "partial", ("teacher", "student"))
     _progressive(run, "progressive.train.steps=2")
     assert read_meta(run / "progressive" / "steps_2" / "checkpoint.safetensors")["step"] == 2
     _progressive(run)
@@ -201,7 +196,7 @@ def test_resume_skips_finished_rounds_and_continues_a_partial_one(progressive_ru
 def test_evaluate_teacher_against_several_students(progressive_run: Path, tmp_path: Path) -> None:
     from distill.jobs.evaluate import run_evaluate
 
-    run = _copy_run(progressive_run, tmp_path / "eval", ("teacher", "student", "progressive"))
+    run = copy_run(progressive_run, tmp_path / "eval")
     p2 = run / "progressive" / "steps_2" / "checkpoint.safetensors"
     cfg = compose_cfg(run, "eval.ws=[2.0]", "eval.num_samples=20", "eval.teacher_steps=4",
                       f"eval.students=[{{name:s4,path:null,steps:4}},{{name:p2,path:'{p2}'}}]")
@@ -251,8 +246,7 @@ def test_rounds_of_another_stage_one_student_are_refused(tiny_run: Path, tmp_pat
     from distill.jobs.evaluate import run_evaluate
     from distill.jobs.publish import run_publish
 
-    for stage in ("teacher", "progressive"):
-        shutil.copytree(tiny_run / stage, tmp_path / stage)
+    copy_run(tiny_run, tmp_path, ("teacher", "progressive"))
     run_distill(compose_cfg(tmp_path, "seed=1", *TINY_RUN))  # another stage-one student of the same kind
     round_file = tmp_path / "progressive" / "steps_2" / "checkpoint.safetensors"
     before = round_file.read_bytes()
@@ -283,8 +277,7 @@ def test_round_loss_is_weighted_by_w_like_stage_one() -> None:
 
 
 def test_first_round_can_learn_from_the_two_pass_teacher(tiny_run: Path, tmp_path: Path) -> None:
-    for stage in ("teacher", "student"):
-        shutil.copytree(tiny_run / stage, tmp_path / stage)
+    copy_run(tiny_run, tmp_path, ("teacher", "student"))
     with pytest.raises(UserError, match="first_teacher 'x' must be student or cfg"):
         run_progressive(compose_cfg(tmp_path, "progressive.first_teacher=x"))
     assert not (tmp_path / "progressive").exists()

@@ -4,12 +4,11 @@ downstream of it stale."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, compose_cfg
+from conftest import TINY_RUN, compose_cfg, copy_run
 from distill.core import provenance
 from distill.core.checkpoint import read_meta
 from distill.core.data import load_data
@@ -17,12 +16,6 @@ from distill.core.errors import UserError
 from distill.core.provenance import Restart, differences, may_resume, stage_config
 
 CKPT = "checkpoint.safetensors"
-
-
-def _copy(tiny_run: Path, dest: Path, stages: tuple[str, ...]) -> Path:
-    for stage in stages:
-        shutil.copytree(tiny_run / stage, dest / stage)
-    return dest
 
 
 def test_stage_config_leaves_out_logging_places_and_a_constant_schedules_steps(tmp_path: Path) -> None:
@@ -67,7 +60,7 @@ def test_resume_with_other_student_settings_is_refused_then_restart_trains_again
     """The issue's case: ``student.w_max=3 student.loss=eps`` on a finished student kept the old model."""
     from distill.jobs.distill import run_distill
 
-    run = _copy(tiny_run, tmp_path, ("teacher", "student"))
+    run = copy_run(tiny_run, tmp_path, ("teacher", "student"))
     before = (run / "student" / CKPT).read_bytes()
     for more in ([], ["student.train.steps=6"]):  # finished, or with more steps to go: both refused
         with pytest.raises(UserError, match=r"student.loss x_snr_trunc vs eps; (student.train.steps 4 vs 6; )?"
@@ -88,7 +81,7 @@ def test_a_retrained_teacher_makes_the_student_stale(tiny_run: Path, tmp_path: P
     from distill.jobs.distill import run_distill
     from distill.jobs.teacher import run_teacher
 
-    run = _copy(tiny_run, tmp_path, ("teacher", "student"))
+    run = copy_run(tiny_run, tmp_path, ("teacher", "student"))
     old_report = json.loads((run / "teacher" / "report.json").read_text())
     run_teacher(compose_cfg(run, "teacher.train.steps=6"))
     teacher = run / "teacher" / CKPT

@@ -13,7 +13,7 @@ import mindspore as ms
 import pytest
 from mindspore import nn
 
-from conftest import compose_cfg
+from conftest import compose_cfg, copy_run
 from distill.app import resolve_task
 from distill.core.data import load_data
 from distill.core.errors import UserError
@@ -34,9 +34,7 @@ FILES = {"config.json", "model.safetensors", "model_4step.safetensors", "model.m
 @pytest.fixture(scope="module")
 def bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Published from a private copy of the run's checkpoints (other tests add an evaluation to tiny_run)."""
-    run = tmp_path_factory.mktemp("published")
-    for stage in ("teacher", "student", "progressive"):
-        shutil.copytree(tiny_run / stage, run / stage)
+    run = copy_run(tiny_run, tmp_path_factory.mktemp("published"))
     dest = run / "bundle"
     assert publish.run_publish(compose_cfg(run, f"publish.dir={dest}")) == dest
     return dest
