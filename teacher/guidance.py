@@ -36,9 +36,18 @@ class GuidedPrediction(nn.Cell):
         return self.net.conditioning(ops.cat([t, t], axis=0), ops.cat([y, y_uncond], axis=0), ops.cat([w, w], axis=0))
 
     def predict(self, z: ms.Tensor, cond: tuple[ms.Tensor, ...], w: ms.Tensor) -> ms.Tensor:
+        cond_out, uncond_out = self.predict_branches(z, cond)
+        return cfg_combine(cond_out, uncond_out, w.reshape(-1, 1, 1, 1))
+
+    def predict_branches(self, z: ms.Tensor, cond: tuple[ms.Tensor, ...]) -> tuple[ms.Tensor, ms.Tensor]:
+        """(cond, uncond) outputs given :meth:`conditioning`'s rows (what CFG++ needs from the two passes)."""
         b = z.shape[0]
         out = self.net.backbone(ops.cat([z, z], axis=0), cond)
-        return cfg_combine(out[:b], out[b:], w.reshape(-1, 1, 1, 1))
+        return out[:b], out[b:]
+
+    def one_pass(self) -> "ConditionalPrediction":
+        """The conditional pass alone on the same weights (w = 1): the steps outside a guidance interval."""
+        return ConditionalPrediction(self.net)
 
     def branches(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor,
                  y_uncond: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:

@@ -14,7 +14,7 @@ arrays such as shape (B, 1, 1, 1).
 from __future__ import annotations
 
 import math
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 from mindspore import ops
@@ -154,6 +154,73 @@ def output_from_x0_eps(x0: Array, eps: Array, alpha: Array, sigma: Array, predic
 def cfg_combine(cond: Array, uncond: Array, w) -> Array:
     """Classifier-free guidance: uncond + w * (cond - uncond) (w=0 uncond, w=1 cond)."""
     return uncond + w * (cond - uncond)
+
+
+# --------------------------------------------------------------------------- guidance methods
+GUIDANCE_METHODS = ("cfg", "cfgpp")
+
+
+def check_guidance(method: str) -> str:
+    if method not in GUIDANCE_METHODS:
+        raise UserError(f"sampler: unknown guidance '{method}' (choose {' or '.join(GUIDANCE_METHODS)})")
+    return method
+
+
+def check_cfgpp_lambda(lam: float, where: str = "sampler.guidance_lambda") -> float:
+    """CFG++'s guidance scale lambda must be a number in [0, 1] (0: unconditional, 1: conditional x0)."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
+        raise UserError(f"{where}: CFG++ lambda {lam} must be a number in [0, 1]")
+    return float(lam)
+
+
+def check_interval(interval: Any, where: str = "sampler.guidance_interval") -> Optional[Tuple[float, float]]:
+    """A guidance interval [t_lo, t_hi] in the sampler's time units (t = 1 noise, t = 0 data), or None."""
+    if interval is None:
+        return None
+    bounds = tuple(interval)
+    if (len(bounds) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+            or not 0.0 <= bounds[0] < bounds[1] <= 1.0):
+        raise UserError(f"{where}: {list(bounds)} must be [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1 "
+                        f"(times t in [0, 1], t = 1 pure noise)")
+    return float(bounds[0]), float(bounds[1])
+
+
+def in_interval(times, interval: Optional[Tuple[float, float]]) -> np.ndarray:
+    """Which sampler steps (by the time t the network sees) are guided: t_lo <= t <= t_hi; all without an interval."""
+    times = np.asarray(times, np.float64)
+    if interval is None:
+        return np.ones(times.shape, bool)
+    return (times >= interval[0]) & (times <= interval[1])
+
+
+def _clamp(x: Array, lo: float, hi: float) -> Array:
+    return np.clip(x, lo, hi) if isinstance(x, np.ndarray) else ops.clamp(x, lo, hi)
+
+
+def step_x0_eps(z: Array, out: Array, alpha: Array, sigma: Array, prediction: str, clip: bool = False,
+                threshold: Optional[float] = None, uncond: Array = None) -> Tuple[Array, Array]:
+    """(x0, eps) a sampler step uses, from the (guided) network output ``out`` at (z, t).
+
+    x0 is clipped to [-1, 1] (``clip``) or dynamically thresholded (``threshold``, which wins), and eps
+    is then made consistent with the clipped x0. CFG++ (Chung et al. 2024) passes the unconditional
+    output ``uncond``: x0 stays the guided one, and the noise the update re-noises with is the
+    unconditional eps_u. Under clipping that noise is eps_u moved by the clip's change of eps (the
+    clipped-CFG eps + (eps_u - eps_guided)), so lambda = 0 is exactly CFG at w = 0 with the same clipping.
+    """
+    x0, eps_raw = x0_eps_from_output(z, out, alpha, sigma, prediction)
+    eps = eps_raw
+    if threshold is not None:
+        x0 = dynamic_threshold(x0, threshold)
+        eps = eps_from_x0(z, x0, alpha, sigma)
+    elif clip:
+        x0 = _clamp(x0, -1.0, 1.0)
+        eps = eps_from_x0(z, x0, alpha, sigma)
+    if uncond is None:
+        return x0, eps
+    _, eps_u = x0_eps_from_output(z, uncond, alpha, sigma, prediction)
+    if threshold is None and not clip:
+        return x0, eps_u
+    return x0, eps + (eps_u - eps_raw)
 
 
 # --------------------------------------------------------------------------- samplers

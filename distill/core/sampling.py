@@ -6,8 +6,9 @@ All noise comes from a seeded numpy generator, so the same seed gives the same i
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -32,6 +33,8 @@ class SamplerSettings:
     clip_x0: bool = True
     dynamic_threshold: Optional[float] = None  # percentile, e.g. 0.995; None = plain clip
     engine: str = "step"               # step | loop (compiled, see SamplerStep / SamplerLoop) | eager (reference)
+    guidance: str = "cfg"              # cfg | cfgpp (two-pass cells only; the scale w is then CFG++'s lambda)
+    guidance_interval: Optional[Tuple[float, float]] = None  # guide only at steps with t_lo <= t <= t_hi
 
     def validate(self) -> None:
         if self.kind not in ("ddim", "ddpm"):
@@ -44,6 +47,8 @@ class SamplerSettings:
             raise UserError(f"sampler: dynamic_threshold {self.dynamic_threshold} must be a percentile in (0.5, 1]")
         if self.engine not in ENGINES:
             raise UserError(f"sampler: unknown engine '{self.engine}' (choose {', '.join(ENGINES)})")
+        dm.check_guidance(self.guidance)
+        dm.check_interval(self.guidance_interval)
 
     @property
     def stochastic(self) -> bool:
@@ -68,6 +73,34 @@ def step_times(settings: SamplerSettings) -> list[tuple[float, float, float, flo
              float(alpha[i + 1]), float(sigma[i + 1])) for i in range(settings.num_steps)]
 
 
+def guided_steps(settings: SamplerSettings) -> np.ndarray:
+    """(N,) bool: which steps guide (by the time the network sees); the others take one conditional pass."""
+    return dm.in_interval(dm.sampling_times(settings.num_steps)[:-1], settings.guidance_interval)
+
+
+def step_scales(settings: SamplerSettings, w: float) -> np.ndarray:
+    """(N,) float32 guidance scale per step: the w schedule inside the guidance interval, 1 (conditional) outside."""
+    ws = dm.guidance_schedule(settings.w_schedule, w, settings.num_steps)
+    return np.where(guided_steps(settings), ws, np.float32(1.0)).astype(np.float32)
+
+
+def network_calls_per_image(settings: SamplerSettings, passes: int) -> int:
+    """Network evaluations per image of one sampler run: a two-pass cell pays 2 per guided step and 1 per
+    step outside the guidance interval; a one-pass cell (the student) 1 per step."""
+    guided = int(guided_steps(settings).sum())
+    return settings.num_steps if passes < 2 else passes * guided + (settings.num_steps - guided)
+
+
+def check_guidance_for(settings: SamplerSettings, passes: int, w: float) -> None:
+    """CFG++ needs both outputs of a two-pass cell, and its scale (``w``) is lambda in [0, 1]."""
+    if settings.guidance != "cfgpp":
+        return
+    if passes < 2:
+        raise UserError("sampler: guidance=cfgpp needs the two-pass teacher (the guided x0 and the unconditional "
+                        "noise); a one-pass student has one output: sample it with guidance=cfg")
+    dm.check_cfgpp_lambda(w, "sampler")
+
+
 def step_coefficients(settings: SamplerSettings) -> np.ndarray:
     """(N, 5) float32 per step: alpha_t, sigma_t and the update's three coefficients.
 
@@ -85,12 +118,15 @@ def step_coefficients(settings: SamplerSettings) -> np.ndarray:
     return np.asarray(rows, np.float64).astype(np.float32)
 
 
-def step_conditioning(cond: tuple[Any, ...], passes: int, num_steps: int, batch: int, i: int) -> tuple[Any, ...]:
+def step_conditioning(cond: tuple[Any, ...], passes: int, num_steps: int, batch: int, i: int,
+                      keep: Optional[int] = None) -> tuple[Any, ...]:
     """Step ``i``'s rows of a conditioning computed for all steps in one call (rows ordered
-    branch, step, example); a tensor with another row count (a per-layer constant) passes as is.
+    branch, step, example), of the first ``keep`` branches (all by default; 1 = the conditional branch);
+    a tensor with another row count (a per-layer constant) passes as is.
     Works on numpy arrays (the step engine, on the host) and on tensors inside a graph (the loop)."""
     rows = passes * num_steps * batch
-    return tuple(c.reshape((passes, num_steps, batch) + c.shape[1:])[:, i].reshape((passes * batch,) + c.shape[1:])
+    keep = passes if keep is None else keep
+    return tuple(c.reshape((passes, num_steps, batch) + c.shape[1:])[:keep, i].reshape((keep * batch,) + c.shape[1:])
                  if c.shape[0] == rows else c for c in cond)
 
 
@@ -110,7 +146,9 @@ class SamplerStep(nn.Cell):
     The network part is the prediction cell's ``predict`` on the step's conditioning, which the
     sampler computed for all steps before the first one. The step's coefficients come in as a tensor
     (a row of :func:`step_coefficients`), so one compiled graph serves every step of every step count.
-    Returns ``(z_s, x0)``; the last step of a sampler keeps ``x0``.
+    Returns ``(z_s, x0)``; the last step of a sampler keeps ``x0``. With ``guidance=cfgpp`` the cell's
+    ``predict_branches`` gives (cond, uncond) and the update re-noises with the unconditional noise
+    (:func:`distill.core.diffusion.step_x0_eps`).
     """
 
     def __init__(self, cell: nn.Cell, settings: SamplerSettings) -> None:
@@ -121,20 +159,22 @@ class SamplerStep(nn.Cell):
         self.clip = bool(settings.clip_x0) and settings.dynamic_threshold is None
         self.ddpm = settings.kind == "ddpm"
         self.stochastic = settings.stochastic
+        self.cfgpp = settings.guidance == "cfgpp"
 
     def construct(self, z, cond, w, coef, noise):
-        out = self.cell.predict(z, cond, w)
         a_t = coef[0]
         s_t = coef[1]
-        x0, eps = dm.x0_eps_from_output(z, out, a_t, s_t, self.prediction)
-        if self.threshold is not None:
-            x0 = dm.dynamic_threshold(x0, self.threshold)
-            eps = dm.eps_from_x0(z, x0, a_t, s_t)
-        elif self.clip:
-            x0 = ops.clamp(x0, -1.0, 1.0)
-            eps = dm.eps_from_x0(z, x0, a_t, s_t)
+        if self.cfgpp:
+            cond_out, uncond_out = self.cell.predict_branches(z, cond)
+            x0, eps = dm.step_x0_eps(z, dm.cfg_combine(cond_out, uncond_out, w.reshape(-1, 1, 1, 1)), a_t, s_t,
+                                     self.prediction, self.clip, self.threshold, uncond_out)
+            z_t = dm.q_sample(x0, eps, a_t, s_t)  # DDPM: the posterior from the point CFG++ re-noises
+        else:
+            x0, eps = dm.step_x0_eps(z, self.cell.predict(z, cond, w), a_t, s_t, self.prediction, self.clip,
+                                     self.threshold)
+            z_t = z
         if self.ddpm:
-            z_s = coef[2] * z + coef[3] * x0 + coef[4] * noise
+            z_s = coef[2] * z_t + coef[3] * x0 + coef[4] * noise
         elif self.stochastic:
             z_s = coef[2] * x0 + coef[3] * eps + coef[4] * noise
         else:
@@ -148,7 +188,8 @@ class SamplerLoop(nn.Cell):
     The step times, coefficients and the w schedule's per-step factors are constants of the
     cell (made once); the conditioning of all steps is one batched call; the loop unrolls at
     compile time, so one graph serves one step count. ``w`` is per example (B,); ``step_noise``
-    (N, B, C, H, W) is read only by stochastic samplers.
+    (N, B, C, H, W) is read only by stochastic samplers. Outside the guidance interval a two-pass cell's
+    step is a second step cell on its one conditional pass (the choice is static per step, so it unrolls).
     """
 
     def __init__(self, cell: nn.Cell, settings: SamplerSettings) -> None:
@@ -159,20 +200,31 @@ class SamplerLoop(nn.Cell):
         self.num_steps = int(settings.num_steps)
         self.times = ms.Tensor(dm.sampling_times(settings.num_steps)[:-1].reshape(-1, 1))
         self.coef = ms.Tensor(step_coefficients(settings))
-        self.w_factor = ms.Tensor(dm.guidance_schedule(settings.w_schedule, 1.0, settings.num_steps).reshape(-1, 1))
+        guided = guided_steps(settings)
+        self.guided = [bool(g) for g in guided]
+        factor = dm.guidance_schedule(settings.w_schedule, 1.0, settings.num_steps)
+        self.w_factor = ms.Tensor(np.where(guided, factor, 0.0).astype(np.float32).reshape(-1, 1))
+        self.w_outside = ms.Tensor((~guided).astype(np.float32).reshape(-1, 1))  # w = 1 outside the interval
+        self.one_pass = self.passes > 1 and not all(self.guided)
+        if self.one_pass:
+            self.conditional_step = SamplerStep(cell.one_pass(), dataclasses.replace(settings, guidance="cfg"))
 
     def construct(self, noise, y, w, y_uncond, step_noise):
         b = noise.shape[0]
         n = self.num_steps
-        w_steps = self.w_factor * w.reshape(1, -1)  # (N, B)
+        w_steps = self.w_factor * w.reshape(1, -1) + self.w_outside  # (N, B)
         cond = self.cell.conditioning((self.times * ops.ones((1, b), ms.float32)).reshape(-1), ops.tile(y, (n,)),
                                       w_steps.reshape(-1), ops.tile(y_uncond, (n,)))
         z = noise
         x0 = noise
         for i in range(n):
             noise_i = step_noise[i] if self.step.stochastic else z
-            cond_i = step_conditioning(cond, self.passes, n, b, i)
-            z, x0 = self.step(z, cond_i, w_steps[i], self.coef[i], noise_i)
+            if self.guided[i] or not self.one_pass:
+                cond_i = step_conditioning(cond, self.passes, n, b, i)
+                z, x0 = self.step(z, cond_i, w_steps[i], self.coef[i], noise_i)
+            else:
+                cond_i = step_conditioning(cond, self.passes, n, b, i, keep=1)
+                z, x0 = self.conditional_step(z, cond_i, w_steps[i], self.coef[i], noise_i)
         return x0
 
 
@@ -205,6 +257,8 @@ class Predictor:
         self.use_jit = bool(use_jit)
         self._call = _compiled(cell) if use_jit else cell
         self._conditioning: Optional[Callable[..., Any]] = None  # compiled on first use (samplers only)
+        self._branches: Optional[Callable[..., Any]] = None  # (cond, uncond) of a two-pass cell, for eager CFG++
+        self._one_pass: Optional["Predictor"] = None  # a two-pass cell's conditional pass alone (guidance interval)
         self._samplers: dict[tuple, Callable[..., Any]] = {}
         self._plans: dict[tuple, list[tuple[ms.Tensor, ...]]] = {}
 
@@ -215,12 +269,26 @@ class Predictor:
     def __call__(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor) -> ms.Tensor:
         return self._call(z, t, y, w, y_uncond)
 
+    def branches(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor
+                 ) -> tuple[ms.Tensor, ms.Tensor]:
+        """(cond, uncond) outputs of a two-pass cell from its one doubled-batch call."""
+        if self._branches is None:
+            self._branches = _compiled(self.cell.branches) if self.use_jit else self.cell.branches
+        return self._branches(z, t, y, w, y_uncond)
+
+    def one_pass(self) -> "Predictor":
+        """A two-pass cell's conditional pass alone (the network on (z, t, y)), sharing its weights."""
+        if self._one_pass is None:
+            self._one_pass = Predictor(self.cell.one_pass(), self.use_jit)
+        return self._one_pass
+
     def compiled(self, settings: SamplerSettings) -> Callable[..., Any]:
         """The compiled step or loop for ``settings`` (one graph per static choice, cached)."""
         static = (settings.engine, settings.kind, settings.stochastic, settings.prediction, settings.clip_x0,
-                  settings.dynamic_threshold)
+                  settings.dynamic_threshold, settings.guidance)
         if settings.engine == "loop":  # the loop's constants depend on the step count and schedules too
-            static += (settings.num_steps, settings.schedule, settings.eta, settings.w_schedule)
+            static += (settings.num_steps, settings.schedule, settings.eta, settings.w_schedule,
+                       settings.guidance_interval)
         if static not in self._samplers:
             cls = SamplerLoop if settings.engine == "loop" else SamplerStep
             cell = cls(self.cell, settings)
@@ -244,9 +312,10 @@ class Predictor:
             self._conditioning = _compiled(self.cell.conditioning) if self.use_jit else self.cell.conditioning
         rows = conditioning_rows(dm.sampling_times(n), ws, labels, uncond_labels)
         cond = tuple(c.asnumpy() for c in self._conditioning(*(ms.Tensor(r) for r in rows)))
+        guided = guided_steps(settings)
         # mutable: a plain tuple of tensors would be a constant of the graph, compiled again per value
-        return [(ms.mutable(tuple(ms.Tensor(np.ascontiguousarray(c))
-                                  for c in step_conditioning(cond, self.passes, n, b, i))), w_vec, coef)
+        return [(ms.mutable(tuple(ms.Tensor(np.ascontiguousarray(c)) for c in step_conditioning(
+                    cond, self.passes, n, b, i, keep=None if guided[i] else 1))), w_vec, coef)
                 for i, (w_vec, coef) in enumerate(self._plans[key])]
 
 
@@ -277,16 +346,18 @@ def sample(
 ) -> np.ndarray:
     """Run the reverse process from ``noise`` (N,C,H,W) and return images in [-1, 1].
 
-    ``predict`` is a :class:`Predictor` (any engine) or a plain callable (eager engine only).
+    ``predict`` is a :class:`Predictor` (any engine) or a plain callable (eager engine only, one pass).
+    ``w`` is the guidance scale: CFG's w, or CFG++'s lambda with ``settings.guidance == "cfgpp"``.
     Every engine gives the same images (the step graph bit for bit, the loop to float rounding).
     """
     settings.validate()
     if noise.ndim < 2 or noise.shape[0] < 1:
         raise UserError(f"sampler: noise of shape {noise.shape} holds no image (batch must be >= 1)")
+    check_guidance_for(settings, int(getattr(predict, "passes", 1)), w)
     if settings.engine == "eager" or not isinstance(predict, Predictor):
         return _sample_eager(predict, noise, labels, w, settings, uncond_labels, seed)
     b, n = noise.shape[0], settings.num_steps
-    ws = dm.guidance_schedule(settings.w_schedule, w, n)  # float32 per step, as the eager sampler uses
+    ws = step_scales(settings, w)  # float32 per step, as the eager sampler uses
     z = ms.Tensor(noise.astype(np.float32))
     step_noise = _step_noise(settings, noise.shape, seed)
     run = predict.compiled(settings)
@@ -295,10 +366,13 @@ def sample(
         x0 = run(z, ms.Tensor(labels.astype(np.int32)), ms.Tensor(np.full(b, w, np.float32)),
                  ms.Tensor(uncond_labels.astype(np.int32)), noise_all)
         return np.clip(x0.asnumpy(), -1.0, 1.0)
+    guided = guided_steps(settings)
+    if predict.passes > 1 and not guided.all():  # outside the interval: the conditional pass alone, its own graph
+        run_one_pass = predict.one_pass().compiled(dataclasses.replace(settings, guidance="cfg"))
     x0 = z
     for i, (cond, w_vec, coef) in enumerate(predict.plan(settings, labels, uncond_labels, ws)):
         noise_i = ms.Tensor(step_noise[i]) if step_noise is not None else z
-        z, x0 = run(z, cond, w_vec, coef, noise_i)
+        z, x0 = (run if guided[i] or predict.passes == 1 else run_one_pass)(z, cond, w_vec, coef, noise_i)
     return np.clip(x0.asnumpy(), -1.0, 1.0)
 
 
@@ -321,25 +395,29 @@ def _sample_eager(predict, noise, labels, w, settings, uncond_labels, seed) -> n
     z = ms.Tensor(noise.astype(np.float32))
     y = ms.Tensor(labels.astype(np.int32))
     y_uncond = ms.Tensor(uncond_labels.astype(np.int32))
-    ws = dm.guidance_schedule(settings.w_schedule, w, settings.num_steps)
+    ws = step_scales(settings, w)
+    guided = guided_steps(settings)
+    passes = int(getattr(predict, "passes", 1))
     eta = 1.0 if settings.kind == "ddpm" else settings.eta
+    x0_opts = (settings.prediction, bool(settings.clip_x0), settings.dynamic_threshold)
     for i, (t, _, a_t, s_t, a_s, s_s) in enumerate(step_times(settings)):
         t_vec = ms.Tensor(np.full(b, t, np.float32))
         w_vec = ms.Tensor(np.full(b, ws[i], np.float32))
-        out = predict(z, t_vec, y, w_vec, y_uncond)
-        x0, eps = dm.x0_eps_from_output(z, out, a_t, s_t, settings.prediction)
-        if settings.dynamic_threshold is not None:
-            x0 = dm.dynamic_threshold(x0, settings.dynamic_threshold)
-        elif settings.clip_x0:
-            x0 = ops.clamp(x0, -1.0, 1.0)
-        if settings.dynamic_threshold is not None or settings.clip_x0:
-            eps = dm.eps_from_x0(z, x0, a_t, s_t)
+        if guided[i] and settings.guidance == "cfgpp":
+            cond, uncond = predict.branches(z, t_vec, y, w_vec, y_uncond)
+            x0, eps = dm.step_x0_eps(z, dm.cfg_combine(cond, uncond, w_vec.reshape(-1, 1, 1, 1)), a_t, s_t, *x0_opts,
+                                     uncond)
+            z_t = dm.q_sample(x0, eps, a_t, s_t)  # DDPM: the posterior from the point CFG++ re-noises
+        else:
+            call = predict if guided[i] or passes == 1 else predict.one_pass()
+            x0, eps = dm.step_x0_eps(z, call(z, t_vec, y, w_vec, y_uncond), a_t, s_t, *x0_opts)
+            z_t = z
         if s_s == 0.0:
             z = x0
             break
         step_noise = ms.Tensor(rng.standard_normal(noise.shape).astype(np.float32)) if eta > 0 else None
         if settings.kind == "ddpm":
-            z = dm.ddpm_step(z, x0, a_t, s_t, a_s, s_s, step_noise)
+            z = dm.ddpm_step(z_t, x0, a_t, s_t, a_s, s_s, step_noise)
         else:
             z = dm.ddim_step(x0, eps, a_t, s_t, a_s, s_s, eta=eta, noise=step_noise)
     return np.clip(z.asnumpy(), -1.0, 1.0)
