@@ -59,6 +59,10 @@ def test_values_keep_their_types_and_the_presets_still_compose(tmp_path: Path) -
     assert cfg.run_name == "digits_quick" and cfg.progressive.start_steps == cfg.sampler.num_steps == 8
     check_config(cfg)
     check_config(compose_cfg(tmp_path))
+    # CFG++ samples only the teacher (task=teacher checks it at sampler.guidance_lambda); a bad grid of a
+    # method left out of eval.methods is not read
+    check_config(compose_cfg(tmp_path, "sampler.guidance=cfgpp", "task=teacher", "sampler.guidance_interval=[0.2,0.9]"))
+    check_config(compose_cfg(tmp_path, "eval.methods=[cfg,interval]", "eval.cfgpp_lambdas=[3.0]"))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -80,6 +84,16 @@ def test_values_keep_their_types_and_the_presets_still_compose(tmp_path: Path) -
     (["diffusion.schedule=sigmoid"], "unknown noise schedule 'sigmoid'"),
     (["teacher.p_uncond=1.0"], "p_uncond 1.0 must be in"),
     (["bench.repeats=0"], "bench: repeats"),
+    (["sampler.guidance=cfg++"], "unknown guidance 'cfg\\+\\+' \\(choose cfg or cfgpp\\)"),
+    (["sampler.guidance_lambda=1.5"], r"sampler.guidance_lambda: CFG\+\+ lambda 1.5 must be a number in \[0, 1\]"),
+    (["sampler.guidance_interval=[0.8,0.2]"], r"guidance_interval: \[0.8, 0.2\] must be \[t_lo, t_hi\] with 0 <= t_lo"),
+    (["sampler.guidance_interval=[0.5,1.5]"], r"\[0.5, 1.5\] must be \[t_lo, t_hi\]"),
+    (["sampler.guidance=cfgpp", "task=evaluate"], "sampler.guidance=cfgpp cannot sample the one-pass student"),
+    (["eval.methods=[cfg,pag]"], "eval.methods: unknown method 'pag' \\(choose from cfg, cfgpp, interval\\)"),
+    (["eval.methods=[]"], r"eval.methods=\[\]: give at least one method"),
+    (["eval.methods=[cfg,cfgpp]", "eval.cfgpp_lambdas=[0.5,2.0]"], "eval.cfgpp_lambdas: CFG\\+\\+ lambda 2.0"),
+    (["eval.methods=[interval]", "eval.interval=[0.3,0.3]"], "eval.interval: \\[0.3, 0.3\\] must be"),
+    (["student.negative=true", "student.class_gate=false"], "negative=true needs class_gate=true"),
 ])
 def test_bad_ranges_fail_before_any_work(tmp_path: Path, overrides: list[str], message: str) -> None:
     cfg = compose_cfg(tmp_path, *overrides)

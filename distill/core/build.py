@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 
+from distill.core import diffusion as dm
 from distill.core.errors import UserError
 from distill.core.provenance import Restart
 from distill.core.sampling import SamplerSettings
@@ -35,7 +36,8 @@ def sampler_settings(cfg: Any, num_steps: int | None = None) -> SamplerSettings:
         schedule=cfg.diffusion.schedule, prediction=cfg.diffusion.prediction, w_schedule=s.w_schedule,
         clip_x0=bool(s.clip_x0),
         dynamic_threshold=None if s.dynamic_threshold is None else float(s.dynamic_threshold),
-        engine=str(s.get("engine", "step")),
+        engine=str(s.get("engine", "step")), guidance=str(s.get("guidance", "cfg")),
+        guidance_interval=dm.check_interval(s.get("guidance_interval")),
     )
     settings.validate()
     return settings

@@ -109,6 +109,9 @@ class SamplerConfig:
     dynamic_threshold: Optional[float] = MISSING
     batch_size: int = MISSING
     engine: str = MISSING
+    guidance: str = MISSING
+    guidance_lambda: float = MISSING
+    guidance_interval: Optional[List[float]] = MISSING
 
 
 @dataclass
@@ -138,6 +141,9 @@ class EvalConfig:
     negative_classes: List[List[int]] = MISSING
     negative_samples: int = MISSING
     classifier: ClassifierConfig = MISSING
+    methods: List[str] = MISSING
+    cfgpp_lambdas: List[float] = MISSING
+    interval: List[float] = MISSING
 
 
 @dataclass

@@ -40,6 +40,13 @@ def check_w(w: float) -> float:
     return float(w)
 
 
+def guidance_scales(cfg: DictConfig, ws) -> list[float]:
+    """The scales a job samples the teacher at: its w grid for CFG, ``sampler.guidance_lambda`` for CFG++."""
+    if str(cfg.sampler.get("guidance", "cfg")) == "cfgpp":
+        return [float(cfg.sampler.guidance_lambda)]
+    return [float(w) for w in ws]
+
+
 def guided_samples(predict, data: ImageData, cfg: DictConfig, w: float, n: int, seed: int,
                    settings: SamplerSettings | None = None, across_ranks: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:

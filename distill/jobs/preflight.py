@@ -12,8 +12,10 @@ from omegaconf import DictConfig
 from distill.core import build
 from distill.core import diffusion as dm
 from distill.core.config import check_known_keys, check_ranges
+from distill.core.errors import UserError
 from distill.jobs.bench import bench_options
 from distill.jobs.distill import check_targets
+from distill.jobs.methods import check_sampler_guidance, eval_methods
 from distill.jobs.progressive import first_teacher
 from student.distill import (check_p_null_negative, check_w_loss_power, check_w_range, check_ws_per_input,
                              w_distribution)
@@ -30,6 +32,8 @@ def check_config(cfg: DictConfig) -> None:
     for section in (cfg.teacher, cfg.student, cfg.progressive):
         build.train_settings(section.train, int(cfg.seed), bool(cfg.jit))
     build.sampler_settings(cfg)
+    check_sampler_guidance(cfg)
+    eval_methods(cfg)
     check_p_uncond(float(cfg.teacher.p_uncond))
     s = cfg.student
     check_w_range(*w_distribution(s))

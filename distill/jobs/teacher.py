@@ -72,7 +72,7 @@ def check_teacher(cfg: DictConfig, data: ImageData, ema: UNet, out: Path, writer
 
     Every data-parallel worker calls it and draws its share of the samples; rank 0 (``writer`` set)
     judges them and writes the report, the others return {}."""
-    from distill.jobs.common import evaluation_classifier
+    from distill.jobs.common import evaluation_classifier, guidance_scales
     from distill.core.classifier import features_and_predictions
     from distill.core.metrics import accuracy
 
@@ -83,7 +83,7 @@ def check_teacher(cfg: DictConfig, data: ImageData, ema: UNet, out: Path, writer
     workers = current().world_size
     report: dict[str, Any] = {"provenance": made_of, "train_seconds": round(train_seconds, 1), "steps": steps,
                               "sampler_steps": int(cfg.sampler.num_steps), "accuracy": {}}
-    for w in cfg.teacher.check.ws:
+    for w in guidance_scales(cfg, cfg.teacher.check.ws):
         imgs, labels = guided_samples(predict, data, cfg, float(w), n, int(cfg.seed), across_ranks=workers > 1)
         if not main:
             continue

@@ -1,0 +1,101 @@
+"""Guidance methods in ``task=evaluate`` (``eval.methods``): the two-pass teacher with CFG over ``eval.ws``,
+CFG++ over ``eval.cfgpp_lambdas`` and CFG guided only inside ``eval.interval`` over ``eval.ws``, on the
+same noise and classes as the teacher's evaluation. Per setting: FD, class accuracy and network calls
+per image; one table (the report's ``methods`` section) and one trade-off plot (accuracy vs FD).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+from distill.core import diffusion as dm
+from distill.core.errors import UserError
+from distill.core.sampling import Predictor, SamplerSettings, network_calls_per_image
+
+log = logging.getLogger(__name__)
+
+METHODS = ("cfg", "cfgpp", "interval")
+# Tasks that sample a one-pass student with the config's sampler: CFG++ cannot run there.
+STUDENT_SAMPLING_TASKS = ("evaluate", "bench", "publish", "sample", "pipeline")
+
+
+def eval_methods(cfg: DictConfig) -> list[str]:
+    """``eval.methods``, checked (known names, no repeats, at least one), with their grids."""
+    methods = [str(m) for m in cfg.eval.get("methods", ["cfg"])]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"eval.methods: unknown method '{unknown[0]}' (choose from {', '.join(METHODS)})")
+    if not methods or len(set(methods)) != len(methods):
+        raise UserError(f"eval.methods={methods}: give at least one method, each once")
+    if "cfgpp" in methods:
+        lambdas = [float(x) for x in cfg.eval.cfgpp_lambdas]
+        if not lambdas:
+            raise UserError("eval.cfgpp_lambdas is empty: give at least one CFG++ lambda, e.g. [0.6]")
+        for lam in lambdas:
+            dm.check_cfgpp_lambda(lam, "eval.cfgpp_lambdas")
+    if "interval" in methods:
+        dm.check_interval(list(cfg.eval.interval), "eval.interval")
+    return methods
+
+
+def check_sampler_guidance(cfg: DictConfig) -> None:
+    """``sampler.guidance`` and its lambda; CFG++ refused where a one-pass student would be sampled."""
+    dm.check_cfgpp_lambda(float(cfg.sampler.guidance_lambda), "sampler.guidance_lambda")
+    if str(cfg.sampler.guidance) == "cfgpp" and str(cfg.task) in STUDENT_SAMPLING_TASKS:
+        raise UserError(f"sampler.guidance=cfgpp cannot sample the one-pass student (task={cfg.task}): it has one "
+                        f"output, CFG++ needs the guided x0 and the unconditional noise; compare CFG++ on the teacher "
+                        f"with task=evaluate eval.methods=[cfg,cfgpp]")
+
+
+def method_settings(cfg: DictConfig, base: SamplerSettings) -> dict[str, tuple[SamplerSettings, list[float]]]:
+    """method -> (the teacher's sampler settings, its grid of guidance scales)."""
+    ws = [float(w) for w in cfg.eval.ws]
+    plans = {"cfg": (base, ws)}
+    plans["cfgpp"] = (dataclasses.replace(base, guidance="cfgpp"), [float(x) for x in cfg.eval.cfgpp_lambdas])
+    plans["interval"] = (dataclasses.replace(base, guidance_interval=dm.check_interval(list(cfg.eval.interval),
+                                                                                        "eval.interval")), ws)
+    return {m: plans[m] for m in eval_methods(cfg)}
+
+
+def scale_name(method: str) -> str:
+    return "lambda" if method == "cfgpp" else "w"
+
+
+def evaluate_methods(cfg: DictConfig, predict: Predictor, base: SamplerSettings,
+                     judge: Callable[[Any, Any], dict[str, float]], teacher_cfg: dict[str, dict[str, float]],
+                     draw: Callable[..., Any]) -> dict[str, Any] | None:
+    """The report's ``methods`` section, or None for ``eval.methods=[cfg]``.
+
+    ``teacher_cfg`` holds the teacher's CFG metrics per w (already measured on this noise, reused);
+    ``draw(predict, settings, scale)`` gives (images, labels) on the evaluation's noise and classes and
+    ``judge(images, labels)`` their FD and accuracy (the evaluation's own helpers)."""
+    plans = method_settings(cfg, base)
+    if list(plans) == ["cfg"]:
+        return None
+    section: dict[str, Any] = {"methods": {}}
+    for method, (settings, scales) in plans.items():
+        calls = network_calls_per_image(settings, predict.passes)
+        per_scale = {}
+        for scale in scales:  # cfg is the teacher's evaluation itself: reused, not drawn again
+            metrics = teacher_cfg[str(scale)] if method == "cfg" else judge(*draw(predict, settings, scale))
+            per_scale[str(scale)] = {"fd": metrics["fd"], "accuracy": metrics["accuracy"]}
+        section["methods"][method] = {"scale": scale_name(method), "scales": scales, "network_calls_per_image": calls,
+                                      "interval": list(settings.guidance_interval or ()) or None,
+                                      "per_scale": per_scale}
+        log.info("evaluate: method %s (%d network calls per image) %s", method, calls, "  ".join(
+            f"{scale_name(method)}={s:g} fd={per_scale[str(s)]['fd']:.2f} acc={per_scale[str(s)]['accuracy']:.3f}"
+            for s in scales))
+    return section
+
+
+def sample_methods_share(cfg: DictConfig, predict: Predictor, base: SamplerSettings, draw: Callable[..., Any]) -> None:
+    """A worker other than rank 0: the sampler calls of :func:`evaluate_methods` in the same order."""
+    plans = method_settings(cfg, base)
+    if list(plans) == ["cfg"]:
+        return
+    for method, (settings, scales) in plans.items():
+        for scale in scales if method != "cfg" else ():
+            draw(predict, settings, scale)
