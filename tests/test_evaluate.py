@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import compose_cfg
+from conftest import TINY_RUN, compose_cfg, copy_run
 from distill.jobs.evaluate import real_floor, run_evaluate
 from distill.core.metrics import mse
 
@@ -42,6 +42,7 @@ def test_report_files_and_keys(evaluated) -> None:
             assert r["fd_ratio"] == pytest.approx(r["negative"]["fd"] / neg["models"]["teacher"]["per_w"]["2.0"]
                                                   ["negative"]["fd"])
     assert "## Negative classes" in (out / "report.md").read_text()
+    assert "methods" not in on_disk and not (out / "methods_tradeoff.png").exists()  # eval.methods=[cfg]: no comparison
 
 
 def test_a_model_against_itself(tiny_run, tmp_path) -> None:
@@ -102,3 +103,28 @@ def test_real_floor_is_small_for_same_distribution() -> None:
     floor = real_floor(x, 0)
     assert 0 <= floor < 0.2 and floor == real_floor(x, 0)
     assert frechet_distance(x[:200], x[200:] + 1.0) > 10 * floor  # a shift of 1 in 4 dims: about 4
+
+
+@pytest.mark.slow
+def test_guidance_methods_are_compared_on_the_teachers_noise(tiny_run, tmp_path) -> None:
+    """eval.methods: CFG is the teacher's own evaluation, CFG++ at lambda 0 is the teacher at w = 0 (the same
+    noise and classes), the interval method pays one pass outside the interval; one table, one plot."""
+    run = copy_run(tiny_run, tmp_path / "run", ("teacher", "student"))
+    report = run_evaluate(compose_cfg(run, *TINY_RUN, "eval.ws=[0.0,2.0]", "eval.num_samples=20",
+                                      "eval.progressive=false", "eval.negative_classes=[]",
+                                      "eval.methods=[cfg,cfgpp,interval]", "eval.cfgpp_lambdas=[0.0,0.6]",
+                                      "eval.interval=[0.3,0.8]"))
+    methods, teacher = report["methods"]["methods"], report["models"]["teacher"]["per_w"]
+    assert list(methods) == ["cfg", "cfgpp", "interval"]
+    assert methods["cfg"]["per_scale"] == {w: {"fd": t["fd"], "accuracy": t["accuracy"]} for w, t in teacher.items()}
+    assert methods["cfgpp"]["per_scale"]["0.0"]["fd"] == pytest.approx(teacher["0.0"]["fd"], rel=1e-3)
+    assert methods["cfgpp"]["per_scale"]["0.0"]["accuracy"] == teacher["0.0"]["accuracy"]
+    # 4 steps at t = 1, 0.75, 0.5, 0.25: the interval guides two of them
+    assert {m: r["network_calls_per_image"] for m, r in methods.items()} == {"cfg": 8, "cfgpp": 8, "interval": 6}
+    assert methods["interval"]["interval"] == [0.3, 0.8] and methods["cfgpp"]["scale"] == "lambda"
+    out = run / "evaluate"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["methods"] == report["methods"]
+    assert (out / "methods_tradeoff.png").is_file()
+    md = (out / "report.md").read_text()
+    assert "## Guidance methods (teacher)" in md and "| CFG++ | lambda = 0.6 |" in md

@@ -112,7 +112,55 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         speedup_lines(report),
         "",
-    ] + negative_lines(report))
+    ] + method_lines(report) + negative_lines(report))
+
+
+METHOD_NAMES = {"cfg": "CFG", "cfgpp": "CFG++", "interval": "CFG, guidance interval"}
+
+
+def method_lines(report: dict[str, Any]) -> list[str]:
+    """The guidance-methods section: the teacher under each method and scale, on the same noise and classes."""
+    section = report.get("methods")
+    if not section:
+        return []
+    rows = []
+    for method, m in section["methods"].items():
+        name = METHOD_NAMES.get(method, method)
+        if m.get("interval"):
+            name += f" t in [{m['interval'][0]:g}, {m['interval'][1]:g}]"
+        for scale in m["scales"]:
+            r = m["per_scale"][str(scale)]
+            rows.append([name, f"{m['scale']} = {scale:g}", f"{r['fd']:.3f}", f"{r['accuracy']:.3f}",
+                         m["network_calls_per_image"]])
+    return [
+        "## Guidance methods (teacher)",
+        "",
+        "The two-pass teacher on the evaluation's noise and classes under each guidance method: CFG "
+        "(`uncond + w * (cond - uncond)`), CFG++ (x0 from `uncond + lambda * (cond - uncond)`, re-noised with the "
+        "unconditional noise) and CFG guided only at the steps whose time t lies in the interval (one conditional "
+        "pass elsewhere). Trade-off plot: `methods_tradeoff.png`.",
+        "",
+        markdown_table(["method", "scale", "FD", "accuracy", "net calls/image"], rows),
+        "",
+    ]
+
+
+def plot_methods(report: dict[str, Any], path: Path) -> Path:
+    """Accuracy (x) against FD (y), one curve per guidance method, each point a scale."""
+    fig, ax = pyplot().subplots(figsize=(5.5, 4))
+    for method, m in report["methods"]["methods"].items():
+        points = [m["per_scale"][str(s)] for s in m["scales"]]
+        ax.plot([p["accuracy"] for p in points], [p["fd"] for p in points], marker="o",
+                label=f"{METHOD_NAMES.get(method, method)} ({m['network_calls_per_image']} calls/image)")
+        for s, p in zip(m["scales"], points):
+            ax.annotate(f"{s:g}", (p["accuracy"], p["fd"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.axhline(report["real_vs_real_fd"], color="gray", ls="--", label="real vs real")
+    ax.set_xlabel("class accuracy")
+    ax.set_ylabel("Frechet distance (lower is better)")
+    ax.set_title("guidance methods of the teacher")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 def negative_lines(report: dict[str, Any]) -> list[str]:
@@ -186,6 +234,8 @@ def write_evaluation_report(report: dict[str, Any], out: Path, writer: Any = Non
     write_text(out / "report.md", markdown(report))
     plot_metrics(report, out / "metrics_vs_w.png")
     plot_speed(report, out / "speed.png")
+    if report.get("methods"):
+        plot_methods(report, out / "methods_tradeoff.png")
     if writer is not None:
         for name, m in report["models"].items():
             for w in report["ws"]:

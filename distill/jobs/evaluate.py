@@ -32,8 +32,9 @@ from distill.core.images import save_side_by_side_png, save_samples_npz
 from distill.core.metrics import accuracy, frechet_distance, mean_psnr, mse
 from distill.core.report import write_evaluation_report
 from distill.core.runtime import current, is_main, my_items
-from distill.core.sampling import Predictor, SamplerSettings, jit_predictor
+from distill.core.sampling import Predictor, SamplerSettings, jit_predictor, network_calls_per_image
 from distill.jobs.common import evaluation_classifier, guided_samples
+from distill.jobs.methods import eval_methods, evaluate_methods, sample_methods_share
 from distill.jobs.negatives import NegativePlan, evaluate_negatives, negative_plan, sample_negative_share
 from student.loading import load_student, student_checkpoint_path
 from student.progressive import verified_rounds
@@ -48,6 +49,12 @@ def real_floor(feats: np.ndarray, seed: int) -> float:
     perm = np.random.default_rng(seed).permutation(len(feats))
     half = len(feats) // 2
     return frechet_distance(feats[perm[:half]], feats[perm[half:2 * half]])
+
+
+def judge(clf: Any, imgs: np.ndarray, labels: np.ndarray, real_feats: np.ndarray) -> dict[str, float]:
+    """FD to the held-out features and class accuracy of samples, by the evaluation classifier."""
+    feats, pred = features_and_predictions(clf, imgs)
+    return {"fd": frechet_distance(feats, real_feats), "accuracy": accuracy(pred, labels)}
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -140,6 +147,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     specs = student_specs(cfg, data)  # bad entries and missing rounds fail before the classifier is trained
     models = evaluation_models(cfg, data, specs)  # so do unreadable or non-finite checkpoints
     negatives = negative_plan(cfg, data.num_classes, models)  # and bad negative-class pairs
+    eval_methods(cfg)  # and a bad guidance-method grid
     clf = evaluation_classifier(cfg, data) if is_main() else None
     predictors, settings = warmed_predictors(cfg, data, models)
     if not is_main():  # the other workers only draw their share of the samples
@@ -167,9 +175,8 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
             (imgs, labels), dt = timed(lambda: guided_samples(predict, data, cfg, w, n, seed, settings[name],
                                                               across_ranks=workers > 1))
             seconds[name] += dt
-            feats, pred = features_and_predictions(clf, imgs)
             images[name] = imgs
-            metrics = {"fd": frechet_distance(feats, real_feats), "accuracy": accuracy(pred, labels)}
+            metrics = judge(clf, imgs, labels, real_feats)
             if name != "teacher":  # student-vs-teacher agreement on the same noise
                 metrics.update(psnr=mean_psnr(imgs, images["teacher"]), mse=float(mse(imgs, images["teacher"]).mean()))
             report["models"][name]["per_w"][str(w)] = metrics
@@ -189,10 +196,15 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         steps = settings[name].num_steps
         report["models"][name]["speed"] = {
             "seconds_per_image": seconds[name] / total, "images_per_s": total / seconds[name],
-            "network_evals_per_image": steps * report["models"][name]["passes"],
+            "network_evals_per_image": network_calls_per_image(settings[name], report["models"][name]["passes"]),
             "batch_size": int(cfg.sampler.batch_size), "steps": steps,
             "speedup": seconds["teacher"] / seconds[name]}
     report["speedup"] = report["models"][students[0]]["speed"]["speedup"]  # first student vs teacher
+    methods = evaluate_methods(cfg, predictors["teacher"], settings["teacher"],
+                               lambda imgs, labels: judge(clf, imgs, labels, real_feats),
+                               report["models"]["teacher"]["per_w"], _method_draw(cfg, data, workers > 1))
+    if methods is not None:
+        report["methods"] = methods
     if negatives is not None:
         report["negative"] = evaluate_negatives(cfg, data, clf, negatives, predictors, settings, out, sample_stem,
                                                 workers > 1)
@@ -219,6 +231,13 @@ def warmed_predictors(cfg: DictConfig, data: ImageData, models: dict[str, tuple[
     return predictors, settings
 
 
+def _method_draw(cfg: DictConfig, data: ImageData, across_ranks: bool) -> Any:
+    """(predict, settings, scale) -> (images, labels) on the evaluation's noise and classes."""
+    n, seed = int(cfg.eval.num_samples), int(cfg.seed)
+    return lambda predict, settings, scale: guided_samples(predict, data, cfg, scale, n, seed, settings,
+                                                           across_ranks=across_ranks)
+
+
 def _sample_share(cfg: DictConfig, data: ImageData, negatives: NegativePlan | None,
                   predictors: dict[str, Predictor], settings: dict[str, SamplerSettings]) -> None:
     """A worker other than rank 0: the sampler calls of rank 0 in the same order (w by w, model by
@@ -227,6 +246,7 @@ def _sample_share(cfg: DictConfig, data: ImageData, negatives: NegativePlan | No
     for w in [float(w) for w in cfg.eval.ws]:
         for name, predict in predictors.items():
             guided_samples(predict, data, cfg, w, n, seed, settings[name], across_ranks=True)
+    sample_methods_share(cfg, predictors["teacher"], settings["teacher"], _method_draw(cfg, data, True))
     if negatives is not None:
         sample_negative_share(cfg, data, negatives, predictors, settings)
     chunks = -(-n // int(cfg.sampler.batch_size))
