@@ -120,6 +120,24 @@ def _rows(files: Path) -> list[Row]:
     ]
 
 
+def _flip_middle_byte(raw: bytes) -> bytes:
+    """``raw`` with one bit of its middle byte flipped."""
+    flipped = bytearray(raw)
+    flipped[len(flipped) // 2] ^= 0x01
+    return bytes(flipped)
+
+
+def _bad_bundle(bundle: Path, dest: Path, name: str, content: bytes, *, manifest: bool) -> None:
+    """A copy of ``bundle`` at ``dest`` whose file ``name`` holds ``content``. ``manifest``: the manifest is
+    rewritten to match (the content itself is what is wrong); otherwise it keeps the old checksums."""
+    from student.bundle import write_manifest
+
+    shutil.copytree(bundle, dest)
+    (dest / name).write_bytes(content)
+    if manifest:
+        write_manifest(dest)
+
+
 def _checkpoints(run: Path) -> dict[str, tuple[bytes, int]]:
     return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns)
             for p in run.rglob("*") if p.suffix in (".safetensors", ".mindir")}
@@ -138,7 +156,6 @@ class Outcome:
 @pytest.fixture(scope="module")
 def outcomes(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
     from distill.jobs.publish import run_publish
-    from student.bundle import write_manifest
 
     root = tmp_path_factory.mktemp("cli_errors")
     trained = copy_run(tiny_run, root / "trained")
@@ -152,19 +169,15 @@ def outcomes(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         (files / "wide_images" / label).mkdir(parents=True)
         for i in range(3):
             Image.new("L", (8, 6), 40 * i).save(files / "wide_images" / label / f"{i}.png")
-    flipped = bytearray((trained / "teacher" / "checkpoint.safetensors").read_bytes())
-    flipped[len(flipped) // 2] ^= 0x01
-    (files / "flipped.safetensors").write_bytes(bytes(flipped))
+    (files / "flipped.safetensors").write_bytes(
+        _flip_middle_byte((trained / "teacher" / "checkpoint.safetensors").read_bytes()))
     tensors, meta = load_checkpoint(trained / "student" / "checkpoint.safetensors")
     tensors = {k: np.full_like(v, np.nan) if k.startswith("ema.") else v for k, v in tensors.items()}
     save_checkpoint(files / "nan_student.safetensors", tensors, meta)
-    listed = Path(shutil.copytree(trained / "bundle", files / "list_bundle"))
-    (listed / "config.json").write_text("[]")
-    write_manifest(listed)  # a consistent manifest: the config itself is what is wrong
-    tampered = Path(shutil.copytree(trained / "bundle", files / "tampered_bundle"))
-    raw = bytearray((tampered / "model.safetensors").read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    (tampered / "model.safetensors").write_bytes(bytes(raw))
+    bundle = trained / "bundle"
+    _bad_bundle(bundle, files / "list_bundle", "config.json", b"[]", manifest=True)
+    _bad_bundle(bundle, files / "tampered_bundle", "model.safetensors",
+                _flip_middle_byte((bundle / "model.safetensors").read_bytes()), manifest=False)
 
     def run(row: Row, index: int) -> Outcome:
         work = root / f"row{index}"
