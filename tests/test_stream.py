@@ -1,5 +1,7 @@
 """data.stream=true: the file-based data sets read their training images batch by batch through a
-mindspore.dataset pipeline and give the same images, batches and errors as the in-memory loader."""
+mindspore.dataset pipeline (MindSpore's MnistDataset / Cifar10Dataset / ImageFolderDataset where they read
+the files as the project's reader does, else a GeneratorDataset over that reader) and give the same images,
+bit for bit, the same batches and the same errors as the in-memory loader."""
 from __future__ import annotations
 
 import itertools
@@ -11,6 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from distill.core.data import StreamedImages, iterate_batches, load_data
+from distill.core.streaming import NativeSource, ReaderSource
 from distill.core.errors import UserError
 from test_data import cfg, cifar_bytes, cifar_like, mnist_like, write_idx, _write_16bit
 
@@ -37,6 +40,10 @@ def assert_same(memory, streamed, batch_size: int = 4) -> None:
             np.testing.assert_array_equal(y, my)
 
 
+def reader_of(data) -> type:
+    return type(data.train_images.source)
+
+
 def write_rgb_folder(root: Path, sizes=(9, 9)) -> Path:
     rng = np.random.default_rng(0)
     for c in ("ant", "bee", "cow"):
@@ -49,8 +56,20 @@ def write_rgb_folder(root: Path, sizes=(9, 9)) -> Path:
 
 def test_an_image_folder_streams_the_same_images_and_batches(tmp_path: Path) -> None:
     root = write_rgb_folder(tmp_path)
-    assert_same(*both("folder", root, image_size=6, held_out_fraction=0.25))
+    memory, streamed = both("folder", root, image_size=6, held_out_fraction=0.25)
+    assert reader_of(streamed) is NativeSource  # ImageFolderDataset hands over the bytes, Pillow decodes
+    assert_same(memory, streamed)
     assert_same(*both("folder", root, channels=1, max_train=7))
+
+
+def test_a_folder_the_native_source_would_list_differently_streams_through_the_reader(tmp_path: Path, caplog) -> None:
+    root = write_rgb_folder(tmp_path)
+    # a file named only ".png": ImageFolderDataset lists it, the project's reader (no suffix) does not
+    (root / "ant" / ".png").write_bytes((root / "ant" / "0.png").read_bytes())
+    caplog.set_level("INFO", logger="distill.core.data")
+    memory, streamed = both("folder", root, held_out_fraction=0.25)
+    assert reader_of(streamed) is ReaderSource and "not mindspore.dataset.ImageFolderDataset" in caplog.text
+    assert_same(memory, streamed)
 
 
 def test_a_folder_of_16_and_8_bit_images_streams_with_one_scale(tmp_path: Path) -> None:
@@ -66,13 +85,46 @@ def test_cifar10_batches_stream_the_same_images(tmp_path: Path, with_test: bool)
     if with_test:
         (tmp_path / "test_batch.bin").write_bytes(cifar_bytes(*cifar_like(6, 2)))
     assert_same(*both("cifar10", tmp_path, image_size=16, channels=1))
-    assert_same(*both("cifar10", tmp_path, max_train=10))
+    memory, streamed = both("cifar10", tmp_path, max_train=10)
+    assert reader_of(streamed) is ReaderSource  # Cifar10Dataset reads 10,000 records a batch file
+    assert_same(memory, streamed)
 
 
-def test_mnist_streams_from_plain_idx_files_and_reads_gzip_ones_into_memory(tmp_path: Path, caplog) -> None:
+def test_official_size_cifar10_batches_stream_through_cifar10dataset(tmp_path: Path) -> None:
+    (tmp_path / "data_batch_1.bin").write_bytes(cifar_bytes(*cifar_like(10000, 0)))
+    (tmp_path / "test_batch.bin").write_bytes(cifar_bytes(*cifar_like(6, 2)))
+    memory, streamed = both("cifar10", tmp_path, max_train=24, image_size=8, channels=1)
+    assert reader_of(streamed) is NativeSource
+    assert_same(memory, streamed)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_28x28_idx_files_stream_through_mnistdataset(tmp_path: Path, name: str) -> None:
+    write_idx(tmp_path, "train", *mnist_like(30, 0, size=28))
+    memory, streamed = both(name, tmp_path, image_size=6, held_out_fraction=0.2)
+    assert reader_of(streamed) is NativeSource
+    assert_same(memory, streamed)
+    write_idx(tmp_path, "t10k", *mnist_like(5, 1, size=28))
+    assert_same(*both(name, tmp_path))
+
+
+def test_a_native_source_that_orders_rows_otherwise_is_one_clear_error(tmp_path: Path) -> None:
+    write_idx(tmp_path, "train", *mnist_like(12, 0, size=28))
+    data = load_data(cfg("mnist", tmp_path, stream=True))
+    source = data.train_images.source
+    source.labels = np.roll(source.labels, 1)  # as if MnistDataset listed the rows in another order
+    with pytest.raises(UserError, match=r"^data: mindspore.dataset.MnistDataset orders the files in .* differently "
+                                        r"from the project's reader \(source row \d+ has label"):
+        next(iterate_batches(data.train_images, data.train_labels, 4, 0))
+
+
+def test_small_idx_images_stream_through_the_reader_and_gzip_ones_are_read_into_memory(tmp_path: Path, caplog) -> None:
     write_idx(tmp_path / "plain", "train", *mnist_like(20, 0))
     write_idx(tmp_path / "plain", "t10k", *mnist_like(5, 1))
-    assert_same(*both("mnist", tmp_path / "plain", image_size=4))
+    caplog.set_level("INFO", logger="distill.core.data")
+    memory, streamed = both("mnist", tmp_path / "plain", image_size=4)
+    assert reader_of(streamed) is ReaderSource and "MnistDataset reads 28x28 only" in caplog.text
+    assert_same(memory, streamed)
     write_idx(tmp_path / "gz", "train", *mnist_like(20, 0), gz=True)
     caplog.set_level("INFO", logger="distill.core.data")
     data = load_data(cfg("fashion_mnist", tmp_path / "gz", stream=True))
@@ -88,6 +140,7 @@ def test_an_image_that_fails_to_decode_mid_stream_is_one_clear_error(tmp_path: P
     bad = root / "bee" / "3.png"
     bad.write_bytes(bad.read_bytes()[:60])  # the header reads, the pixels do not
     data = load_data(cfg("folder", root, stream=True, held_out_fraction=0.1))
+    assert reader_of(data) is NativeSource  # the pipeline's error is given back as the reader's own line
     with pytest.raises(UserError, match=r"^data: cannot read image .*bee/3\.png \("):
         for _ in itertools.islice(iterate_batches(data.train_images, data.train_labels, 4, 0), 20):
             pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import gzip
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from distill.core.errors import UserError
+from distill.core.streaming import NativeSource, ReaderSource, RowSource, StreamedImages, native_layout_problem
 
 log = logging.getLogger(__name__)
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")
@@ -157,9 +159,10 @@ def _load_cifar10(root: Path) -> tuple[Split, Optional[Split], Optional[tuple[st
     return train, test, _cifar10_names(root)
 
 
-def _open_image(path: Path) -> Image.Image:
+def _open_image(path: Path, data: Optional[bytes] = None) -> Image.Image:
+    """The decoded image of ``path`` (or of ``data``, that file's bytes)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()
             return img
     except Exception as exc:  # Pillow raises several types for bad files
@@ -352,69 +355,6 @@ def _is_int(value: Any) -> bool:
 # ----------------------------------------------------------------------------- streaming
 
 
-class StreamedImages:
-    """Training images that stay in their files: ``len``, ``shape``, ``images[idx]`` (a float32 batch)
-    and :meth:`batches` (the batches of an index order, read ahead).
-
-    Reading goes through a ``mindspore.dataset`` pipeline: a ``GeneratorDataset`` over a
-    random-access reader (``read(i)``: source image i as float32 C x H x W in [-1, 1], converted as the
-    in-memory loader converts it), decoded by ``workers`` threads, batched in order. Only the source
-    indices of the training images (``ids``, after the split and ``max_train``) are held in memory.
-    """
-
-    ndim = 4
-    dtype = np.dtype(np.float32)
-
-    def __init__(self, read: Callable[[int], np.ndarray], ids: np.ndarray, image_shape: tuple[int, ...],
-                 key: bytes, workers: int, where: str) -> None:
-        self._read, self.ids, self.workers, self.where = read, np.asarray(ids, np.int64), int(workers), where
-        self.shape = (len(self.ids), *image_shape)
-        self.key = key  # what identifies the content for digests: the files and the read options
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, idx: Any) -> np.ndarray:
-        rows = np.arange(len(self.ids))[idx]
-        rows = np.atleast_1d(rows)
-        return next(self.batches(rows, max(1, len(rows)))) if len(rows) else np.zeros((0, *self.shape[1:]), np.float32)
-
-    def batches(self, rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-        """The images at positions ``rows`` (of the training set) in order, ``batch_size`` at a time."""
-        import mindspore.dataset as mds
-
-        source = _Rows(self._read, self.ids[np.asarray(rows, np.int64)])
-        dataset = mds.GeneratorDataset(source, column_names=["image"], shuffle=False,
-                                       num_parallel_workers=max(1, min(self.workers, len(source))),
-                                       python_multiprocessing=False)
-        dataset = dataset.batch(batch_size, drop_remainder=False)
-        try:
-            for (x,) in dataset.create_tuple_iterator(output_numpy=True, num_epochs=1):
-                yield x
-        except RuntimeError as e:  # the reader's own error (a file that cannot be read) comes wrapped
-            if source.error is not None:
-                raise source.error from None
-            raise UserError(f"data: reading {self.where} failed ({str(e).strip().splitlines()[0]})") from e
-
-
-class _Rows:
-    """Random-access source of a ``GeneratorDataset``: row k is source image ``ids[k]``; the first
-    UserError a read raises is kept, so the pipeline's wrapped error can be given back as it was."""
-
-    def __init__(self, read: Callable[[int], np.ndarray], ids: np.ndarray) -> None:
-        self.read, self.ids, self.error = read, ids, None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, k: int) -> tuple[np.ndarray]:
-        try:
-            return (self.read(int(self.ids[k])),)
-        except UserError as e:
-            self.error = self.error or e
-            raise
-
-
 def digest_source(images: Any) -> Any:
     """What identifies a set of images in a digest: the array, or a stream's files and read options
     (reading a whole stream to hash it would defeat streaming)."""
@@ -430,22 +370,21 @@ def _streamed(cfg: Mapping[str, Any], name: str, size: Optional[int], fraction: 
     channels = _channels(cfg)
     test: Optional[Split] = None  # an official held-out split (CIFAR-10 test_batch.bin, MNIST t10k)
     if name == "folder":
-        raw, labels, names, key = _folder_source(root, size, channels)
+        source, labels, names, key = _folder_source(root, size, channels)
     elif name == "cifar10":
-        raw, labels, test, meta, key = _cifar10_source(root)
+        source, labels, test, meta, key = _cifar10_source(root, size, channels)
         names = meta or CIFAR10_NAMES
     else:
         title = "MNIST" if name == "mnist" else "Fashion-MNIST"
-        found = _idx_source(root, title)
+        found = _idx_source(root, title, size, channels)
         if found is None:
             log.info("data: the %s IDX files in %s are gzip-compressed: read into memory (gunzip them to "
                      "stream them)", title, root)
             return None
-        raw, labels, test, key = found
+        source, labels, test, key = found
         names = DIGIT_NAMES if name == "mnist" else FASHION_NAMES
     if len(labels) == 0:
         raise UserError(f"data: {root} has no training images")
-    read = _image_reader(raw, size, channels)
     train_ids, train_y = np.arange(len(labels)), np.asarray(labels, np.int32)
     test_ids: Optional[np.ndarray] = None
     if test is None:
@@ -456,41 +395,53 @@ def _streamed(cfg: Mapping[str, Any], name: str, size: Optional[int], fraction: 
     train_ids, train_y = train_ids[order], train_y[order]
     names = _class_names(cfg.get("class_names"), names, np.concatenate([train_y, test_y]), root)
     key += repr(("stream", size, channels)).encode()
-    shape = tuple(read(int(train_ids[0])).shape)
-    train = StreamedImages(read, train_ids, shape, key, _stream_workers(), str(root))
+    shape = tuple(source.read(int(train_ids[0])).shape)
+    train = StreamedImages(source, train_ids, shape, key, _stream_workers(), str(root))
     if test_ids is not None:
-        test_x = StreamedImages(read, test_ids, shape, key, _stream_workers(), str(root))[:]
+        test_x = StreamedImages(source, test_ids, shape, key, _stream_workers(), str(root))[:]
     else:
         test_x = _to_unit(test[0])
         test_x = _convert_channels(_resize(test_x, size) if size is not None else test_x, channels)
-    if channels is not None and channels != _native_channels(raw):
+    native = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3}.get(name, channels)  # a folder's are decided above
+    if channels is not None and channels != native:
         log.info("data: %s converted to %d channel(s) (data.channels=%d)", root, channels, channels)
-    log.info("data: streaming %d training images from %s (%d held out, in memory)", len(train), root, len(test_x))
+    log.info("data: streaming %d training images from %s through %s (%d held out, in memory)", len(train), root,
+             source.reader, len(test_x))
     return ImageData(train, train_y.astype(np.int32), np.ascontiguousarray(test_x, np.float32),
                      np.asarray(test_y, np.int32), names)
 
 
-def _native_channels(raw: Callable[[int], np.ndarray]) -> int:
-    return int(raw(0).shape[0])
-
-
-def _image_reader(raw: Callable[[int], np.ndarray], size: Optional[int], channels: Optional[int]
-                  ) -> Callable[[int], np.ndarray]:
-    """``raw(i)`` (C x H x W unsigned pixels) -> float32 C x H x W in [-1, 1], resized and with ``channels``,
-    by the functions the in-memory loader applies to the whole array (so the values are the same)."""
-    def read(i: int) -> np.ndarray:
-        x = _to_unit(raw(i)[None])
+def _unit_image(size: Optional[int], channels: Optional[int]) -> Callable[[np.ndarray], np.ndarray]:
+    """C x H x W unsigned pixels -> float32 C x H x W in [-1, 1], resized and with ``channels``, by the
+    functions the in-memory loader applies to the whole array (so the values are the same)."""
+    def convert(pixels: np.ndarray) -> np.ndarray:
+        x = _to_unit(pixels[None])
         if size is not None:
             x = _resize(x, size)
         return np.ascontiguousarray(_convert_channels(x, channels)[0], np.float32)
-    return read
+    return convert
+
+
+def _row_source(kind: str, root: Path, files: Sequence[Path], labels: np.ndarray,
+                convert: Callable[[np.ndarray], np.ndarray], read: Callable[[int], np.ndarray],
+                problem: Optional[str], **native: Any) -> RowSource:
+    """MindSpore's own source for ``kind`` when it reads ``root`` row for row as the project's reader
+    does, else a pipeline over the project's reader (``read``); which one is logged."""
+    source = NativeSource(kind, root, labels, convert, read, **native)
+    if problem is None and kind == "folder" and source.size() != len(labels):
+        problem = f"ImageFolderDataset lists {source.size()} images, the project's reader {len(labels)}"
+    if problem is None:
+        return source
+    log.info("data: %s streams through the project's reader, not %s: %s", root, source.reader, problem)
+    return ReaderSource(read)
 
 
 def _folder_source(root: Path, size: Optional[int], channels: Optional[int]
-                   ) -> tuple[Callable[[int], np.ndarray], np.ndarray, tuple[str, ...], bytes]:
+                   ) -> tuple[RowSource, np.ndarray, tuple[str, ...], bytes]:
     """An image folder read one image at a time: the channel count, 16-bit scaling and size check
     come from every file's header (Pillow opens it without decoding), as the in-memory loader
-    decides them from the decoded images."""
+    decides them from the decoded images. Decoding is Pillow's in both sources (the native one hands
+    over the file's bytes), so 16-bit images and every mode convert as in memory."""
     classes, files = _folder_files(root)
     modes, sizes = [], []
     for path, _ in files:
@@ -512,43 +463,50 @@ def _folder_source(root: Path, size: Optional[int], channels: Optional[int]
     if sixteen:
         log.info("data: %d of %d images in %s have 16 bits per channel: scaled by the 16-bit range 0..65535%s",
                  sixteen, len(files), root, "; 8-bit images scaled to match" if sixteen < len(files) else "")
+    unit = _unit_image(None, None)  # a folder's images are resized and converted as pixels, as in memory
 
-    def raw(i: int) -> np.ndarray:
-        path = files[i][0]
-        a = _pixels(_open_image(path), path, channels, collections.Counter())
+    def pixels(path: Path, data: Optional[bytes] = None) -> np.ndarray:
+        a = _pixels(_open_image(path, data), path, channels, collections.Counter())
         if size is not None:
             a = _resize_pixels(a, size)
         if sixteen and a.dtype != np.uint16:
             a = a.astype(np.uint16) * 257
-        return a.transpose(2, 0, 1)
+        return unit(a.transpose(2, 0, 1))
 
     labels = np.array([label for _, label in files], np.int32)
-    return raw, labels, tuple(p.name for p in classes), _file_key([p for p, _ in files])
+    paths = [p for p, _ in files]
+    source = _row_source("folder", root, paths, labels, lambda raw: pixels(root, raw.tobytes()),
+                         lambda i: pixels(paths[i]), None, classes=[p.name for p in classes],
+                         extensions=[p.suffix for p in paths])
+    return source, labels, tuple(p.name for p in classes), _file_key(paths)
 
 
-def _cifar10_source(root: Path) -> tuple[Callable[[int], np.ndarray], np.ndarray, Optional[Split],
-                                         Optional[tuple[str, ...]], bytes]:
-    """CIFAR-10 training records memory-mapped (read from disk when a batch needs them); the test batch
-    and the labels in memory."""
+def _cifar10_source(root: Path, size: Optional[int], channels: Optional[int]
+                    ) -> tuple[RowSource, np.ndarray, Optional[Split], Optional[tuple[str, ...]], bytes]:
+    """CIFAR-10 training records (the project's reader memory-maps them; the test batch and the labels in
+    memory)."""
     root, paths = _cifar10_files(root)
     for path in paths:
         _check_cifar_size(path, path.stat().st_size)
     maps = [np.memmap(p, np.uint8, "r").reshape(-1, CIFAR_RECORD) for p in paths]
     starts = np.cumsum([0] + [len(m) for m in maps])
     labels = np.concatenate([np.asarray(m[:, 0]) for m in maps]).astype(np.int32)
+    convert = _unit_image(size, channels)
 
-    def raw(i: int) -> np.ndarray:
+    def read(i: int) -> np.ndarray:
         f = int(np.searchsorted(starts, i, side="right")) - 1
-        return np.asarray(maps[f][i - starts[f], 1:]).reshape(3, 32, 32)
+        return convert(np.asarray(maps[f][i - starts[f], 1:]).reshape(3, 32, 32))
 
+    source = _row_source("cifar10", root, paths, labels, lambda hwc: convert(hwc.transpose(2, 0, 1)), read,
+                         native_layout_problem("cifar10", root, paths))
     test = _read_cifar_batch(root / "test_batch.bin") if (root / "test_batch.bin").is_file() else None
-    return raw, labels, test, _cifar10_names(root), _file_key(paths)
+    return source, labels, test, _cifar10_names(root), _file_key(paths)
 
 
-def _idx_source(root: Path, title: str) -> Optional[tuple[Callable[[int], np.ndarray], np.ndarray,
-                                                          Optional[Split], bytes]]:
-    """MNIST-format training images memory-mapped (labels and the t10k pair in memory); None if the
-    image file is gzip-compressed."""
+def _idx_source(root: Path, title: str, size: Optional[int], channels: Optional[int]
+                ) -> Optional[tuple[RowSource, np.ndarray, Optional[Split], bytes]]:
+    """MNIST-format training images (the project's reader memory-maps them; labels and the t10k pair in
+    memory); None if the image file is gzip-compressed."""
     paths = []
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
         path = _find(root, name)
@@ -561,11 +519,15 @@ def _idx_source(root: Path, title: str) -> Optional[tuple[Callable[[int], np.nda
         head = f.read(16)
     dims = _idx_dims(paths[0], head, paths[0].stat().st_size, images=True)
     images = np.memmap(paths[0], np.uint8, "r", offset=16, shape=tuple(dims))
-    labels = _read_idx(paths[1], images=False)
+    labels = _read_idx(paths[1], images=False).astype(np.int32)
     _check_count(images, labels, paths[0], paths[1])
     has_test = any(_find(root, f"t10k-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
     test = _read_idx_pair(root, "t10k", title) if has_test else None
-    return (lambda i: np.asarray(images[i])[None]), labels.astype(np.int32), test, _file_key(paths)
+    convert = _unit_image(size, channels)
+    source = _row_source("mnist", root, paths, labels, lambda hwc: convert(hwc.transpose(2, 0, 1)),
+                         lambda i: convert(np.asarray(images[i])[None]),
+                         native_layout_problem("mnist", root, paths, (dims[1], dims[2])))
+    return source, labels, test, _file_key(paths)
 
 
 def _stream_workers() -> int:
