@@ -8,7 +8,7 @@ and a per-example weight that puts the loss in x-space (truncated SNR), eps or v
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import mindspore as ms
@@ -97,17 +97,19 @@ def check_ws_per_input(ws_per_input: int, batch_size: int) -> None:
 
 def distill_inputs(data: ImageData, batch_size: int, seed: int, start_step: int, schedule: str,
                    w_min: float, w_max: float, power: float = 1.0,
-                   ws_per_input: int = 1, p_null_negative: float = 1.0) -> Callable[[int], tuple[np.ndarray, ...]]:
+                   ws_per_input: int = 1, p_null_negative: float = 1.0, share: Optional[tuple[int, int]] = None
+                   ) -> Callable[[int], tuple[np.ndarray, ...]]:
     """step -> (z_t, t, y, w, y_neg, alpha, sigma): the inputs of one distillation step, on the host.
 
     With ``ws_per_input`` k > 1 the batch is ``batch_size / k`` noisy inputs (x, y, y_neg, t, noise), each
     repeated in k adjacent rows with its own w: the teacher then runs once per input
-    (:func:`teacher_targets`) and the student sees how its target moves with w alone.
+    (:func:`teacher_targets`) and the student sees how its target moves with w alone. ``share``: read only
+    this rank's rows of a streamed batch (for a caller that keeps this rank's slice).
     """
     check_w_range(w_min, w_max, power)
     check_ws_per_input(ws_per_input, batch_size)
     k = ws_per_input
-    draw = step_batches(data, batch_size // k, seed, start_step, 2)
+    draw = step_batches(data, batch_size // k, seed, start_step, 2, share=share)
 
     def make(step: int) -> tuple[np.ndarray, ...]:
         x, y, rng = draw(step)

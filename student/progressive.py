@@ -30,7 +30,7 @@ from distill.core import diffusion as dm
 from distill.core.checkpoint import read_meta
 from distill.core.data import ImageData, step_batches
 from distill.core.errors import UserError
-from distill.core.runtime import shard
+from distill.core.runtime import data_share, shard
 from distill.core.training import CHECKPOINT_NAME
 from distill.core.weights import weights_digest
 from student.distill import (check_w_loss_power, check_w_range, guidance_loss_weight, sample_negative, sample_w,
@@ -106,7 +106,7 @@ def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_
     check_w_loss_power(w_loss_power)
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
-        draw = step_batches(data, batch_size, seed, start, 3, round_index)
+        draw = step_batches(data, batch_size, seed, start, 3, round_index, share=data_share())
 
         def make(step: int) -> tuple[np.ndarray, ...]:
             x, y, rng = draw(step)

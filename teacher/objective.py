@@ -1,7 +1,7 @@
 """CFG teacher training: condition dropout to the null class, eps or v objective."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import mindspore as ms
@@ -33,15 +33,17 @@ def teacher_batch_maker(
     schedule: str,
     prediction: str,
     p_uncond: float,
+    share: Optional[tuple[int, int]] = None,
 ) -> Callable[[int], tuple[np.ndarray, ...]]:
     """Host-side batches for :func:`regression_loss`: (z_t, t, y', w, y_neg, target, weight)
     (w and the negative class are unused by the teacher's backbone).
 
     Labels are replaced by the null class with probability ``p_uncond`` so that one network
-    learns both the conditional and the unconditional model.
+    learns both the conditional and the unconditional model. ``share``: read only this rank's rows of
+    a streamed batch (:func:`distill.core.data.iterate_batches`).
     """
     check_p_uncond(p_uncond)
-    draw = step_batches(data, batch_size, seed, start_step, 1)
+    draw = step_batches(data, batch_size, seed, start_step, 1, share=share)
     null_class = data.num_classes
 
     def make(step: int) -> tuple[np.ndarray, ...]:

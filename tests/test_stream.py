@@ -177,3 +177,40 @@ def test_data_stream_is_a_config_key(tmp_path: Path) -> None:
 
     conf = compose_cfg(tmp_path, "data=cifar10", "data.stream=true", "data.root=/x", tiny=False)
     assert conf.data.stream is True and OmegaConf.is_config(conf.data)
+
+
+def test_under_data_parallelism_each_rank_reads_only_its_rows_of_each_step(tmp_path: Path) -> None:
+    memory, streamed = both("folder", write_rgb_folder(tmp_path), held_out_fraction=0.25)
+    source, read = streamed.train_images.source, {}
+    for rank in (0, 1):
+        asked = read[rank] = []
+        source.dataset = (lambda ids, workers, _asked=asked, _native=type(source).dataset:
+                          _asked.append(ids) or _native(source, ids, workers))
+        ours = iterate_batches(streamed.train_images, streamed.train_labels, 4, 3, 2, share=(rank, 2))
+        theirs = iterate_batches(memory.train_images, memory.train_labels, 4, 3, 2)
+        for (x, y), (mx, my) in itertools.islice(zip(ours, theirs), 7):  # epochs of 3 steps, from step 2 to the end of epoch 2
+            mine = slice(2 * rank, 2 * rank + 2)
+            assert x[mine].tobytes() == mx[mine].tobytes() and not np.delete(x, mine, axis=0).any()
+            np.testing.assert_array_equal(y, my)  # every rank has the whole batch's labels
+    # the two ranks' reads together are the epochs' rows, each once
+    both_ranks = np.sort(np.concatenate([np.concatenate(read[0]), np.concatenate(read[1])]))
+    expected = np.concatenate([streamed.train_images.ids[np.random.default_rng((3, e)).permutation(12)[k:]]
+                               for e, k in ((0, 8), (1, 0), (2, 0))])  # step 2 is epoch 0's last
+    np.testing.assert_array_equal(both_ranks, np.sort(expected))
+
+
+@pytest.mark.parametrize("ws_per_input", [1, 2])
+def test_a_rank_s_slice_of_the_training_inputs_is_the_one_process_slice(tmp_path: Path, ws_per_input: int) -> None:
+    from student.distill import distill_inputs
+    from teacher.objective import teacher_batch_maker
+
+    streamed = load_data(cfg("folder", write_rgb_folder(tmp_path), stream=True, image_size=4))
+    for rank in (0, 1):
+        rows = slice(4 * rank, 4 * rank + 4)  # what runtime.shard keeps of a global batch of 8 on 2 ranks
+        for make in (lambda share: teacher_batch_maker(streamed, 8, 1, 0, "cosine", "eps", 0.1, share),
+                     lambda share: distill_inputs(streamed, 8, 1, 0, "cosine", 1.0, 3.0, ws_per_input=ws_per_input,
+                                                  share=share)):
+            alone, shared = make(None), make((rank, 2))
+            for step in range(3):
+                for a, b in zip(alone(step), shared(step)):
+                    assert a[rows].tobytes() == b[rows].tobytes()

@@ -596,12 +596,17 @@ def _class_names(override: Optional[Sequence[str]], default: tuple[str, ...],
 
 
 def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                    start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                    start_step: int = 0, share: Optional[tuple[int, int]] = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Endless deterministic batches; step k is the same whatever `start_step` the stream began at.
 
     Epoch e is the permutation ``default_rng((seed, e))`` cut into full batches (the last partial
     batch is dropped). With fewer images than `batch_size`, each step is its own "epoch" that draws
     `batch_size` indices with replacement from ``default_rng((seed, step))``.
+
+    ``share`` = (rank, world size) under data parallelism: a stream then reads only this rank's rows of
+    each global batch (the contiguous slice :func:`distill.core.runtime.shard` keeps) and leaves the
+    other ranks' rows zero, so the ranks together read each batch once; arrays give whole batches.
     """
     n = len(images)
     if n != len(labels):
@@ -617,7 +622,7 @@ def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, see
             rng = np.random.default_rng((seed, epoch))
             order = rng.permutation(n) if n >= batch_size else rng.integers(0, n, (1, batch_size))[0]
             rows = order[offset * batch_size:per_epoch * batch_size]
-            for k, x in zip(range(0, len(rows), batch_size), fetch_rows(images, rows, batch_size)):
+            for k, x in zip(range(0, len(rows), batch_size), _fetch_share(images, rows, batch_size, share)):
                 yield x, labels[rows[k:k + batch_size]]
             epoch, offset = epoch + 1, 0
 
@@ -632,15 +637,34 @@ def fetch_rows(images: Any, rows: np.ndarray, batch_size: int) -> Iterator[np.nd
     return (images[rows[k:k + batch_size]] for k in range(0, len(rows), batch_size))
 
 
-def step_batches(data: ImageData, batch_size: int, seed: int, start_step: int, *stream: int
+def _fetch_share(images: Any, rows: np.ndarray, batch_size: int, share: Optional[tuple[int, int]]
+                 ) -> Iterator[np.ndarray]:
+    """:func:`fetch_rows` of whole batches, or of this rank's slice of each (``share``, streams only)."""
+    rank, world = share or (0, 1)
+    if world == 1 or batch_size % world or not isinstance(images, StreamedImages):
+        return fetch_rows(images, rows, batch_size)
+    local = batch_size // world
+    mine = slice(rank * local, (rank + 1) * local)
+
+    def placed() -> Iterator[np.ndarray]:
+        for part in images.batches(rows.reshape(-1, batch_size)[:, mine].reshape(-1), local):
+            x = np.zeros((batch_size, *images.shape[1:]), np.float32)
+            x[mine] = part
+            yield x
+    return placed()
+
+
+def step_batches(data: ImageData, batch_size: int, seed: int, start_step: int, *stream: int,
+                 share: Optional[tuple[int, int]] = None
                  ) -> Callable[[int], tuple[np.ndarray, np.ndarray, np.random.Generator]]:
     """``step -> (x, y, rng)``: the next training batch (:func:`iterate_batches`) and the step's own
     generator ``default_rng((seed, *stream, step))`` for everything else the step draws (t, noise, w).
 
     ``stream`` keeps the objectives' draws apart (teacher, distillation, each progressive round), and
     drawing per step means a resumed run replays exactly the stream an uninterrupted run saw.
+    ``share``: see :func:`iterate_batches` (for callers that train on this rank's slice only).
     """
-    batches = iterate_batches(data.train_images, data.train_labels, batch_size, seed, start_step)
+    batches = iterate_batches(data.train_images, data.train_labels, batch_size, seed, start_step, share)
 
     def draw(step: int) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
         x, y = next(batches)

@@ -288,6 +288,12 @@ def shard(arrays: tuple[np.ndarray, ...], global_batch: int) -> tuple[np.ndarray
     return tuple(out)
 
 
+def data_share() -> Optional[tuple[int, int]]:
+    """(rank, world size) under data parallelism, else None: for a batch stream that reads only the
+    rows :func:`shard` keeps (:func:`distill.core.data.iterate_batches`)."""
+    return (_current.rank, _current.world_size) if _current.world_size > 1 else None
+
+
 def local_batch_size(global_batch: int) -> int:
     world = _current.world_size
     if global_batch % world:

@@ -13,7 +13,7 @@ from distill.core import build
 from distill.core.fileio import write_json
 from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
-from distill.core.runtime import is_main, local_batch_size, shard
+from distill.core.runtime import data_share, is_main, local_batch_size, shard
 from distill.core.sampling import jit_predictor
 from distill.core.training import CHECKPOINT_NAME, Trainer
 from student.distill import (check_p_null_negative, check_w_loss_power, check_w_range, check_ws_per_input, describe_w,
@@ -52,7 +52,7 @@ def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
         make = distill_inputs(data, int(s.train.batch_size), int(cfg.seed), start, cfg.diffusion.schedule,
-                              *w_distribution(s), s.ws_per_input, negative_draw(s))
+                              *w_distribution(s), s.ws_per_input, negative_draw(s), data_share())
 
         def batch(step: int) -> tuple[np.ndarray, ...]:
             inputs = shard(make(step), int(s.train.batch_size))  # data parallel: targets for this rank's slice only

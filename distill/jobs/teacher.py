@@ -12,7 +12,7 @@ from distill.core import build, provenance
 from distill.core.fileio import write_json
 from distill.core.data import ImageData, load_data
 from distill.core.images import save_grid_png, save_samples_npz
-from distill.core.runtime import current, is_main, main_decides
+from distill.core.runtime import current, data_share, is_main, main_decides
 from distill.jobs.common import guided_samples
 from distill.core.sampling import jit_predictor
 from distill.core.training import CHECKPOINT_NAME, Trainer
@@ -43,7 +43,7 @@ def run_teacher(cfg: DictConfig, follow_inputs: bool = False) -> Path:
 
     def batches(start: int):
         return teacher_batch_maker(data, settings.batch_size, settings.seed, start, cfg.diffusion.schedule,
-                                   cfg.diffusion.prediction, p_uncond)
+                                   cfg.diffusion.prediction, p_uncond, data_share())
 
     writer = SummaryWriter(str(build.run_dir(cfg) / "tb")) if is_main() else None  # rank 0 writes
     trainer = Trainer(net, ema, regression_loss, batches, settings, out, teacher_meta(ucfg, cfg, data), writer)
