@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from distill.core.diffusion import cfg_combine
+from teacher.noisy_classifier import LogProbGrad, NoisyClassifier
 from teacher.unet import UNet
 
 
@@ -89,3 +90,38 @@ class ConditionalPrediction(nn.Cell):
 
     def predict(self, z: ms.Tensor, cond: tuple[ms.Tensor, ...], w: ms.Tensor) -> ms.Tensor:
         return self.net.backbone(z, cond)
+
+
+class ClassifierGuidedPrediction(nn.Cell):
+    """Classifier guidance's two parts: the unconditional teacher (one pass at ``y_uncond``, the null class) and
+    grad_z log p(y | z_t, t) of a noise-aware classifier, which the sampler combines
+    (:func:`distill.core.diffusion.classifier_guided_output`). ``passes`` counts network passes only; the
+    classifier's forward and backward come on top (``distill.core.sampling.classifier_calls_per_image``)."""
+
+    passes = 1
+    has_classifier = True
+
+    def __init__(self, net: UNet, classifier: NoisyClassifier) -> None:
+        super().__init__()
+        self.net = net
+        self.classifier = classifier
+        self.log_prob_grad = LogProbGrad(classifier)
+
+    def construct(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor) -> ms.Tensor:
+        """The unconditional output (the guidance needs alpha_t and sigma_t: the sampler applies it)."""
+        return self.net(z, t, y_uncond, w)
+
+    def conditioning(self, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor) -> tuple[ms.Tensor, ...]:
+        """The unconditional net's conditioning, then the classifier's time embedding and the labels y."""
+        return self.net.conditioning(t, y_uncond, w) + (self.classifier.embed(t), y)
+
+    def predict(self, z: ms.Tensor, cond: tuple[ms.Tensor, ...], w: ms.Tensor) -> ms.Tensor:
+        return self.net.backbone(z, cond[:-2])
+
+    def predict_and_grad(self, z: ms.Tensor, cond: tuple[ms.Tensor, ...]) -> tuple[ms.Tensor, ms.Tensor]:
+        """(unconditional output, grad_z log p(y | z, t)) given :meth:`conditioning`'s rows."""
+        return self.net.backbone(z, cond[:-2]), self.log_prob_grad(z, cond[-2], cond[-1])
+
+    def output_and_grad(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor,
+                        y_uncond: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:
+        return self.net(z, t, y_uncond, w), self.log_prob_grad(z, self.classifier.embed(t), y)

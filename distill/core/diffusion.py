@@ -157,13 +157,31 @@ def cfg_combine(cond: Array, uncond: Array, w) -> Array:
 
 
 # --------------------------------------------------------------------------- guidance methods
-GUIDANCE_METHODS = ("cfg", "cfgpp")
+GUIDANCE_METHODS = ("cfg", "cfgpp", "classifier")
 
 
 def check_guidance(method: str) -> str:
     if method not in GUIDANCE_METHODS:
-        raise UserError(f"sampler: unknown guidance '{method}' (choose {' or '.join(GUIDANCE_METHODS)})")
+        raise UserError(f"sampler: unknown guidance '{method}' (choose {', '.join(GUIDANCE_METHODS)})")
     return method
+
+
+def check_classifier_scale(scale: float, where: str = "sampler.classifier_scale") -> float:
+    """Classifier guidance's scale s: a finite number >= 0 (0: the unconditional sampler)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale >= 0):
+        raise UserError(f"{where}: classifier guidance scale {scale} must be a finite number >= 0")
+    return float(scale)
+
+
+def classifier_guided_output(out: Array, grad_log_p: Array, alpha: Array, sigma: Array, scale: Array,
+                             prediction: str) -> Array:
+    """Classifier guidance (Dhariwal & Nichol 2021) as the network output of its own parametrisation at z:
+    eps_hat = eps - scale * sigma * grad_z log p(y | z, t). At fixed z, eps prediction moves by that shift
+    and v prediction (eps = sigma z + alpha v) by the shift / alpha, so x0 moves by scale * sigma^2 / alpha *
+    grad. Scale 0 returns ``out`` itself."""
+    _check_prediction(prediction)
+    shift = scale * sigma * grad_log_p
+    return out - shift if prediction == "eps" else out - shift / alpha
 
 
 def check_cfgpp_lambda(lam: float, where: str = "sampler.guidance_lambda") -> float:

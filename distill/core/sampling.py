@@ -33,7 +33,8 @@ class SamplerSettings:
     clip_x0: bool = True
     dynamic_threshold: Optional[float] = None  # percentile, e.g. 0.995; None = plain clip
     engine: str = "step"               # step | loop (compiled, see SamplerStep / SamplerLoop) | eager (reference)
-    guidance: str = "cfg"              # cfg | cfgpp (two-pass cells only; the scale w is then CFG++'s lambda)
+    guidance: str = "cfg"              # cfg | cfgpp (two-pass cells only; the scale w is then CFG++'s lambda) |
+                                       # classifier (a cell with a noise-aware classifier; w is the scale s)
     guidance_interval: Optional[Tuple[float, float]] = None  # guide only at steps with t_lo <= t <= t_hi
 
     def validate(self) -> None:
@@ -49,6 +50,8 @@ class SamplerSettings:
             raise UserError(f"sampler: unknown engine '{self.engine}' (choose {', '.join(ENGINES)})")
         dm.check_guidance(self.guidance)
         dm.check_interval(self.guidance_interval)
+        if self.guidance == "classifier" and self.guidance_interval is not None:
+            raise UserError("sampler: guidance_interval applies to cfg and cfgpp; classifier guidance guides every step")
 
     @property
     def stochastic(self) -> bool:
@@ -91,8 +94,24 @@ def network_calls_per_image(settings: SamplerSettings, passes: int) -> int:
     return settings.num_steps if passes < 2 else passes * guided + (settings.num_steps - guided)
 
 
-def check_guidance_for(settings: SamplerSettings, passes: int, w: float) -> None:
-    """CFG++ needs both outputs of a two-pass cell, and its scale (``w``) is lambda in [0, 1]."""
+def classifier_calls_per_image(settings: SamplerSettings) -> int:
+    """Noise-aware classifier evaluations per image (each a forward and a backward pass): one per step of
+    classifier guidance, none otherwise."""
+    return settings.num_steps if settings.guidance == "classifier" else 0
+
+
+def check_guidance_for(settings: SamplerSettings, passes: int, w: float, has_classifier: bool = False) -> None:
+    """CFG++ needs both outputs of a two-pass cell, and its scale (``w``) is lambda in [0, 1]; classifier
+    guidance needs a cell with a noise-aware classifier (and such a cell samples with nothing else), its
+    scale s >= 0."""
+    if (settings.guidance == "classifier") != has_classifier:
+        if has_classifier:
+            raise UserError(f"sampler: a classifier-guided prediction samples with guidance=classifier, "
+                            f"not guidance={settings.guidance}")
+        raise UserError("sampler: guidance=classifier needs the unconditional teacher with a noise-aware classifier "
+                        "(teacher.guidance.ClassifierGuidedPrediction); a one-pass student or a CFG teacher has none")
+    if settings.guidance == "classifier":
+        dm.check_classifier_scale(w, "sampler")
     if settings.guidance != "cfgpp":
         return
     if passes < 2:
@@ -148,7 +167,9 @@ class SamplerStep(nn.Cell):
     (a row of :func:`step_coefficients`), so one compiled graph serves every step of every step count.
     Returns ``(z_s, x0)``; the last step of a sampler keeps ``x0``. With ``guidance=cfgpp`` the cell's
     ``predict_branches`` gives (cond, uncond) and the update re-noises with the unconditional noise
-    (:func:`distill.core.diffusion.step_x0_eps`).
+    (:func:`distill.core.diffusion.step_x0_eps`). With ``guidance=classifier`` the cell's ``predict_and_grad``
+    gives the unconditional output and grad_z log p(y | z, t) (autodiff inside this graph), and ``w`` is the
+    scale s of :func:`distill.core.diffusion.classifier_guided_output`.
     """
 
     def __init__(self, cell: nn.Cell, settings: SamplerSettings) -> None:
@@ -160,6 +181,7 @@ class SamplerStep(nn.Cell):
         self.ddpm = settings.kind == "ddpm"
         self.stochastic = settings.stochastic
         self.cfgpp = settings.guidance == "cfgpp"
+        self.classifier = settings.guidance == "classifier"
 
     def construct(self, z, cond, w, coef, noise):
         a_t = coef[0]
@@ -170,8 +192,12 @@ class SamplerStep(nn.Cell):
                                      self.prediction, self.clip, self.threshold, uncond_out)
             z_t = dm.q_sample(x0, eps, a_t, s_t)  # DDPM: the posterior from the point CFG++ re-noises
         else:
-            x0, eps = dm.step_x0_eps(z, self.cell.predict(z, cond, w), a_t, s_t, self.prediction, self.clip,
-                                     self.threshold)
+            if self.classifier:
+                uncond_out, grad = self.cell.predict_and_grad(z, cond)
+                out = dm.classifier_guided_output(uncond_out, grad, a_t, s_t, w.reshape(-1, 1, 1, 1), self.prediction)
+            else:
+                out = self.cell.predict(z, cond, w)
+            x0, eps = dm.step_x0_eps(z, out, a_t, s_t, self.prediction, self.clip, self.threshold)
             z_t = z
         if self.ddpm:
             z_s = coef[2] * z_t + coef[3] * x0 + coef[4] * noise
@@ -259,6 +285,7 @@ class Predictor:
         self._conditioning: Optional[Callable[..., Any]] = None  # compiled on first use (samplers only)
         self._branches: Optional[Callable[..., Any]] = None  # (cond, uncond) of a two-pass cell, for eager CFG++
         self._one_pass: Optional["Predictor"] = None  # a two-pass cell's conditional pass alone (guidance interval)
+        self._output_and_grad: Optional[Callable[..., Any]] = None  # classifier guidance, eager reference
         self._samplers: dict[tuple, Callable[..., Any]] = {}
         self._plans: dict[tuple, list[tuple[ms.Tensor, ...]]] = {}
 
@@ -275,6 +302,18 @@ class Predictor:
         if self._branches is None:
             self._branches = _compiled(self.cell.branches) if self.use_jit else self.cell.branches
         return self._branches(z, t, y, w, y_uncond)
+
+    @property
+    def has_classifier(self) -> bool:
+        return bool(getattr(self.cell, "has_classifier", False))
+
+    def output_and_grad(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor
+                        ) -> tuple[ms.Tensor, ms.Tensor]:
+        """A classifier-guided cell's unconditional output and grad_z log p(y | z, t), for the eager sampler."""
+        if self._output_and_grad is None:
+            fn = self.cell.output_and_grad
+            self._output_and_grad = _compiled(fn) if self.use_jit else fn
+        return self._output_and_grad(z, t, y, w, y_uncond)
 
     def one_pass(self) -> "Predictor":
         """A two-pass cell's conditional pass alone (the network on (z, t, y)), sharing its weights."""
@@ -347,13 +386,14 @@ def sample(
     """Run the reverse process from ``noise`` (N,C,H,W) and return images in [-1, 1].
 
     ``predict`` is a :class:`Predictor` (any engine) or a plain callable (eager engine only, one pass).
-    ``w`` is the guidance scale: CFG's w, or CFG++'s lambda with ``settings.guidance == "cfgpp"``.
+    ``w`` is the guidance scale: CFG's w, CFG++'s lambda with ``settings.guidance == "cfgpp"``, or classifier
+    guidance's s with ``"classifier"`` (``predict`` then a Predictor of a ClassifierGuidedPrediction).
     Every engine gives the same images (the step graph bit for bit, the loop to float rounding).
     """
     settings.validate()
     if noise.ndim < 2 or noise.shape[0] < 1:
         raise UserError(f"sampler: noise of shape {noise.shape} holds no image (batch must be >= 1)")
-    check_guidance_for(settings, int(getattr(predict, "passes", 1)), w)
+    check_guidance_for(settings, int(getattr(predict, "passes", 1)), w, bool(getattr(predict, "has_classifier", False)))
     if settings.engine == "eager" or not isinstance(predict, Predictor):
         return _sample_eager(predict, noise, labels, w, settings, uncond_labels, seed)
     b, n = noise.shape[0], settings.num_steps
@@ -408,6 +448,11 @@ def _sample_eager(predict, noise, labels, w, settings, uncond_labels, seed) -> n
             x0, eps = dm.step_x0_eps(z, dm.cfg_combine(cond, uncond, w_vec.reshape(-1, 1, 1, 1)), a_t, s_t, *x0_opts,
                                      uncond)
             z_t = dm.q_sample(x0, eps, a_t, s_t)  # DDPM: the posterior from the point CFG++ re-noises
+        elif settings.guidance == "classifier":
+            uncond, grad = predict.output_and_grad(z, t_vec, y, w_vec, y_uncond)
+            out = dm.classifier_guided_output(uncond, grad, a_t, s_t, w_vec.reshape(-1, 1, 1, 1), settings.prediction)
+            x0, eps = dm.step_x0_eps(z, out, a_t, s_t, *x0_opts)
+            z_t = z
         else:
             call = predict if guided[i] or passes == 1 else predict.one_pass()
             x0, eps = dm.step_x0_eps(z, call(z, t_vec, y, w_vec, y_uncond), a_t, s_t, *x0_opts)
