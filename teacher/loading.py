@@ -1,4 +1,5 @@
-"""The trained teacher on disk: its architecture from the config, its checkpoint path, metadata and loader."""
+"""The trained teacher and the noise-aware classifier that guides it, on disk: their architectures from the config,
+checkpoint paths, metadata and loaders."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ from distill.core.checkpoint import CHECKPOINT_NAME, read_meta
 from distill.core.data import ImageData
 from distill.core.errors import UserError
 from distill.core.weights import load_ema_weights
+from teacher.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
 from teacher.unet import UNet, UNetConfig
 
 log = logging.getLogger(__name__)
@@ -36,9 +38,13 @@ def teacher_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str
 
 
 def teacher_checkpoint_path(cfg: DictConfig) -> Path:
-    if cfg.teacher.checkpoint:
-        return Path(str(cfg.teacher.checkpoint)).expanduser()
-    return build.run_dir(cfg) / "teacher" / CHECKPOINT_NAME
+    return _checkpoint_path(cfg, "teacher")
+
+
+def _checkpoint_path(cfg: DictConfig, section: str) -> Path:
+    """``<section>.checkpoint`` if set (a trained one to use), else the stage's own ``<run>/<section>/`` checkpoint."""
+    given = cfg[section].checkpoint
+    return Path(str(given)).expanduser() if given else build.run_dir(cfg) / section / CHECKPOINT_NAME
 
 
 def load_teacher(cfg: DictConfig, data: ImageData) -> UNet:
@@ -59,6 +65,51 @@ def load_teacher(cfg: DictConfig, data: ImageData) -> UNet:
     if int(meta.get("step", 0)) < int(meta.get("total_steps", 0)):
         log.warning("teacher %s is only trained to step %s of %s", path, meta.get("step"), meta.get("total_steps"))
     net = UNet(ucfg)
+    load_ema_weights(path, net)
+    net.set_train(False)
+    return net
+
+
+# ----------------------------------------------------------------------------- the noise-aware classifier
+def classifier_config(section: Mapping[str, Any], data: ImageData) -> NoisyClassifierConfig:
+    c, h, _ = data.image_shape
+    cfg = NoisyClassifierConfig(in_channels=c, image_size=h, num_classes=data.num_classes, width=int(section["width"]),
+                                levels=int(section["levels"]), groups=int(section["groups"]))
+    cfg.validate()
+    return cfg
+
+
+def classifier_meta(ccfg: NoisyClassifierConfig, cfg: DictConfig, data: ImageData) -> dict[str, Any]:
+    return {"kind": "noisy_classifier", "model": ccfg.to_dict(), "schedule": str(cfg.diffusion.schedule),
+            "num_classes": int(data.num_classes), "image_shape": [int(s) for s in data.image_shape],
+            "data": str(cfg.data.name),
+            "provenance": provenance.record(cfg, "classifier", {"data": provenance.data_digest(data)})}
+
+
+def classifier_checkpoint_path(cfg: DictConfig) -> Path:
+    return _checkpoint_path(cfg, "classifier")
+
+
+def load_noisy_classifier(cfg: DictConfig, data: ImageData) -> NoisyClassifier:
+    """The trained noise-aware classifier's EMA weights, refused when made for other data (classes, image shape)
+    or another noise schedule."""
+    path = classifier_checkpoint_path(cfg)
+    if not path.is_file():
+        raise UserError(f"classifier guidance needs a noise-aware classifier: {path} not found (make it with "
+                        f"task=classifier, or set classifier.checkpoint)")
+    meta = read_meta(path)
+    if meta.get("kind") != "noisy_classifier":
+        raise UserError(f"{path} is a '{meta.get('kind')}' checkpoint, not a noise-aware classifier (task=classifier)")
+    have = (int(meta["num_classes"]), list(meta["image_shape"]))
+    want = (int(data.num_classes), [int(s) for s in data.image_shape])
+    if have != want:
+        shape = lambda s: "x".join(map(str, s))  # noqa: E731
+        raise UserError(f"classifier {path} was trained for {have[0]} classes of {shape(have[1])} images, the data has "
+                        f"{want[0]} classes of {shape(want[1])} images; train one for this data with task=classifier")
+    if meta.get("schedule") != str(cfg.diffusion.schedule):
+        raise UserError(f"classifier {path} was trained on the {meta.get('schedule')} noise schedule, the config says "
+                        f"{cfg.diffusion.schedule}")
+    net = NoisyClassifier(NoisyClassifierConfig(**meta["model"]))
     load_ema_weights(path, net)
     net.set_train(False)
     return net

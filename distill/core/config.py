@@ -112,6 +112,7 @@ class SamplerConfig:
     guidance: str = MISSING
     guidance_lambda: float = MISSING
     guidance_interval: Optional[List[float]] = MISSING
+    classifier_scale: float = MISSING
 
 
 @dataclass
@@ -144,6 +145,7 @@ class EvalConfig:
     methods: List[str] = MISSING
     cfgpp_lambdas: List[float] = MISSING
     interval: List[float] = MISSING
+    classifier_scales: List[float] = MISSING
 
 
 @dataclass
@@ -197,6 +199,24 @@ class ProgressiveConfig:
 
 
 @dataclass
+class GuideClassifierCheck:
+    ts: List[float] = MISSING
+    num_images: Optional[int] = MISSING
+
+
+@dataclass
+class GuideClassifierConfig:
+    """``classifier``: the noise-aware classifier of classifier guidance (``task=classifier``), not ``eval.classifier``."""
+
+    checkpoint: Optional[str] = MISSING
+    width: int = MISSING
+    levels: int = MISSING
+    groups: int = MISSING
+    train: TrainConfig = MISSING
+    check: GuideClassifierCheck = MISSING
+
+
+@dataclass
 class ResponseConfig:
     ws: List[float] = MISSING
     num_images: int = MISSING
@@ -219,6 +239,7 @@ class Config:
     sample: SampleConfig = MISSING
     progressive: ProgressiveConfig = MISSING
     response: ResponseConfig = MISSING
+    classifier: GuideClassifierConfig = MISSING
     task: str = MISSING
     run_name: str = MISSING
     run_dir: Optional[str] = MISSING
@@ -237,6 +258,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "teacher": TeacherConfig,
     "student": StudentConfig, "sampler": SamplerConfig, "eval": EvalConfig, "bench": BenchConfig,
     "publish": PublishConfig, "sample": SampleConfig, "progressive": ProgressiveConfig, "response": ResponseConfig,
+    "classifier": GuideClassifierConfig,
 }
 
 
@@ -277,10 +299,11 @@ AT_LEAST_ONE = (
     "model.channels", "model.groups", "model.num_res_blocks", "sampler.batch_size",
     "eval.num_samples", "eval.negative_samples", "eval.classifier.batch_size", "teacher.check.num_samples",
     "student.embed_dim", "student.ws_per_input", "student.targets_per_shard", "progressive.min_steps", "progressive.start_steps",
-    "publish.mindir_batch", "sample.per_class", "response.num_images",
+    "publish.mindir_batch", "sample.per_class", "response.num_images", "classifier.width", "classifier.levels",
+    "classifier.groups",
 )
 AT_LEAST_ZERO = ("eval.classifier.steps", "seed")
-OPTIONAL_AT_LEAST_ONE = ("eval.teacher_steps", "sample.steps")
+OPTIONAL_AT_LEAST_ONE = ("eval.teacher_steps", "sample.steps", "classifier.check.num_images")
 # Lists of guidance weights: at least one, each finite and >= 0.
 W_LISTS = ("eval.ws", "teacher.check.ws", "response.ws", "publish.card_ws")
 

@@ -21,6 +21,9 @@ from distill.core.fileio import digest, sha256
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "teacher": ("seed", "precision", "model", "diffusion", "teacher.p_uncond", "teacher.train"),
     "teacher_check": ("seed", "diffusion", "sampler", "teacher.check", "eval.classifier"),
+    "classifier": ("seed", "precision", "diffusion.schedule", "classifier.width", "classifier.levels",
+                   "classifier.groups", "classifier.train"),
+    "classifier_check": ("seed", "diffusion.schedule", "classifier.check"),
     "student": ("seed", "precision", "model", "diffusion", "student"),
     "progressive": ("seed", "precision", "diffusion", "progressive"),
     "evaluate": ("seed", "diffusion", "sampler", "eval"),

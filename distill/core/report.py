@@ -115,7 +115,13 @@ def markdown(report: dict[str, Any]) -> str:
     ] + method_lines(report) + negative_lines(report))
 
 
-METHOD_NAMES = {"cfg": "CFG", "cfgpp": "CFG++", "interval": "CFG, guidance interval"}
+METHOD_NAMES = {"cfg": "CFG", "cfgpp": "CFG++", "interval": "CFG, guidance interval", "classifier": "classifier guidance"}
+
+
+def method_calls(m: dict[str, Any]) -> str:
+    """Network calls per image, plus the noise-aware classifier's forward+backward passes where it guides."""
+    clf = m.get("classifier_calls_per_image", 0)
+    return f"{m['network_calls_per_image']}" + (f" + {clf} classifier fwd+bwd" if clf else "")
 
 
 def method_lines(report: dict[str, Any]) -> list[str]:
@@ -130,15 +136,17 @@ def method_lines(report: dict[str, Any]) -> list[str]:
             name += f" t in [{m['interval'][0]:g}, {m['interval'][1]:g}]"
         for scale in m["scales"]:
             r = m["per_scale"][str(scale)]
-            rows.append([name, f"{m['scale']} = {scale:g}", f"{r['fd']:.3f}", f"{r['accuracy']:.3f}",
-                         m["network_calls_per_image"]])
+            rows.append([name, f"{m['scale']} = {scale:g}", f"{r['fd']:.3f}", f"{r['accuracy']:.3f}", method_calls(m)])
     return [
         "## Guidance methods (teacher)",
         "",
         "The two-pass teacher on the evaluation's noise and classes under each guidance method: CFG "
         "(`uncond + w * (cond - uncond)`), CFG++ (x0 from `uncond + lambda * (cond - uncond)`, re-noised with the "
-        "unconditional noise) and CFG guided only at the steps whose time t lies in the interval (one conditional "
-        "pass elsewhere). Trade-off plot: `methods_tradeoff.png`.",
+        "unconditional noise), CFG guided only at the steps whose time t lies in the interval (one conditional "
+        "pass elsewhere) and classifier guidance (the unconditional teacher, one pass per step, its eps moved by "
+        "`- s * sigma_t * grad log p(y | z_t, t)` of the noise-aware classifier). Calls per image: UNet passes, "
+        "plus one forward and one backward pass of the small classifier per step for classifier guidance. "
+        "Trade-off plot: `methods_tradeoff.png`.",
         "",
         markdown_table(["method", "scale", "FD", "accuracy", "net calls/image"], rows),
         "",
@@ -151,7 +159,7 @@ def plot_methods(report: dict[str, Any], path: Path) -> Path:
     for method, m in report["methods"]["methods"].items():
         points = [m["per_scale"][str(s)] for s in m["scales"]]
         ax.plot([p["accuracy"] for p in points], [p["fd"] for p in points], marker="o",
-                label=f"{METHOD_NAMES.get(method, method)} ({m['network_calls_per_image']} calls/image)")
+                label=f"{METHOD_NAMES.get(method, method)} ({method_calls(m)} calls/image)")
         for s, p in zip(m["scales"], points):
             ax.annotate(f"{s:g}", (p["accuracy"], p["fd"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
     ax.axhline(report["real_vs_real_fd"], color="gray", ls="--", label="real vs real")

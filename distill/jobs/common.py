@@ -1,7 +1,9 @@
-"""What several jobs share: the evaluation classifier, class-balanced guided samples, the w check."""
+"""What several jobs share: the evaluation classifier, the teacher's guided prediction, class-balanced guided
+samples, the w check."""
 from __future__ import annotations
 
 import numpy as np
+from mindspore import nn
 from omegaconf import DictConfig
 
 from distill.core import build
@@ -9,6 +11,9 @@ from distill.core.classifier import EvalClassifier, load_or_train_classifier
 from distill.core.data import ImageData
 from distill.core.errors import UserError
 from distill.core.sampling import SamplerSettings, initial_noise, sample_in_batches
+from teacher.guidance import ClassifierGuidedPrediction, GuidedPrediction
+from teacher.loading import load_noisy_classifier
+from teacher.unet import UNet
 
 
 def evaluation_classifier(cfg: DictConfig, data: ImageData) -> EvalClassifier:
@@ -41,10 +46,22 @@ def check_w(w: float) -> float:
 
 
 def guidance_scales(cfg: DictConfig, ws) -> list[float]:
-    """The scales a job samples the teacher at: its w grid for CFG, ``sampler.guidance_lambda`` for CFG++."""
-    if str(cfg.sampler.get("guidance", "cfg")) == "cfgpp":
+    """The scales a job samples the teacher at: its w grid for CFG, ``sampler.guidance_lambda`` for CFG++,
+    ``sampler.classifier_scale`` for classifier guidance."""
+    guidance = str(cfg.sampler.get("guidance", "cfg"))
+    if guidance == "cfgpp":
         return [float(cfg.sampler.guidance_lambda)]
+    if guidance == "classifier":
+        return [float(cfg.sampler.classifier_scale)]
     return [float(w) for w in ws]
+
+
+def teacher_prediction(cfg: DictConfig, data: ImageData, net: UNet, guidance: str | None = None) -> nn.Cell:
+    """The teacher's prediction cell for ``guidance`` (default ``sampler.guidance``): two-pass CFG / CFG++, or the
+    unconditional teacher with the noise-aware classifier of ``task=classifier`` (refused when there is none)."""
+    if (guidance or str(cfg.sampler.get("guidance", "cfg"))) == "classifier":
+        return ClassifierGuidedPrediction(net, load_noisy_classifier(cfg, data))
+    return GuidedPrediction(net)
 
 
 def guided_samples(predict, data: ImageData, cfg: DictConfig, w: float, n: int, seed: int,

@@ -33,13 +33,13 @@ from distill.core.metrics import accuracy, frechet_distance, mean_psnr, mse
 from distill.core.report import write_evaluation_report
 from distill.core.runtime import current, is_main, my_items
 from distill.core.sampling import Predictor, SamplerSettings, jit_predictor, network_calls_per_image
-from distill.jobs.common import evaluation_classifier, guided_samples
+from distill.jobs.common import evaluation_classifier, guided_samples, teacher_prediction
 from distill.jobs.methods import eval_methods, evaluate_methods, sample_methods_share
 from distill.jobs.negatives import NegativePlan, evaluate_negatives, negative_plan, sample_negative_share
 from student.loading import load_student, student_checkpoint_path
 from student.progressive import verified_rounds
 from teacher.guidance import ConditionalPrediction, GuidedPrediction
-from teacher.loading import load_teacher, teacher_checkpoint_path
+from teacher.loading import classifier_checkpoint_path, load_teacher, teacher_checkpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ def evaluate_provenance(cfg: DictConfig, data: ImageData,
     """What the evaluation is made of: its settings, the data, the teacher's and every student's file."""
     specs = student_specs(cfg, data) if specs is None else specs
     inputs = {"data": provenance.data_digest(data), "teacher": provenance.file_digest(teacher_checkpoint_path(cfg))}
+    if "classifier" in eval_methods(cfg):
+        inputs["classifier"] = provenance.file_digest(classifier_checkpoint_path(cfg))
     inputs.update({name: provenance.file_digest(path or student_checkpoint_path(cfg)) for name, path, _ in specs})
     return provenance.record(cfg, "evaluate", inputs)
 
@@ -147,11 +149,13 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     specs = student_specs(cfg, data)  # bad entries and missing rounds fail before the classifier is trained
     models = evaluation_models(cfg, data, specs)  # so do unreadable or non-finite checkpoints
     negatives = negative_plan(cfg, data.num_classes, models)  # and bad negative-class pairs
-    eval_methods(cfg)  # and a bad guidance-method grid
+    methods = eval_methods(cfg)  # and a bad guidance-method grid
+    guided = (jit_predictor(teacher_prediction(cfg, data, models["teacher"][0].net, "classifier"), bool(cfg.jit))
+              if "classifier" in methods else None)  # and a missing or mismatched noise-aware classifier
     clf = evaluation_classifier(cfg, data) if is_main() else None
     predictors, settings = warmed_predictors(cfg, data, models)
     if not is_main():  # the other workers only draw their share of the samples
-        return _sample_share(cfg, data, negatives, predictors, settings)
+        return _sample_share(cfg, data, negatives, predictors, settings, guided)
     students = [name for name in models if name != "teacher"]
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
     ws = [float(w) for w in cfg.eval.ws]
@@ -202,7 +206,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     report["speedup"] = report["models"][students[0]]["speed"]["speedup"]  # first student vs teacher
     methods = evaluate_methods(cfg, predictors["teacher"], settings["teacher"],
                                lambda imgs, labels: judge(clf, imgs, labels, real_feats),
-                               report["models"]["teacher"]["per_w"], _method_draw(cfg, data, workers > 1))
+                               report["models"]["teacher"]["per_w"], _method_draw(cfg, data, workers > 1), guided)
     if methods is not None:
         report["methods"] = methods
     if negatives is not None:
@@ -239,14 +243,15 @@ def _method_draw(cfg: DictConfig, data: ImageData, across_ranks: bool) -> Any:
 
 
 def _sample_share(cfg: DictConfig, data: ImageData, negatives: NegativePlan | None,
-                  predictors: dict[str, Predictor], settings: dict[str, SamplerSettings]) -> None:
+                  predictors: dict[str, Predictor], settings: dict[str, SamplerSettings],
+                  guided: Predictor | None) -> None:
     """A worker other than rank 0: the sampler calls of rank 0 in the same order (w by w, model by
     model), drawing its own share of each; rank 0 judges and writes."""
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
     for w in [float(w) for w in cfg.eval.ws]:
         for name, predict in predictors.items():
             guided_samples(predict, data, cfg, w, n, seed, settings[name], across_ranks=True)
-    sample_methods_share(cfg, predictors["teacher"], settings["teacher"], _method_draw(cfg, data, True))
+    sample_methods_share(cfg, predictors["teacher"], settings["teacher"], _method_draw(cfg, data, True), guided)
     if negatives is not None:
         sample_negative_share(cfg, data, negatives, predictors, settings)
     chunks = -(-n // int(cfg.sampler.batch_size))

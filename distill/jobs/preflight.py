@@ -20,6 +20,8 @@ from distill.jobs.progressive import first_teacher
 from student.distill import (check_p_null_negative, check_w_loss_power, check_w_range, check_ws_per_input,
                              w_distribution)
 from student.progressive import round_plan
+from teacher.loading import classifier_checkpoint_path
+from teacher.noisy_classifier import check_classifier_shape
 from teacher.objective import check_p_uncond
 
 
@@ -29,10 +31,14 @@ def check_config(cfg: DictConfig) -> None:
     check_ranges(cfg)
     dm.logsnr_schedule(str(cfg.diffusion.schedule), np.zeros(1))
     one = np.ones(1)
-    for section in (cfg.teacher, cfg.student, cfg.progressive):
+    for section in (cfg.teacher, cfg.student, cfg.progressive, cfg.classifier):
         build.train_settings(section.train, int(cfg.seed), bool(cfg.jit))
     build.sampler_settings(cfg)
     check_sampler_guidance(cfg)
+    if str(cfg.sampler.guidance) == "classifier" and str(cfg.task) == "teacher" \
+            and not classifier_checkpoint_path(cfg).is_file():  # the teacher check would fail after training
+        raise UserError(f"sampler.guidance=classifier: the noise-aware classifier {classifier_checkpoint_path(cfg)} "
+                        f"is not there yet; make it first with task=classifier")
     eval_methods(cfg)
     check_p_uncond(float(cfg.teacher.p_uncond))
     s = cfg.student
@@ -53,3 +59,4 @@ def check_config(cfg: DictConfig) -> None:
     for loss in (str(s.loss), str(p.loss)):
         dm.output_space_weight(loss, str(cfg.diffusion.prediction), one, one)
     bench_options(cfg.bench)
+    check_classifier_shape(int(cfg.classifier.width), int(cfg.classifier.levels), int(cfg.classifier.groups))

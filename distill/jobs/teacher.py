@@ -16,7 +16,6 @@ from distill.core.runtime import current, data_share, is_main, main_decides
 from distill.jobs.common import guided_samples
 from distill.core.sampling import jit_predictor
 from distill.core.training import CHECKPOINT_NAME, Trainer
-from teacher.guidance import GuidedPrediction
 from teacher.loading import load_teacher, teacher_checkpoint_path, teacher_meta, unet_config
 from teacher.objective import regression_loss, teacher_batch_maker
 from teacher.unet import UNet, count_parameters
@@ -72,13 +71,13 @@ def check_teacher(cfg: DictConfig, data: ImageData, ema: UNet, out: Path, writer
 
     Every data-parallel worker calls it and draws its share of the samples; rank 0 (``writer`` set)
     judges them and writes the report, the others return {}."""
-    from distill.jobs.common import evaluation_classifier, guidance_scales
+    from distill.jobs.common import evaluation_classifier, guidance_scales, teacher_prediction
     from distill.core.classifier import features_and_predictions
     from distill.core.metrics import accuracy
 
     main = is_main()
     clf = evaluation_classifier(cfg, data) if main else None
-    predict = jit_predictor(GuidedPrediction(ema), bool(cfg.jit))
+    predict = jit_predictor(teacher_prediction(cfg, data, ema), bool(cfg.jit))
     n = int(cfg.teacher.check.num_samples)
     workers = current().world_size
     report: dict[str, Any] = {"provenance": made_of, "train_seconds": round(train_seconds, 1), "steps": steps,
