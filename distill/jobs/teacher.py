@@ -16,7 +16,8 @@ from distill.core.runtime import current, data_share, is_main, main_decides
 from distill.jobs.common import guided_samples
 from distill.core.sampling import jit_predictor
 from distill.core.training import CHECKPOINT_NAME, Trainer
-from teacher.loading import load_teacher, teacher_checkpoint_path, teacher_meta, unet_config
+from teacher.loading import (classifier_checkpoint_path, load_teacher, teacher_checkpoint_path, teacher_meta,
+                             unet_config)
 from teacher.objective import regression_loss, teacher_batch_maker
 from teacher.unet import UNet, count_parameters
 
@@ -55,8 +56,10 @@ def run_teacher(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     ema.set_train(False)
     # again whenever the teacher or the check's settings changed; rank 0 (which holds the files) decides and
     # every worker draws its share of the samples
-    made_of = (provenance.record(cfg, "teacher_check", {"teacher": provenance.file_digest(out / CHECKPOINT_NAME)})
-               if writer is not None else {})
+    inputs = {"teacher": provenance.file_digest(out / CHECKPOINT_NAME)}
+    if str(cfg.sampler.guidance) == "classifier":  # the check's samples follow the classifier too
+        inputs["classifier"] = provenance.file_digest(classifier_checkpoint_path(cfg))
+    made_of = provenance.record(cfg, "teacher_check", inputs) if writer is not None else {}
     stale = writer is not None and not provenance.is_fresh(provenance.read_recorded(out / "report.json"), made_of)
     if main_decides(stale):
         check_teacher(cfg, data, ema, out, writer, train_seconds, trainer.step, made_of)
