@@ -55,6 +55,19 @@ def test_differences_name_the_keys_and_may_resume_decides() -> None:
         may_resume(path, {"step": 1}, same, 4, Restart(inputs=True))
 
 
+def test_a_record_made_before_a_key_existed_matches_only_at_that_keys_added_value(tmp_path: Path) -> None:
+    cfg = compose_cfg(tmp_path, "task=evaluate")
+    now = {"config": stage_config(cfg, "evaluate"), "inputs": {}}
+    added = [k for k in now["config"] if k in provenance.ADDED_KEYS]
+    assert "eval.methods" in added and "sampler.guidance" in added
+    old = {"config": {k: v for k, v in now["config"].items() if k not in added}, "inputs": {}}
+    assert differences(old, now) == []  # today's defaults make what the older code made
+    other = compose_cfg(tmp_path, "task=evaluate", "eval.methods=[cfg,cfgpp]", "sampler.guidance_interval=[0.2,0.8]")
+    assert differences(old, {"config": stage_config(other, "evaluate"), "inputs": {}}) == [
+        "eval.methods (absent) vs [\"cfg\", \"cfgpp\"]", "sampler.guidance_interval (absent) vs [0.2, 0.8]"]
+    assert differences({}, now) != []  # no record at all is never fresh
+
+
 def test_resume_with_other_student_settings_is_refused_then_restart_trains_again(tiny_run: Path,
                                                                                   tmp_path: Path) -> None:
     """The issue's case: ``student.w_max=3 student.loss=eps`` on a finished student kept the old model."""

@@ -37,6 +37,15 @@ NEUTRAL = ("train.log_every", "train.checkpoint_every", "student.targets", "stud
            "student.targets_per_shard", "progressive.student", "progressive.start_steps", "progressive.min_steps",
            "publish.dir", "publish.overwrite")
 
+# Keys added to a stage after outputs were recorded without them: a record that lacks one still matches
+# when today's value is the one here, the value that makes what the record's code made (an upgrade that
+# adds an option does not make every existing run stale).
+ADDED_KEYS: dict[str, Any] = {
+    "sampler.guidance": "cfg", "sampler.guidance_lambda": 0.6, "sampler.guidance_interval": None,
+    "sampler.classifier_scale": 1.0, "eval.methods": ["cfg"], "eval.cfgpp_lambdas": [0.2, 0.4, 0.6, 0.8, 1.0],
+    "eval.interval": [0.17, 0.88], "eval.classifier_scales": [1.0, 2.0, 4.0, 8.0, 16.0],
+}
+
 
 @dataclass(frozen=True)
 class Restart:
@@ -103,6 +112,8 @@ def differences(old: Optional[Mapping[str, Any]], new: Mapping[str, Any]) -> lis
     for section in ("config", "inputs"):
         a, b = old.get(section) or {}, new.get(section) or {}
         for key in sorted(set(a) | set(b)):
+            if section == "config" and a and key not in a and key in ADDED_KEYS and _same(ADDED_KEYS[key], b[key]):
+                continue  # recorded before the key existed, and today's value makes the same output
             if not _same(a.get(key, "(absent)"), b.get(key, "(absent)")):
                 name = key if section == "config" else f"inputs.{key}"
                 diffs.append(f"{name} {_show(a.get(key, '(absent)'))} vs {_show(b.get(key, '(absent)'))}")
