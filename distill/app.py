@@ -21,10 +21,10 @@ log = logging.getLogger("distill")
 
 # task name -> "module:function"; imported lazily so `distill task=bench` loads only what it needs.
 TASKS: dict[str, str] = {name: f"distill.jobs.{name}:run_{name}" for name in (
-    "teacher", "targets", "distill", "progressive", "evaluate", "bench", "publish", "sample", "response", "classifier",
-    "pipeline")}
+    "teacher", "targets", "distill", "negative_phase", "progressive", "evaluate", "bench", "publish", "sample",
+    "response", "classifier", "pipeline")}
 # Tasks every data-parallel worker runs (they train, or split the samples or targets); the others run on rank 0 alone.
-ALL_RANKS = ("teacher", "targets", "distill", "progressive", "evaluate", "classifier", "pipeline")
+ALL_RANKS = ("teacher", "targets", "distill", "negative_phase", "progressive", "evaluate", "classifier", "pipeline")
 
 
 def resolve_task(name: str) -> Callable[[DictConfig], Any]:

@@ -20,6 +20,17 @@ def student_checkpoint_path(cfg: DictConfig) -> Path:
     return build.run_dir(cfg) / "student" / CHECKPOINT_NAME
 
 
+def negative_phase_checkpoint_path(cfg: DictConfig) -> Path:
+    """The phase-two student (``task=negative_phase``): the stage-one student plus its negative path."""
+    return build.run_dir(cfg) / "student_negative" / CHECKPOINT_NAME
+
+
+def serving_student_path(cfg: DictConfig) -> Path:
+    """The one-pass student that evaluate and publish use at the sampler's steps: the phase-two student when
+    ``negative_phase.enabled`` (with the null class it is the stage-one student bit for bit), else stage one."""
+    return negative_phase_checkpoint_path(cfg) if bool(cfg.negative_phase.enabled) else student_checkpoint_path(cfg)
+
+
 def student_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str, Any]:
     s = cfg.student
     w_min, w_max, w_power = w_distribution(s)
@@ -34,11 +45,24 @@ def student_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str
                 "teacher": provenance.file_digest(teacher_checkpoint_path(cfg))})}
 
 
+def negative_phase_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str, Any]:
+    """The phase-two checkpoint's metadata: the student's, with every example's negative a real class, and its
+    provenance (the stage-one student among its inputs)."""
+    meta = student_meta(ucfg, cfg, data)
+    meta.update(stage="negative_phase", negative=True, p_null_negative=0.0,
+                provenance=provenance.record(cfg, "student_negative", {
+                    "data": provenance.data_digest(data),
+                    "teacher": provenance.file_digest(teacher_checkpoint_path(cfg)),
+                    "student": provenance.file_digest(student_checkpoint_path(cfg))}))
+    return meta
+
+
 def load_student(cfg: DictConfig, data: ImageData, path: Path | None = None) -> tuple[UNet, dict[str, Any]]:
     """A distilled student (EMA weights) and its metadata."""
     path = path or student_checkpoint_path(cfg)
     if not path.is_file():
-        raise UserError(f"student checkpoint not found: {path} (run task=distill first)")
+        task = "negative_phase" if path == negative_phase_checkpoint_path(cfg) else "distill"
+        raise UserError(f"student checkpoint not found: {path} (run task={task} first)")
     meta = read_meta(path)
     if meta.get("kind") != "student" or "model" not in meta:
         raise UserError(f"{path} is not a student checkpoint (kind={meta.get('kind')})")

@@ -29,3 +29,29 @@ def student_from_teacher(teacher: UNet, embed_dim: int, w_scale: float, class_ga
     if unexpected:
         raise UserError(f"teacher weights do not cover the student backbone (missing {unexpected[:3]})")
     return student
+
+
+NEGATIVE_PATH = "negative_"  # name prefix of the phase-two student's own cells (the MLP, each block's film term)
+
+
+def is_negative_path(name: str) -> bool:
+    """Whether parameter ``name`` belongs to the phase-two negative path (at any depth)."""
+    return any(part.startswith(NEGATIVE_PATH) for part in name.split("."))
+
+
+def negative_phase_student(stage_one: UNet) -> UNet:
+    """The stage-one student with a negative-class input and its own zero-initialised negative path
+    (:class:`teacher.unet.NegativePath`), every stage-one weight copied: with the null negative it is
+    the stage-one student bit for bit, and with another class it starts as the stage-one gate around it."""
+    if stage_one.config.guidance_negative:
+        raise UserError("student: the negative phase starts from a student without a negative-class input "
+                        "(student.negative=false); this one was trained with negative classes already")
+    if not (stage_one.config.guidance_class_gate and stage_one.config.guidance_film):
+        raise UserError("student: the negative phase needs a stage-one student with class_gate=true and film=true")
+    config = dataclasses.replace(stage_one.config, guidance_negative=True, guidance_negative_path=True)
+    student = UNet(config)
+    fresh = load_net_state(student, net_state(stage_one), "stage-one student weights", strict=False)
+    unexpected = [name for name in fresh if not is_negative_path(name)]
+    if unexpected:
+        raise UserError(f"stage-one student weights do not cover the phase-two student (missing {unexpected[:3]})")
+    return student

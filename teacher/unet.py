@@ -12,8 +12,12 @@ res blocks may scale its features by 1 + f(embedding) (``guidance_film``, f a li
 a multiplicative path for w beside the additive one (measured: it closed the student's
 w = 0.5 accuracy gap, README). A student may take a negative class (``guidance_negative``):
 its gate then works around the negative class instead of the null class, so one pass
-gives negative-class guidance. With the guidance MLPs' last layers and f at zero the
-student is exactly the teacher's conditional model until it is trained.
+gives negative-class guidance. A phase-two student (``guidance_negative_path``, trained on a
+frozen stage-one student) adds its own negative path: an MLP of the embedding and the negative class's
+offset from the null class, adding to the embedding and (one bias-free layer per block) to each
+block's film factor, multiplied by ``y_neg != null``, so with the null negative it adds exact zeros
+and the net is the stage-one student bit for bit. With the guidance MLPs' last layers and f at zero
+the student is exactly the teacher's conditional model until it is trained.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ class UNetConfig:
     guidance_class_gate: bool = False  # student: w also scales the class embedding (see above)
     guidance_film: bool = False     # student: each block also scales its features by 1 + f(embedding), f zero at init
     guidance_negative: bool = False  # student: the class gate's offset is a negative class input (null = the default)
+    guidance_negative_path: bool = False  # phase-two student: a negative-class path, exactly zero for the null class
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
@@ -67,8 +72,8 @@ class UNetConfig:
         d["attention_resolutions"] = list(self.attention_resolutions)
         # Written only when on, so a config without it equals the stored dicts of older
         # checkpoints, which resume and the teacher check compare as plain dicts.
-        for flag in ("guidance_class_gate", "guidance_film", "guidance_negative", "scale_shift_norm",
-                     "attention_resolutions"):
+        for flag in ("guidance_class_gate", "guidance_film", "guidance_negative", "guidance_negative_path",
+                     "scale_shift_norm", "attention_resolutions"):
             if not d[flag]:
                 del d[flag]
         return d
@@ -92,6 +97,8 @@ class UNetConfig:
                 raise UserError(f"model: channels {self.channels * m} not divisible by groups {self.groups}")
         if self.guidance_negative and not (self.guidance_embed_dim > 0 and self.guidance_class_gate):
             raise UserError("student: a negative-class input needs the class gate (student.class_gate=true)")
+        if self.guidance_negative_path and not self.guidance_negative:
+            raise UserError("student: a negative-class path needs the negative-class input (guidance_negative)")
 
 
     def feature_sizes(self) -> list[int]:
@@ -144,7 +151,7 @@ class ResBlock(nn.Cell):
     it: multiplicative conditioning, so the class and w can amplify features, not only offset them."""
 
     def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, scale_shift_norm: bool = False,
-                 guidance_film: bool = False, attention: bool = False) -> None:
+                 guidance_film: bool = False, attention: bool = False, negative_path: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin)
         self.conv1 = conv3x3(cin, cout)
@@ -157,18 +164,28 @@ class ResBlock(nn.Cell):
         self.has_guidance_film = guidance_film
         # student only: a multiplicative path the teacher lacks, zero at init so the student starts as the teacher
         self.guidance_film = zero_(nn.Dense(emb_dim, cout)) if guidance_film else None
+        # phase-two student only: the negative path's term of the film factor, bias-free so a zero input gives zero
+        self.has_negative_film = negative_path
+        self.negative_film = zero_(nn.Dense(emb_dim, cout, has_bias=False)) if negative_path else None
         # self-attention after the block (``attention_resolutions``); absent otherwise, so older checkpoints keep their names
         self.has_attention = attention
         self.attn = Attention(cout, groups) if attention else None
 
-    def conditioning(self, emb: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:
+    def conditioning(self, emb: ms.Tensor, negative: Optional[ms.Tensor] = None) -> tuple[ms.Tensor, ms.Tensor]:
         """What this block takes from the embedding: its projection, (B, C, 1, 1) or (B, 2C, 1, 1), and the
-        film factor (B, C, 1, 1). It does not depend on x, so a sampler computes it once for all steps."""
+        film factor (B, C, 1, 1). It does not depend on x, so a sampler computes it once for all steps.
+        ``negative``: the negative path's hidden features (:meth:`UNet.negative_features`), zero rows for
+        the null class, which add ``negative_film(negative)`` (exactly zero there) to the film factor."""
         emb = self.act(emb)
         b = emb.shape[0]
         e = self.emb(emb).reshape(b, -1, 1, 1)  # shaped for the features here, not per sampler step
-        film = (1.0 + self.guidance_film(emb)).reshape(b, -1, 1, 1) if self.has_guidance_film \
-            else ops.ones((1, 1, 1, 1), emb.dtype)
+        if self.has_guidance_film:
+            film = 1.0 + self.guidance_film(emb)
+            if self.has_negative_film and negative is not None:
+                film = film + self.negative_film(negative)
+            film = film.reshape(b, -1, 1, 1)
+        else:
+            film = ops.ones((1, 1, 1, 1), emb.dtype)
         return e, film
 
     def apply(self, x: ms.Tensor, e: ms.Tensor, film: ms.Tensor) -> ms.Tensor:
@@ -227,6 +244,26 @@ class Upsample(nn.Cell):
         return self.conv(x)
 
 
+def negative_mask(y_neg: ms.Tensor, null_class: int) -> ms.Tensor:
+    """(B, 1): 1.0 where the negative class is a real class, 0.0 where it is the null class."""
+    return (y_neg != null_class).astype(ms.float32).reshape(-1, 1)
+
+
+class NegativePath(nn.Cell):
+    """The phase-two student's own negative-class path: (embedding, negative offset) -> Linear -> SiLU,
+    masked per row, -> a bias-free Linear (zero at init) added to the embedding; each res block reads
+    the same masked hidden features through its own bias-free ``negative_film``."""
+
+    def __init__(self, emb_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Dense(2 * emb_dim, emb_dim)
+        self.act = nn.SiLU()
+        self.out = zero_(nn.Dense(emb_dim, emb_dim, has_bias=False))
+
+    def construct(self, emb: ms.Tensor, offset: ms.Tensor, mask: ms.Tensor) -> ms.Tensor:
+        return self.act(self.fc1(ops.cat([self.act(emb), offset], axis=1))) * mask
+
+
 class UNet(nn.Cell):
     """eps/v-prediction UNet: ``construct(x, t, y, w) -> output`` (same shape as x).
 
@@ -244,8 +281,10 @@ class UNet(nn.Cell):
         film = config.guidance_film and config.guidance_embed_dim > 0
         attn_sizes = set(config.attention_resolutions)
         sizes = config.feature_sizes()
+        negative_path = film and config.guidance_negative_path
         block = lambda cin, cout, level=None: ResBlock(cin, cout, emb_dim, groups, config.scale_shift_norm, film,
-                                                       level is not None and sizes[level] in attn_sizes)
+                                                       level is not None and sizes[level] in attn_sizes,
+                                                       negative_path)
         self.time_embed = EmbeddingMLP(ch, emb_dim, config.time_scale)
         self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)
         self.has_guidance = config.guidance_embed_dim > 0
@@ -262,6 +301,8 @@ class UNet(nn.Cell):
             self.guidance_gate = EmbeddingMLP(
                 config.guidance_embed_dim, emb_dim, config.guidance_scale, zero_last=True
             )
+        self.has_negative_path = self.has_negative and config.guidance_negative_path
+        self.negative_path: Optional[NegativePath] = NegativePath(emb_dim) if self.has_negative_path else None
 
         self.conv_in = conv3x3(config.in_channels, ch)
         widths = [ch * m for m in config.channel_mult]
@@ -317,15 +358,26 @@ class UNet(nn.Cell):
         projection and film factor, :meth:`ResBlock.conditioning`), in the order the backbone uses
         them. It does not depend on x, so a sampler computes it once for all its steps."""
         emb = self.embed(t, y, w, y_neg)
+        neg = None
+        if self.has_negative_path and y_neg is not None:
+            neg = self.negative_features(emb, y_neg)
+            emb = emb + self.negative_path.out(neg)  # bias-free: zero rows add exact zeros
         out = ()
         for i, cell in enumerate(self.down):
             if self.is_resblock_down[i]:
-                out = out + cell.conditioning(emb)
-        out = out + self.mid1.conditioning(emb) + self.mid2.conditioning(emb)
+                out = out + cell.conditioning(emb, neg)
+        out = out + self.mid1.conditioning(emb, neg) + self.mid2.conditioning(emb, neg)
         for i, cell in enumerate(self.up):
             if self.is_resblock_up[i]:
-                out = out + cell.conditioning(emb)
+                out = out + cell.conditioning(emb, neg)
         return out
+
+    def negative_features(self, emb: ms.Tensor, y_neg: ms.Tensor) -> ms.Tensor:
+        """The phase-two negative path's hidden features from the embedding and the negative class's offset
+        from the null class, times ``y_neg != null``: rows of exact zeros for the null class."""
+        null = ops.ones_like(y_neg) * self.null_class
+        offset = self.class_embed(y_neg) - self.class_embed(null)
+        return self.negative_path(emb, offset, negative_mask(y_neg, self.null_class))
 
     def backbone(self, x: ms.Tensor, cond: tuple[ms.Tensor, ...]) -> ms.Tensor:
         """The network on x given :meth:`conditioning`'s tensors."""

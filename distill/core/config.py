@@ -217,6 +217,12 @@ class GuideClassifierConfig:
 
 
 @dataclass
+class NegativePhaseConfig:
+    enabled: bool = MISSING
+    train: TrainConfig = MISSING
+
+
+@dataclass
 class ResponseConfig:
     ws: List[float] = MISSING
     num_images: int = MISSING
@@ -238,6 +244,7 @@ class Config:
     publish: PublishConfig = MISSING
     sample: SampleConfig = MISSING
     progressive: ProgressiveConfig = MISSING
+    negative_phase: NegativePhaseConfig = MISSING
     response: ResponseConfig = MISSING
     classifier: GuideClassifierConfig = MISSING
     task: str = MISSING
@@ -259,6 +266,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "student": StudentConfig, "sampler": SamplerConfig, "eval": EvalConfig, "bench": BenchConfig,
     "publish": PublishConfig, "sample": SampleConfig, "progressive": ProgressiveConfig, "response": ResponseConfig,
     "classifier": GuideClassifierConfig,
+    "negative_phase": NegativePhaseConfig,
 }
 
 

@@ -25,6 +25,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                    "classifier.groups", "classifier.train"),
     "classifier_check": ("seed", "diffusion.schedule", "classifier.check"),
     "student": ("seed", "precision", "model", "diffusion", "student"),
+    "student_negative": ("seed", "precision", "diffusion", "student", "negative_phase"),
     "progressive": ("seed", "precision", "diffusion", "progressive"),
     "evaluate": ("seed", "diffusion", "sampler", "eval"),
     "bench": ("seed", "jit", "device", "cpu_max_isa", "precision", "graph_mode_options", "diffusion", "sampler",

@@ -43,7 +43,7 @@ from distill.core.weights import copy_weights, named_params, weights_digest
 
 log = logging.getLogger(__name__)
 __all__ = ["CHECKPOINT_NAME", "LR_DECAYS", "TrainSettings", "Trainer", "learning_rate", "lr_groups",
-           "make_optimizer"]
+           "make_optimizer", "trained_params"]
 MAX_SKIPPED_STEPS = 50  # fp16: this many overflowing steps in a row means the run has diverged
 
 
@@ -118,11 +118,24 @@ def lr_groups(names: list[str], param_lr_scale: Mapping[str, float]) -> list[flo
     return [next((float(f) for p, f in param_lr_scale.items() if name.startswith(p)), 1.0) for name in names]
 
 
-def make_optimizer(net: nn.Cell, settings: TrainSettings) -> tuple[nn.Optimizer, list[tuple[ms.Parameter, float]]]:
-    """AdamW over ``net``'s trainable parameters, one lr group per distinct factor of
-    ``settings.param_lr_scale``; also the optimizer's lr Parameters with their factors (the train
-    step assigns ``lr * factor`` to each)."""
+def trained_params(net: nn.Cell, only: Optional[Callable[[str], bool]] = None) -> dict[str, ms.Parameter]:
+    """The parameters a run trains, by their name inside ``net``: all trainable ones, or those whose name
+    ``only`` accepts (the others stay exactly as they are: no optimizer update, no EMA update)."""
     named = named_params(net)  # names inside net: Parameter.name gains prefixes once net sits in other cells
+    if only is None:
+        return named
+    chosen = {name: p for name, p in named.items() if only(name)}
+    if not chosen:
+        raise UserError("training: no parameter of the model is selected for training")
+    return chosen
+
+
+def make_optimizer(net: nn.Cell, settings: TrainSettings, only: Optional[Callable[[str], bool]] = None
+                   ) -> tuple[nn.Optimizer, list[tuple[ms.Parameter, float]]]:
+    """AdamW over ``net``'s trainable parameters (those ``only`` accepts, :func:`trained_params`), one lr
+    group per distinct factor of ``settings.param_lr_scale``; also the optimizer's lr Parameters with their
+    factors (the train step assigns ``lr * factor`` to each)."""
+    named = trained_params(net, only)
     names, params = list(named), list(named.values())
     factors = lr_groups(names, settings.param_lr_scale)
     for prefix, factor in settings.param_lr_scale.items():
@@ -144,14 +157,17 @@ def make_optimizer(net: nn.Cell, settings: TrainSettings) -> tuple[nn.Optimizer,
 
 
 class EMAUpdate(nn.Cell):
-    """ema <- decay * ema + (1 - decay) * net, for every trainable parameter (graph friendly)."""
+    """ema <- decay * ema + (1 - decay) * net, for every trained parameter (graph friendly); the others
+    are left alone (decay * p + (1 - decay) * p need not round to p)."""
 
-    def __init__(self, ema: nn.Cell, net: nn.Cell) -> None:
+    def __init__(self, ema: nn.Cell, net: nn.Cell, only: Optional[Callable[[str], bool]] = None) -> None:
         super().__init__()
         self.ema = ema  # attributes give the two copies distinct parameter names
         self.net = net
-        self.ema_params = ms.ParameterTuple(ema.trainable_params())
-        self.net_params = ms.ParameterTuple(net.trainable_params())
+        trained = trained_params(net, only)
+        ema_named = named_params(ema)
+        self.ema_params = ms.ParameterTuple([ema_named[name] for name in trained])
+        self.net_params = ms.ParameterTuple(list(trained.values()))
         self.map = ops.HyperMap()
 
     def construct(self, decay: ms.Tensor):
@@ -235,7 +251,8 @@ class Trainer:
     """Trains ``net`` (keeping an EMA copy ``ema``) on ``loss_fn`` in ``out_dir``.
 
     Under fp16/bf16 ``net`` itself is cast for training (``auto_mixed_precision`` works in place);
-    sample from ``ema``, which stays fp32.
+    sample from ``ema``, which stays fp32. ``only``: a test on parameter names, to train those alone
+    (:func:`trained_params`; the checkpoint still holds every weight).
     """
 
     def __init__(
@@ -249,6 +266,7 @@ class Trainer:
         meta: dict[str, Any],
         writer: Any = None,
         on_checkpoint: Optional[Callable[[int], None]] = None,
+        only: Optional[Callable[[str], bool]] = None,
     ) -> None:
         settings.validate()
         rt = runtime.current()
@@ -262,8 +280,8 @@ class Trainer:
         self.writer = writer if rt.is_main else None
         self.on_checkpoint = on_checkpoint
         self.ckpt_path = self.out_dir / CHECKPOINT_NAME
-        ema_update = EMAUpdate(ema, net)
-        self.optimizer, lr_params = make_optimizer(net, settings)
+        ema_update = EMAUpdate(ema, net, only)
+        self.optimizer, lr_params = make_optimizer(net, settings, only)
         self.scaler: Optional[amp.DynamicLossScaler] = None
         train_net = net
         if self.precision in ("fp16", "bf16"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from omegaconf import DictConfig
@@ -48,14 +48,24 @@ def distill_batches(cfg: DictConfig, data: ImageData, teacher: UNet | None
             return regression_batch(tuple(inputs), target, loss_space, prediction, w_loss_power)
         return lambda start: from_shards
     check_targets(str(s.targets))
+    return online_batches(cfg, data, teacher, int(s.train.batch_size), negative_draw(s))
+
+
+def online_batches(cfg: DictConfig, data: ImageData, teacher: UNet, batch_size: int, p_null_negative: float
+                   ) -> Callable[[int], Callable[[int], tuple[np.ndarray, ...]]]:
+    """start_step -> step -> regression batch of ``batch_size`` examples with the teacher's targets made now, each
+    example's negative class the null class with probability ``p_null_negative`` (the student section's w,
+    loss and ws_per_input)."""
+    s = cfg.student
+    loss_space, prediction, w_loss_power = str(s.loss), str(cfg.diffusion.prediction), float(s.w_loss_power)
     branches = jit_predictor(GuidanceBranches(teacher), bool(cfg.jit))
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
-        make = distill_inputs(data, int(s.train.batch_size), int(cfg.seed), start, cfg.diffusion.schedule,
-                              *w_distribution(s), s.ws_per_input, negative_draw(s), data_share())
+        make = distill_inputs(data, batch_size, int(cfg.seed), start, cfg.diffusion.schedule,
+                              *w_distribution(s), s.ws_per_input, p_null_negative, data_share())
 
         def batch(step: int) -> tuple[np.ndarray, ...]:
-            inputs = shard(make(step), int(s.train.batch_size))  # data parallel: targets for this rank's slice only
+            inputs = shard(make(step), batch_size)  # data parallel: targets for this rank's slice only
             target = teacher_targets(branches, inputs, s.ws_per_input)
             return regression_batch(inputs, target, loss_space, prediction, w_loss_power)
         return batch
@@ -89,6 +99,13 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
              settings.batch_size // s.ws_per_input, s.ws_per_input,
              f"negative class null with p={negative_draw(s):g}, else another class" if s.negative
              else "no negative-class input")
+    run_and_summarise(trainer, writer, "distill", str(s.targets))
+    return out / CHECKPOINT_NAME
+
+
+def run_and_summarise(trainer: Trainer, writer: Any, name: str, targets: str) -> None:
+    """Run ``trainer``, close ``writer``, and (when it trained) write ``train_summary.json`` in its folder:
+    steps, seconds, first and last loss."""
     start_step, t0 = trainer.step, time.perf_counter()
     losses = trainer.run()
     seconds = time.perf_counter() - t0
@@ -96,10 +113,9 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
         writer.close()
     if trainer.step > start_step and is_main():
         ran = trainer.step - start_step
-        summary = {"provenance": meta["provenance"], "steps": trainer.step, "targets": str(s.targets),
+        summary = {"provenance": trainer.meta["provenance"], "steps": trainer.step, "targets": targets,
                    "seconds": round(seconds, 1), "seconds_per_step": round(seconds / ran, 4),
                    "first_loss": losses[0], "last_loss": losses[-1]}
-        write_json(out / "train_summary.json", summary)
-        log.info("distill: %d steps in %.1f s (%.3f s/step, %s targets), loss %.4g -> %.4g", ran, seconds,
-                 seconds / ran, s.targets, float(np.mean(losses[:20])), float(np.mean(losses[-20:])))
-    return out / CHECKPOINT_NAME
+        write_json(trainer.out_dir / "train_summary.json", summary)
+        log.info("%s: %d steps in %.1f s (%.3f s/step, %s targets), loss %.4g -> %.4g", name, ran, seconds,
+                 seconds / ran, targets, float(np.mean(losses[:20])), float(np.mean(losses[-20:])))

@@ -36,7 +36,7 @@ from distill.core.sampling import Predictor, SamplerSettings, jit_predictor, net
 from distill.jobs.common import evaluation_classifier, guided_samples, teacher_prediction
 from distill.jobs.methods import eval_methods, evaluate_methods, sample_methods_share
 from distill.jobs.negatives import NegativePlan, evaluate_negatives, negative_plan, sample_negative_share
-from student.loading import load_student, student_checkpoint_path
+from student.loading import load_student, serving_student_path
 from student.progressive import verified_rounds
 from teacher.guidance import ConditionalPrediction, GuidedPrediction
 from teacher.loading import classifier_checkpoint_path, load_teacher, teacher_checkpoint_path
@@ -76,7 +76,8 @@ def default_student_specs(cfg: DictConfig, data: ImageData) -> list[tuple[str, P
 
 
 def student_specs(cfg: DictConfig, data: ImageData) -> list[tuple[str, Path | None, int | None]]:
-    """(name, checkpoint or None = the run's student, steps or None = its own) for each one-pass student.
+    """(name, checkpoint or None = the run's student, steps or None = its own) for each one-pass student
+    (the run's student: the phase-two student with ``negative_phase.enabled``, :func:`serving_student_path`).
 
     ``eval.student`` (one path) or ``eval.students`` ({name, path, steps} each) name them; neither
     means :func:`default_student_specs`. A listed student without steps uses the ``sampling_steps``
@@ -119,7 +120,7 @@ def evaluate_provenance(cfg: DictConfig, data: ImageData,
     inputs = {"data": provenance.data_digest(data), "teacher": provenance.file_digest(teacher_checkpoint_path(cfg))}
     if "classifier" in eval_methods(cfg):
         inputs["classifier"] = provenance.file_digest(classifier_checkpoint_path(cfg))
-    inputs.update({name: provenance.file_digest(path or student_checkpoint_path(cfg)) for name, path, _ in specs})
+    inputs.update({name: provenance.file_digest(path or serving_student_path(cfg)) for name, path, _ in specs})
     return provenance.record(cfg, "evaluate", inputs)
 
 
@@ -130,7 +131,7 @@ def evaluation_models(cfg: DictConfig, data: ImageData,
     models = {"teacher": (GuidedPrediction(load_teacher(cfg, data)),
                           int(cfg.sampler.num_steps if teacher_steps is None else teacher_steps))}
     for name, path, steps in specs:
-        student, meta = load_student(cfg, data, path)
+        student, meta = load_student(cfg, data, path or serving_student_path(cfg))
         models[name] = (ConditionalPrediction(student),
                         int(steps or meta.get("sampling_steps") or cfg.sampler.num_steps))
     return models

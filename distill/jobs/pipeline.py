@@ -1,5 +1,5 @@
-"""``task=pipeline``: teacher -> distill -> progressive -> evaluate -> bench -> publish, each made again
-exactly when what made it changed.
+"""``task=pipeline``: teacher -> distill -> (negative_phase) -> progressive -> evaluate -> bench -> publish, each
+made again exactly when what made it changed (negative_phase only with ``negative_phase.enabled``).
 
 Every stage output records its provenance (distill.core.provenance): the config values and the
 digests of the inputs that made it. Training stages resume from a checkpoint with the same record
@@ -42,6 +42,7 @@ def stages(cfg: DictConfig) -> list[Stage]:
     from distill.jobs.bench import bench_provenance, run_bench
     from distill.jobs.distill import run_distill
     from distill.jobs.evaluate import evaluate_provenance, run_evaluate
+    from distill.jobs.negative_phase import run_negative_phase
     from distill.jobs.progressive import run_progressive
     from distill.jobs.publish import publish_provenance, run_publish
     from distill.jobs.teacher import run_teacher
@@ -49,9 +50,12 @@ def stages(cfg: DictConfig) -> list[Stage]:
     run = build.run_dir(cfg)
     bundle = bundle_dir(cfg)
     own_bundle = bundle == run / "bundle"  # an out-of-date bundle elsewhere needs publish.overwrite=true
+    negative = [Stage("negative_phase", functools.partial(run_negative_phase, follow_inputs=True))] \
+        if bool(cfg.negative_phase.enabled) else []
     return [
         Stage("teacher", functools.partial(run_teacher, follow_inputs=True)),
         Stage("distill", functools.partial(run_distill, follow_inputs=True)),
+        *negative,
         Stage("progressive", functools.partial(run_progressive, follow_inputs=True)),
         Stage("evaluate", run_evaluate, run / "evaluate" / "report.json", evaluate_provenance, all_ranks=True),
         Stage("bench", run_bench, run / "bench" / "bench.json", bench_provenance),

@@ -16,6 +16,7 @@ from distill.core.errors import UserError
 from distill.jobs.bench import bench_options
 from distill.jobs.distill import check_targets
 from distill.jobs.methods import check_sampler_guidance, eval_methods
+from distill.jobs.negative_phase import check_negative_phase
 from distill.jobs.progressive import first_teacher
 from student.distill import (check_p_null_negative, check_w_loss_power, check_w_range, check_ws_per_input,
                              w_distribution)
@@ -31,7 +32,7 @@ def check_config(cfg: DictConfig) -> None:
     check_ranges(cfg)
     dm.logsnr_schedule(str(cfg.diffusion.schedule), np.zeros(1))
     one = np.ones(1)
-    for section in (cfg.teacher, cfg.student, cfg.progressive, cfg.classifier):
+    for section in (cfg.teacher, cfg.student, cfg.negative_phase, cfg.progressive, cfg.classifier):
         build.train_settings(section.train, int(cfg.seed), bool(cfg.jit))
     build.sampler_settings(cfg)
     check_sampler_guidance(cfg)
@@ -48,6 +49,9 @@ def check_config(cfg: DictConfig) -> None:
     if bool(s.negative) and not bool(s.class_gate):
         raise UserError("student: negative=true needs class_gate=true (the negative class is the gate's offset)")
     check_ws_per_input(s.ws_per_input, int(s.train.batch_size))
+    check_negative_phase(cfg)
+    if bool(cfg.negative_phase.enabled):
+        check_ws_per_input(s.ws_per_input, int(cfg.negative_phase.train.batch_size))
     check_targets(str(s.targets))
     p = cfg.progressive
     round_plan(int(p.start_steps), int(p.min_steps))
