@@ -179,8 +179,13 @@ class Pretrained:
         if isinstance(negative, bool) or not isinstance(negative, (int, np.integer)) or not 0 <= negative < k:
             raise UserError(f"negative class {negative!r} is not a class index in [0, {k})")
         if not self.takes_negative:
-            raise UserError("this bundle's student takes no negative class (distilled before negative classes or with "
-                            "student.negative=false); sample without one, or distill and publish the student again")
+            others = list(self.config["guidance"].get("negative_variants") or [])
+            if others:
+                raise UserError(f"this variant ({self.config.get('variant')}) takes no negative class; the bundle's "
+                                f"{others[0]} variant does: from_pretrained(path, variant={others[0]!r}) "
+                                f"(command line: sample.variant={others[0]})")
+            raise UserError("this bundle's student takes no negative class (distilled without negative classes); "
+                            "sample without one, or train negative_phase.enabled=true and publish again")
         if np.any(labels == negative):
             raise UserError(f"negative class {negative} equals a target class of the labels: guide away from "
                             f"another class")
@@ -259,7 +264,9 @@ def variant_config(config: dict[str, Any], variant: Optional[str], listed: set[s
     entry = variants[name]
     if entry.get("weights") not in listed:
         raise UserError(f"bundle variant {name!r}: weights {entry.get('weights')!r} are not in manifest.json")
-    config = dict(config, variant=name, sampler=dict(config["sampler"], num_steps=int(entry["num_steps"])))
+    # a variant's own network (a phase-two student beside progressive rounds without the negative input)
+    config = dict(config, variant=name, sampler=dict(config["sampler"], num_steps=int(entry["num_steps"])),
+                  model=entry.get("model", config["model"]))
     return str(entry["weights"]), config
 
 

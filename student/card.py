@@ -98,11 +98,16 @@ def negative_section(config: dict[str, Any], report: Optional[dict[str, Any]]) -
     if not config["guidance"].get("negative_classes"):
         return ""
     k, w = config["classes"]["num_classes"], config["sampler"]["w"]
+    variants = config["guidance"].get("negative_variants") or []
+    which = (f"The `{variants[0]}` variant takes them (`from_pretrained(path, variant=\"{variants[0]}\")`; "
+             f"`task=sample` picks it when `sample.negative_class` is set): its stage-one weights are frozen and a "
+             f"negative path trained beside them adds exact zeros with the null class, so it is the plain student "
+             f"there.\n\n") if variants else ""
     table = "\n".join(negative_lines(report)[2:]) if report and report.get("negative") else (
         "Not evaluated yet: run `task=evaluate`, then publish again.")
     return f"""## Negative classes, in one pass
 
-Guide toward class y and away from class K with `model.sample(labels, w, negative=K)` (command line:
+{which}Guide toward class y and away from class K with `model.sample(labels, w, negative=K)` (command line:
 `sample.negative_class=K`): the student produces `out(K) + w * (out(y) - out(K))`, which a two-pass
 teacher computes with K in place of the null class, in **one** network pass per step. K must differ
 from every label; `negative=None` is the null class (plain guidance).

@@ -76,12 +76,17 @@ def variants_entry(stages: list[tuple[int, str]], default_steps: int) -> dict[st
 
 
 def bundle_config(cfg: DictConfig, net: Any, meta: dict[str, Any], mindir_batch: int,
-                  stages: list[tuple[int, str]], stage_one_meta: dict[str, Any]) -> dict[str, Any]:
+                  stages: list[tuple[int, str]], stage_one_meta: dict[str, Any],
+                  models: Optional[dict[int, dict[str, Any]]] = None) -> dict[str, Any]:
     """config.json for a bundle whose default student is ``net`` (``meta``: its checkpoint metadata);
-    ``stages``: (sampling steps, stage) of every student in the bundle, the default one among them."""
+    ``stages``: (sampling steps, stage) of every student in the bundle, the default one among them;
+    ``models``: steps -> network config of each student (a variant whose network differs from the default's
+    carries its own ``model``: the phase-two student, which takes negative classes)."""
     import mindspore as ms
 
     ucfg = net.config
+    own = {n: m for n, m in (models or {}).items() if m != ucfg.to_dict()}
+    negative_variants = [variant_name(n) for n, m in own.items() if m.get("guidance_negative")]
     default_steps = int(meta.get("sampling_steps") or cfg.sampler.num_steps)
     c, h = ucfg.in_channels, ucfg.image_size
     w_min, w_max = float(meta["w_min"]), float(meta["w_max"])
@@ -97,7 +102,8 @@ def bundle_config(cfg: DictConfig, net: Any, meta: dict[str, Any], mindir_batch:
                       "time": "continuous t in [0, 1], variance preserving, parametrised by logSNR"},
         "guidance": {"w_min": w_min, "w_max": w_max, "convention": W_CONVENTION,
                      "w_schedules": ["constant", "linear", "cosine"],
-                     "negative_classes": bool(ucfg.guidance_negative)},
+                     "negative_classes": bool(ucfg.guidance_negative) or bool(negative_variants),
+                     **({"negative_variants": negative_variants} if negative_variants else {})},
         "classes": {"names": [str(n) for n in meta["class_names"]], "num_classes": ucfg.num_classes,
                     "null_class": ucfg.num_classes},
         "image": {"channels": c, "height": h, "width": h, "range": [-1.0, 1.0], "layout": "NCHW"},
@@ -106,7 +112,8 @@ def bundle_config(cfg: DictConfig, net: Any, meta: dict[str, Any], mindir_batch:
                     "dynamic_threshold": settings.dynamic_threshold, "batch_size": int(cfg.sampler.batch_size)},
         "weights": WEIGHTS,
         "default_variant": variant_name(default_steps),
-        "variants": variants_entry(stages, default_steps),
+        "variants": {name: dict(v, **({"model": own[v["num_steps"]]} if v["num_steps"] in own else {}))
+                     for name, v in variants_entry(stages, default_steps).items()},
         "mindir": {"file": MINDIR, "role": "one network call; the sampling loop is the caller's",
                    "batch_size": b, "dynamic_shapes": False,
                    "inputs": [{"name": "x", "shape": [b, c, h, h], "dtype": "float32"},

@@ -12,8 +12,9 @@ from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
 from distill.core.fileio import json_text, staged_folder
 from distill.core.weights import save_weights
-from student.bundle import CARD, CONFIG, GRID, MINDIR, NEGATIVE_GRID, WEIGHTS, Pretrained, build_net, write_manifest
-from student.loading import load_student, student_checkpoint_path
+from student.bundle import (CARD, CONFIG, GRID, MINDIR, NEGATIVE_GRID, WEIGHTS, Pretrained, build_net, variant_config,
+                            write_manifest)
+from student.loading import load_student, serving_student_path
 from student.progressive import verified_rounds
 from student.publish import (bundle_config, bundle_dir, export_mindir, export_sampler_mindir, read_report,
                              variant_weights, write_negative_grid, write_sample_grid)
@@ -24,9 +25,10 @@ log = logging.getLogger(__name__)
 
 def bundle_students(cfg: DictConfig, data: ImageData, few_step: bool) -> list[tuple[int, Any, dict[str, Any]]]:
     """(sampling steps, net, metadata) of the students to publish, the bundle's default last: the stage-one
-    student, then (``few_step``) every progressive round, each checked to descend from it."""
-    net, meta = load_student(cfg, data)
-    students = [(int(cfg.sampler.num_steps), net, dict(meta, stage="distill"))]
+    student (the phase-two one with ``negative_phase.enabled``), then (``few_step``) every progressive round, each checked to descend from it."""
+    net, meta = load_student(cfg, data, serving_student_path(cfg))
+    stage = "distill + negative_phase" if meta.get("stage") == "negative_phase" else "distill"
+    students = [(int(cfg.sampler.num_steps), net, dict(meta, stage=stage))]
     if few_step:
         for n, path in verified_rounds(cfg, data):
             net, meta = load_student(cfg, data, path)
@@ -38,7 +40,7 @@ def publish_provenance(cfg: DictConfig, data: ImageData) -> dict[str, Any]:
     """What the bundle is made of: its settings, the teacher (its card), the students it holds and the
     evaluation report its card shows."""
     inputs = {"teacher": provenance.file_digest(teacher_checkpoint_path(cfg)),
-              "student": provenance.file_digest(student_checkpoint_path(cfg)),
+              "student": provenance.file_digest(serving_student_path(cfg)),
               "evaluation": provenance.file_digest(build.run_dir(cfg) / "evaluate" / "report.json")}
     if bool(cfg.publish.few_step):
         inputs.update({f"student_{n}step": provenance.file_digest(path) for n, path in verified_rounds(cfg, data)})
@@ -62,7 +64,8 @@ def run_publish(cfg: DictConfig, replace: bool = False) -> Path:
     students = bundle_students(cfg, data, bool(p.few_step))
     default_steps, net, meta = students[-1]
     stages = [(n, m.get("stage", "distill")) for n, _, m in students]
-    config = bundle_config(cfg, net, meta, int(p.mindir_batch), stages, students[0][2])
+    config = bundle_config(cfg, net, meta, int(p.mindir_batch), stages, students[0][2],
+                           {n: student.config.to_dict() for n, student, _ in students})
     config["provenance"] = publish_provenance(cfg, data)
     card_ws = [float(w) for w in p.card_ws]
     lo, hi = config["guidance"]["w_min"], config["guidance"]["w_max"]
@@ -77,10 +80,23 @@ def run_publish(cfg: DictConfig, replace: bool = False) -> Path:
         if config["mindir_sampler"]:
             export_sampler_mindir(model, tmp / config["mindir_sampler"]["file"])
         write_sample_grid(model, tmp / GRID, card_ws)
-        if model.takes_negative:
-            write_negative_grid(model, tmp / NEGATIVE_GRID, float(config["sampler"]["w"]))
+        negative = negative_model(model, tmp)
+        if negative is not None:
+            write_negative_grid(negative, tmp / NEGATIVE_GRID, float(config["sampler"]["w"]))
         (tmp / CARD).write_text(model_card(config, read_report(cfg), card_ws))
         write_manifest(tmp)
     sizes = {f.name: f.stat().st_size for f in sorted(dest.iterdir())}
     log.info("publish: wrote %s (%s)", dest, ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in sizes.items()))
     return dest
+
+
+def negative_model(model: Pretrained, folder: Path) -> Pretrained | None:
+    """The bundle's student that takes negative classes: the default one, or the variant that does (the
+    phase-two student beside progressive rounds without the input); None if none does."""
+    if model.takes_negative:
+        return model
+    names = model.config["guidance"].get("negative_variants") or []
+    if not names:
+        return None
+    weights, config = variant_config(model.config, names[0], {p.name for p in folder.iterdir()})
+    return Pretrained(build_net(config, folder / weights), config, folder)

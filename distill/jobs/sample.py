@@ -45,7 +45,13 @@ def run_sample(cfg: DictConfig) -> Path:
     """Sample a published bundle: a PNG grid (one row per class) and an .npz; returns the .npz path."""
     s = cfg.sample
     variant = None if s.get("variant") is None else str(s.variant)
-    model = from_pretrained(Path(str(s.bundle)).expanduser() if s.bundle else build.run_dir(cfg) / "bundle", variant)
+    folder = Path(str(s.bundle)).expanduser() if s.bundle else build.run_dir(cfg) / "bundle"
+    model = from_pretrained(folder, variant)
+    negative_variants = model.config["guidance"].get("negative_variants") or []
+    if s.get("negative_class") is not None and variant is None and not model.takes_negative and negative_variants:
+        log.info("sample: the default variant takes no negative class; using variant %s, which does",
+                 negative_variants[0])
+        model = from_pretrained(folder, negative_variants[0])
     classes = _classes(s.classes, model.class_names)
     per_class = int(s.per_class)
     if per_class < 1:
