@@ -42,7 +42,7 @@ def is_negative_path(name: str) -> bool:
 def negative_phase_student(stage_one: UNet) -> UNet:
     """The stage-one student with a negative-class input and its own zero-initialised negative path
     (:class:`teacher.unet.NegativePath`), every stage-one weight copied: with the null negative it is
-    the stage-one student bit for bit, and with another class it starts as the stage-one gate around it."""
+    the stage-one student bit for bit, and until trained it is that student for every negative class."""
     if stage_one.config.guidance_negative:
         raise UserError("student: the negative phase starts from a student without a negative-class input "
                         "(student.negative=false); this one was trained with negative classes already")

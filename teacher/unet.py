@@ -13,10 +13,11 @@ a multiplicative path for w beside the additive one (measured: it closed the stu
 w = 0.5 accuracy gap, README). A student may take a negative class (``guidance_negative``):
 its gate then works around the negative class instead of the null class, so one pass
 gives negative-class guidance. A phase-two student (``guidance_negative_path``, trained on a
-frozen stage-one student) adds its own negative path: an MLP of the embedding and the negative class's
-offset from the null class, adding to the embedding and (one bias-free layer per block) to each
-block's film factor, multiplied by ``y_neg != null``, so with the null negative it adds exact zeros
-and the net is the stage-one student bit for bit. With the guidance MLPs' last layers and f at zero
+frozen stage-one student) keeps its gate around the null class and adds its own negative path instead
+(:class:`NegativePath`): a gate of its own, -gate_neg(w) * (neg - null) in embedding space, and an MLP
+of the embedding and that offset, adding to the embedding and (one bias-free layer per block) to each
+block's film factor, multiplied by ``y_neg != null``. With the null negative every term is an exact
+zero, so the net is the stage-one student bit for bit; at init it is that student for every negative. With the guidance MLPs' last layers and f at zero
 the student is exactly the teacher's conditional model until it is trained.
 """
 from __future__ import annotations
@@ -250,18 +251,27 @@ def negative_mask(y_neg: ms.Tensor, null_class: int) -> ms.Tensor:
 
 
 class NegativePath(nn.Cell):
-    """The phase-two student's own negative-class path: (embedding, negative offset) -> Linear -> SiLU,
-    masked per row, -> a bias-free Linear (zero at init) added to the embedding; each res block reads
-    the same masked hidden features through its own bias-free ``negative_film``."""
+    """The phase-two student's own negative-class path, from the negative class's ``offset`` from the null
+    class (zero for the null class): a gate of w, ``-gate(w) * offset`` (the stage-one gate's
+    ``gate(w) * (class - null)`` with the negative in place of the class, zero at init), plus
+    (embedding, offset) -> Linear -> SiLU, masked per row, -> a bias-free Linear (zero at init), both added
+    to the embedding; each res block reads the same masked hidden features through its own bias-free
+    ``negative_film``."""
 
-    def __init__(self, emb_dim: int) -> None:
+    def __init__(self, emb_dim: int, w_features: int, w_scale: float) -> None:
         super().__init__()
+        self.gate = EmbeddingMLP(w_features, emb_dim, w_scale, zero_last=True)
         self.fc1 = nn.Dense(2 * emb_dim, emb_dim)
         self.act = nn.SiLU()
         self.out = zero_(nn.Dense(emb_dim, emb_dim, has_bias=False))
 
     def construct(self, emb: ms.Tensor, offset: ms.Tensor, mask: ms.Tensor) -> ms.Tensor:
+        """The masked hidden features (rows of exact zeros where ``mask`` is 0)."""
         return self.act(self.fc1(ops.cat([self.act(emb), offset], axis=1))) * mask
+
+    def shift(self, hidden: ms.Tensor, offset: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
+        """What the path adds to the embedding: exact zeros where ``offset`` and ``hidden`` are zero."""
+        return self.out(hidden) - self.gate(w) * offset
 
 
 class UNet(nn.Cell):
@@ -302,7 +312,8 @@ class UNet(nn.Cell):
                 config.guidance_embed_dim, emb_dim, config.guidance_scale, zero_last=True
             )
         self.has_negative_path = self.has_negative and config.guidance_negative_path
-        self.negative_path: Optional[NegativePath] = NegativePath(emb_dim) if self.has_negative_path else None
+        self.negative_path: Optional[NegativePath] = NegativePath(
+            emb_dim, config.guidance_embed_dim, config.guidance_scale) if self.has_negative_path else None
 
         self.conv_in = conv3x3(config.in_channels, ch)
         widths = [ch * m for m in config.channel_mult]
@@ -339,10 +350,11 @@ class UNet(nn.Cell):
         A student with a negative-class input (``guidance_negative``) gates its class embedding
         around the negative class ``y_neg`` instead of the null class: neg + (1 + gate(w)) * (class - neg),
         the embedding-space image of the teacher's ``out(neg) + w (out(y) - out(neg))``; with
-        ``y_neg`` null (or None) it is exactly the null-negative student. Other nets ignore ``y_neg``."""
+        ``y_neg`` null (or None) it is exactly the null-negative student. A phase-two student keeps the gate
+        around the null class (its negative path adds the rest, :meth:`conditioning`). Other nets ignore ``y_neg``."""
         c = self.class_embed(y)
         if self.has_class_gate:
-            if self.has_negative and y_neg is not None:
+            if self.has_negative and not self.has_negative_path and y_neg is not None:
                 base = self.class_embed(y_neg)
             else:
                 base = self.class_embed(ops.ones_like(y) * self.null_class)
@@ -360,8 +372,9 @@ class UNet(nn.Cell):
         emb = self.embed(t, y, w, y_neg)
         neg = None
         if self.has_negative_path and y_neg is not None:
-            neg = self.negative_features(emb, y_neg)
-            emb = emb + self.negative_path.out(neg)  # bias-free: zero rows add exact zeros
+            offset = self.class_embed(y_neg) - self.class_embed(ops.ones_like(y_neg) * self.null_class)
+            neg = self.negative_path(emb, offset, negative_mask(y_neg, self.null_class))
+            emb = emb + self.negative_path.shift(neg, offset, w)  # exact zeros for the null class
         out = ()
         for i, cell in enumerate(self.down):
             if self.is_resblock_down[i]:
@@ -371,13 +384,6 @@ class UNet(nn.Cell):
             if self.is_resblock_up[i]:
                 out = out + cell.conditioning(emb, neg)
         return out
-
-    def negative_features(self, emb: ms.Tensor, y_neg: ms.Tensor) -> ms.Tensor:
-        """The phase-two negative path's hidden features from the embedding and the negative class's offset
-        from the null class, times ``y_neg != null``: rows of exact zeros for the null class."""
-        null = ops.ones_like(y_neg) * self.null_class
-        offset = self.class_embed(y_neg) - self.class_embed(null)
-        return self.negative_path(emb, offset, negative_mask(y_neg, self.null_class))
 
     def backbone(self, x: ms.Tensor, cond: tuple[ms.Tensor, ...]) -> ms.Tensor:
         """The network on x given :meth:`conditioning`'s tensors."""

@@ -134,39 +134,120 @@ def test_bad_negative_classes_are_one_line_errors(bundle: Path, negative: int, m
         from_pretrained(bundle).sample([3, 4], 2.0, negative=negative)
 
 
-def test_a_student_without_the_input_refuses_a_negative_class(tiny_run: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run / "teacher", run / "teacher")
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny teacher with a stage-one student without the negative input (the default student). The teacher
+    takes a few more, larger steps than the shared tiny run's, so that its classes differ enough for the
+    negative path to get a gradient."""
     from distill.jobs.distill import run_distill
+    from distill.jobs.teacher import run_teacher
 
-    run_distill(compose_cfg(run, "student.negative=false"))
-    dest = publish.run_publish(compose_cfg(run, "student.negative=false", "publish.few_step=false",
-                                           f"publish.dir={run / 'bundle'}"))
+    cfg = compose_cfg(tmp_path_factory.mktemp("plain_run"), "teacher.train.steps=20", "teacher.train.lr=1e-2")
+    run_teacher(cfg)
+    run_distill(cfg)
+    return Path(str(cfg.run_dir))
+
+
+def test_a_student_without_the_input_refuses_a_negative_class(plain_run: Path, tmp_path: Path) -> None:
+    run = copy_run(plain_run, tmp_path / "run", ("teacher", "student"))
+    dest = publish.run_publish(compose_cfg(run, "publish.few_step=false", f"publish.dir={run / 'bundle'}"))
     assert not (dest / "negative_classes.png").exists()
     with pytest.raises(UserError, match="takes no negative class"):
         from_pretrained(dest).sample([3], 2.0, negative=8)
 
 
+PHASE = ("negative_phase.enabled=true", "negative_phase.train.steps=2", "negative_phase.train.batch_size=16",
+         "negative_phase.train.checkpoint_every=2")
+
+
+@pytest.fixture(scope="module")
+def phase_run(plain_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``plain_run`` plus two steps of the negative phase (the stage-one checkpoint's SHA-256 kept beside it)."""
+    from distill.core.fileio import sha256
+    from distill.jobs.negative_phase import run_negative_phase
+
+    run = copy_run(plain_run, tmp_path_factory.mktemp("phase_run"), ("teacher", "student"))
+    (run / "stage_one.sha256").write_text(sha256(run / "student" / "checkpoint.safetensors"))
+    run_negative_phase(compose_cfg(run, *PHASE))
+    return run
+
+
+def test_the_negative_phase_trains_its_path_alone(phase_run: Path) -> None:
+    """Two phase-two steps on a tiny run: the stage-one checkpoint is untouched, every stage-one weight is
+    copied unchanged, with the null class the phase-two student samples the stage-one images bit for bit (one
+    compiled pass each), and with another class the trained path changes the output (a little: the tiny
+    teacher's classes barely differ; the slow test below measures the effect)."""
+    from distill.core.build import sampler_settings
+    from distill.core.fileio import sha256
+    from distill.core.sampling import initial_noise, jit_predictor, sample_in_batches
+    from student.loading import load_student, serving_student_path
+    from student.model import is_negative_path, negative_phase_student
+
+    cfg = compose_cfg(phase_run, *PHASE)
+    assert sha256(phase_run / "student" / "checkpoint.safetensors") == (phase_run / "stage_one.sha256").read_text()
+    data = load_data(cfg.data)
+    stage_one, _ = load_student(cfg, data, phase_run / "student" / "checkpoint.safetensors")
+    phase_two, meta = load_student(cfg, data, serving_student_path(cfg))
+    assert phase_two.has_negative_path and meta["stage"] == "negative_phase" and meta["step"] == 2
+    one, two = net_state(stage_one), net_state(phase_two)
+    assert {k for k in two if k not in one} == {k for k in two if is_negative_path(k)}
+    for name, value in one.items():
+        np.testing.assert_array_equal(two[name], value, err_msg=name)
+    noise, labels = initial_noise(0, 6, (1, 8, 8)), np.array([0, 1, 2, 3, 4, 5], np.int32)
+    null = np.full(6, NULL, np.int32)
+    draw = lambda net, w: sample_in_batches(  # noqa: E731
+        jit_predictor(ConditionalPrediction(net), True), noise, labels, w, sampler_settings(cfg), null, 6, seed=0)
+    for w in (0.0, 3.0):
+        np.testing.assert_array_equal(draw(phase_two, w), draw(stage_one, w))
+    z, t, y, w = _inputs()
+    other = ms.Tensor(((y.asnumpy() + 4) % 10).astype(np.int32))
+    untrained = negative_phase_student(stage_one)  # the path at zero: the stage-one student for every negative
+    np.testing.assert_array_equal(untrained(z, t, y, w, other).asnumpy(), stage_one(z, t, y, w).asnumpy())
+    assert np.abs(phase_two(z, t, y, w, other).asnumpy() - untrained(z, t, y, w, other).asnumpy()).max() > 0
+
+
+def test_a_phase_two_bundle_takes_negative_classes_in_its_stage_one_variant(phase_run: Path, tmp_path: Path) -> None:
+    """With progressive rounds (no negative input) as the default variant, the bundle's 4-step variant is the
+    phase-two student with its own network config; task=sample picks it for a negative class."""
+    from distill.jobs.progressive import run_progressive
+
+    run = copy_run(phase_run, tmp_path / "run", ("teacher", "student", "student_negative"))
+    run_progressive(compose_cfg(run, *PHASE))
+    dest = publish.run_publish(compose_cfg(run, *PHASE, f"publish.dir={run / 'bundle'}"))
+    default = from_pretrained(dest)
+    assert not default.takes_negative and default.config["guidance"]["negative_variants"] == ["4step"]
+    assert (dest / "negative_classes.png").is_file() and "`4step` variant takes them" in (dest / "README.md").read_text()
+    with pytest.raises(UserError, match="variant='4step'"):
+        default.sample([3], 2.0, negative=8)
+    assert from_pretrained(dest, "4step").takes_negative
+    out = sample_job.run_sample(compose_cfg(run, *PHASE, f"sample.bundle={dest}", f"sample.out={tmp_path}",
+                                            "sample.classes=[3]", "sample.negative_class=8", "sample.per_class=2"))
+    assert "_neg8_" in out.name and out.name.endswith("_steps4.npz")  # the 4-step variant: the phase-two student
+
+
 @pytest.mark.slow
 def test_guiding_away_lowers_the_negative_class_probability_on_a_trained_run(tmp_path: Path) -> None:
-    """A small teacher and student, trained for a few hundred steps on the digits: the evaluation classifier
-    gives the negative class a lower mean probability when the samples are guided away from it than when they
-    are guided with the null class, for the two-pass teacher and equally for the one-pass student."""
+    """A small teacher and student, trained for a few hundred steps on the digits, then the negative phase: the
+    evaluation classifier gives the negative class a lower mean probability when the samples are guided away
+    from it than when they are guided with the null class, for the two-pass teacher and equally for the one-pass
+    phase-two student."""
     from distill.jobs.distill import run_distill
     from distill.jobs.evaluate import run_evaluate
+    from distill.jobs.negative_phase import run_negative_phase
     from distill.jobs.teacher import run_teacher
 
     cfg = compose_cfg(tmp_path / "run", "model.channels=16", "model.groups=8", "data.max_train=null",
                       "teacher.train.steps=300", "teacher.train.batch_size=64", "teacher.train.lr=3e-3",
                       "teacher.train.checkpoint_every=300", "teacher.check.num_samples=10",
                       "student.train.steps=150", "student.train.batch_size=64", "student.train.checkpoint_every=150",
-                      "student.negative=true", "student.p_null_negative=0.2", "student.w_loss_power=0", "student.w_min=2",
-                      "student.w_max=4",
+                      "student.w_loss_power=0", "student.w_min=2", "student.w_max=4", "negative_phase.enabled=true",
+                      "negative_phase.train.steps=100", "negative_phase.train.checkpoint_every=100",
                       "eval.classifier.steps=150", "eval.progressive=false", "eval.num_samples=20",
                       "eval.ws=[3.0]", "eval.negative_classes=[[3,8],[7,1]]", "eval.negative_samples=40",
                       "sampler.num_steps=8", "sampler.batch_size=80")
     run_teacher(cfg)
     run_distill(cfg)
+    run_negative_phase(cfg)
     report = run_evaluate(cfg)
     models = report["negative"]["models"]
     assert set(models) == {"teacher", "student_8step"}
