@@ -16,8 +16,9 @@ gives negative-class guidance. A phase-two student (``guidance_negative_path``, 
 frozen stage-one student) keeps its gate around the null class and adds its own negative path instead
 (:class:`NegativePath`): a gate of its own, -gate_neg(w) * (neg - null) in embedding space, and an MLP
 of the embedding and that offset, adding to the embedding and (one bias-free layer per block) to each
-block's film factor, multiplied by ``y_neg != null``. With the null negative every term is an exact
-zero, so the net is the stage-one student bit for bit; at init it is that student for every negative. With the guidance MLPs' last layers and f at zero
+block's film factor, all multiplied by ``(w - 1) * [y_neg != null]`` (the teacher's target moves from the
+null-class one by (1 - w) (out(neg) - out(null))). With the null negative every term is an exact zero,
+so the net is the stage-one student bit for bit; at init (and at w = 1) it is that student for every negative. With the guidance MLPs' last layers and f at zero
 the student is exactly the teacher's conditional model until it is trained.
 """
 from __future__ import annotations
@@ -245,18 +246,20 @@ class Upsample(nn.Cell):
         return self.conv(x)
 
 
-def negative_mask(y_neg: ms.Tensor, null_class: int) -> ms.Tensor:
-    """(B, 1): 1.0 where the negative class is a real class, 0.0 where it is the null class."""
-    return (y_neg != null_class).astype(ms.float32).reshape(-1, 1)
+def negative_weight(y_neg: ms.Tensor, w: ms.Tensor, null_class: int) -> ms.Tensor:
+    """(B, 1): (w - 1) where the negative class is a real class, 0 where it is the null class. The teacher's
+    target moves from the null-class one by (1 - w) (out(neg) - out(null)): nothing at w = 1, so the
+    phase-two path, scaled by this, leaves the stage-one student exactly as it is there too."""
+    return (y_neg != null_class).astype(ms.float32).reshape(-1, 1) * (w.reshape(-1, 1) - 1.0)
 
 
 class NegativePath(nn.Cell):
     """The phase-two student's own negative-class path, from the negative class's ``offset`` from the null
     class (zero for the null class): a gate of w, ``-gate(w) * offset`` (the stage-one gate's
     ``gate(w) * (class - null)`` with the negative in place of the class, zero at init), plus
-    (embedding, offset) -> Linear -> SiLU, masked per row, -> a bias-free Linear (zero at init), both added
-    to the embedding; each res block reads the same masked hidden features through its own bias-free
-    ``negative_film``."""
+    (embedding, offset) -> Linear -> SiLU, times a per-row weight (:func:`negative_weight`), -> a bias-free
+    Linear (zero at init), both added to the embedding; each res block reads the same weighted hidden
+    features through its own bias-free ``negative_film``."""
 
     def __init__(self, emb_dim: int, w_features: int, w_scale: float) -> None:
         super().__init__()
@@ -265,13 +268,13 @@ class NegativePath(nn.Cell):
         self.act = nn.SiLU()
         self.out = zero_(nn.Dense(emb_dim, emb_dim, has_bias=False))
 
-    def construct(self, emb: ms.Tensor, offset: ms.Tensor, mask: ms.Tensor) -> ms.Tensor:
-        """The masked hidden features (rows of exact zeros where ``mask`` is 0)."""
-        return self.act(self.fc1(ops.cat([self.act(emb), offset], axis=1))) * mask
+    def construct(self, emb: ms.Tensor, offset: ms.Tensor, weight: ms.Tensor) -> ms.Tensor:
+        """The weighted hidden features (rows of exact zeros where ``weight`` is 0)."""
+        return self.act(self.fc1(ops.cat([self.act(emb), offset], axis=1))) * weight
 
-    def shift(self, hidden: ms.Tensor, offset: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
-        """What the path adds to the embedding: exact zeros where ``offset`` and ``hidden`` are zero."""
-        return self.out(hidden) - self.gate(w) * offset
+    def shift(self, hidden: ms.Tensor, offset: ms.Tensor, w: ms.Tensor, weight: ms.Tensor) -> ms.Tensor:
+        """What the path adds to the embedding: exact zeros where ``weight`` is zero."""
+        return self.out(hidden) - self.gate(w) * offset * weight
 
 
 class UNet(nn.Cell):
@@ -373,8 +376,9 @@ class UNet(nn.Cell):
         neg = None
         if self.has_negative_path and y_neg is not None:
             offset = self.class_embed(y_neg) - self.class_embed(ops.ones_like(y_neg) * self.null_class)
-            neg = self.negative_path(emb, offset, negative_mask(y_neg, self.null_class))
-            emb = emb + self.negative_path.shift(neg, offset, w)  # exact zeros for the null class
+            weight = negative_weight(y_neg, w, self.null_class)
+            neg = self.negative_path(emb, offset, weight)
+            emb = emb + self.negative_path.shift(neg, offset, w, weight)  # exact zeros for the null class, and at w = 1
         out = ()
         for i, cell in enumerate(self.down):
             if self.is_resblock_down[i]:
