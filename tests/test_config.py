@@ -106,6 +106,7 @@ def test_values_keep_their_types_and_the_presets_still_compose(tmp_path: Path) -
      "make it first with task=classifier"),
     (["classifier.width=12"], "classifier: width 12 must be >= 1 and divisible by groups 8"),
     (["classifier.train.lr=0"], "training: lr 0.0 must be a finite number > 0"),
+    (["student.negative=true", "negative_phase.enabled=true"], "adds negative classes to a stage-one student without"),
 ])
 def test_bad_ranges_fail_before_any_work(tmp_path: Path, overrides: list[str], message: str) -> None:
     cfg = compose_cfg(tmp_path, *overrides)
