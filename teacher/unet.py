@@ -18,8 +18,9 @@ frozen stage-one student) keeps its gate around the null class and adds its own 
 of the embedding and that offset, adding to the embedding and (one bias-free layer per block) to each
 block's film factor, all multiplied by ``(w - 1) * [y_neg != null]`` (the teacher's target moves from the
 null-class one by (1 - w) (out(neg) - out(null))). With the null negative every term is an exact zero,
-so the net is the stage-one student bit for bit; at init (and at w = 1) it is that student for every negative. With the guidance MLPs' last layers and f at zero
-the student is exactly the teacher's conditional model until it is trained.
+so the net is the stage-one student bit for bit; at init (and at w = 1) it is that student for every
+negative. With the guidance MLPs' last layers and f at zero the student is exactly the teacher's
+conditional model until it is trained.
 """
 from __future__ import annotations
 
@@ -176,7 +177,7 @@ class ResBlock(nn.Cell):
     def conditioning(self, emb: ms.Tensor, negative: Optional[ms.Tensor] = None) -> tuple[ms.Tensor, ms.Tensor]:
         """What this block takes from the embedding: its projection, (B, C, 1, 1) or (B, 2C, 1, 1), and the
         film factor (B, C, 1, 1). It does not depend on x, so a sampler computes it once for all steps.
-        ``negative``: the negative path's hidden features (:meth:`UNet.negative_features`), zero rows for
+        ``negative``: the negative path's weighted hidden features (:class:`NegativePath`), zero rows for
         the null class, which add ``negative_film(negative)`` (exactly zero there) to the film factor."""
         emb = self.act(emb)
         b = emb.shape[0]
