@@ -22,7 +22,8 @@ from teacher.loading import load_teacher
 
 
 def calls_ms(first, then, n):
-    """Milliseconds of ``then()`` over ``n`` rounds, each after one ``first()`` (if given), sorted."""
+    """Milliseconds of ``then()`` over ``n`` rounds, each after one ``first()`` (if given):
+    minimum, quartiles, median and maximum."""
     out = []
     for _ in range(n):
         if first is not None:
@@ -30,7 +31,8 @@ def calls_ms(first, then, n):
         t0 = time.perf_counter()
         then()
         out.append((time.perf_counter() - t0) * 1000)
-    return np.round(np.sort(out), 1)
+    q = np.percentile(out, [0, 25, 50, 75, 100])
+    return "min {:.1f}  q1 {:.1f}  median {:.1f}  q3 {:.1f}  max {:.1f}".format(*q)
 
 
 def main(run: str) -> None:
@@ -60,11 +62,11 @@ def main(run: str) -> None:
     few4, teacher16, eager16, teacher256 = draw(p4, s4, 1), draw(pt, base, 1), draw(ps, se, 1), draw(pt, s1, 256)
     for fn in (few4, teacher16, eager16, teacher256):
         fn(), fn()  # compile and warm
-    print("4-step student alone, ms per call:", calls_ms(None, few4, 20))
-    print("after a 16-step teacher call:", calls_ms(teacher16, few4, 12))
-    print("16-step teacher, ms per call:", calls_ms(few4, teacher16, 12))
-    print("after an eager 16-step student call:", calls_ms(eager16, few4, 12))
-    print("after a batch-256 teacher step:", calls_ms(teacher256, few4, 8))
+    print("4-step student alone, ms per call:", calls_ms(None, few4, 30))
+    print("after a 16-step teacher call:", calls_ms(teacher16, few4, 20))
+    print("16-step teacher, ms per call:", calls_ms(few4, teacher16, 20))
+    print("after an eager 16-step student call:", calls_ms(eager16, few4, 20))
+    print("after a batch-256 teacher step, ms per call:", calls_ms(teacher256, few4, 8))
 
 
 if __name__ == "__main__":
