@@ -282,10 +282,8 @@ class Predictor:
         self.cell = cell
         self.use_jit = bool(use_jit)
         self._call = _compiled(cell) if use_jit else cell
-        self._conditioning: Optional[Callable[..., Any]] = None  # compiled on first use (samplers only)
-        self._branches: Optional[Callable[..., Any]] = None  # (cond, uncond) of a two-pass cell, for eager CFG++
+        self._methods: dict[str, Callable[..., Any]] = {}  # the cell's other methods, compiled on first use
         self._one_pass: Optional["Predictor"] = None  # a two-pass cell's conditional pass alone (guidance interval)
-        self._output_and_grad: Optional[Callable[..., Any]] = None  # classifier guidance, eager reference
         self._samplers: dict[tuple, Callable[..., Any]] = {}
         self._plans: dict[tuple, list[tuple[ms.Tensor, ...]]] = {}
 
@@ -298,10 +296,8 @@ class Predictor:
 
     def branches(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor
                  ) -> tuple[ms.Tensor, ms.Tensor]:
-        """(cond, uncond) outputs of a two-pass cell from its one doubled-batch call."""
-        if self._branches is None:
-            self._branches = _compiled(self.cell.branches) if self.use_jit else self.cell.branches
-        return self._branches(z, t, y, w, y_uncond)
+        """(cond, uncond) outputs of a two-pass cell from its one doubled-batch call (eager CFG++)."""
+        return self._method("branches")(z, t, y, w, y_uncond)
 
     @property
     def has_classifier(self) -> bool:
@@ -310,10 +306,14 @@ class Predictor:
     def output_and_grad(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor
                         ) -> tuple[ms.Tensor, ms.Tensor]:
         """A classifier-guided cell's unconditional output and grad_z log p(y | z, t), for the eager sampler."""
-        if self._output_and_grad is None:
-            fn = self.cell.output_and_grad
-            self._output_and_grad = _compiled(fn) if self.use_jit else fn
-        return self._output_and_grad(z, t, y, w, y_uncond)
+        return self._method("output_and_grad")(z, t, y, w, y_uncond)
+
+    def _method(self, name: str) -> Callable[..., Any]:
+        """The cell's method ``name``, compiled (when ``use_jit``) on its first use and kept."""
+        if name not in self._methods:
+            fn = getattr(self.cell, name)
+            self._methods[name] = _compiled(fn) if self.use_jit else fn
+        return self._methods[name]
 
     def one_pass(self) -> "Predictor":
         """A two-pass cell's conditional pass alone (the network on (z, t, y)), sharing its weights."""
@@ -347,10 +347,8 @@ class Predictor:
             self._plans[key] = [(ms.Tensor(np.full(b, ws[i], np.float32)), ms.Tensor(coef[i])) for i in range(n)]
             while len(self._plans) > PLANS_KEPT:
                 self._plans.pop(next(iter(self._plans)))
-        if self._conditioning is None:
-            self._conditioning = _compiled(self.cell.conditioning) if self.use_jit else self.cell.conditioning
         rows = conditioning_rows(dm.sampling_times(n), ws, labels, uncond_labels)
-        cond = tuple(c.asnumpy() for c in self._conditioning(*(ms.Tensor(r) for r in rows)))
+        cond = tuple(c.asnumpy() for c in self._method("conditioning")(*(ms.Tensor(r) for r in rows)))
         guided = guided_steps(settings)
         # mutable: a plain tuple of tensors would be a constant of the graph, compiled again per value
         return [(ms.mutable(tuple(ms.Tensor(np.ascontiguousarray(c)) for c in step_conditioning(
@@ -396,7 +394,7 @@ def sample(
     check_guidance_for(settings, int(getattr(predict, "passes", 1)), w, bool(getattr(predict, "has_classifier", False)))
     if settings.engine == "eager" or not isinstance(predict, Predictor):
         return _sample_eager(predict, noise, labels, w, settings, uncond_labels, seed)
-    b, n = noise.shape[0], settings.num_steps
+    b = noise.shape[0]
     ws = step_scales(settings, w)  # float32 per step, as the eager sampler uses
     z = ms.Tensor(noise.astype(np.float32))
     step_noise = _step_noise(settings, noise.shape, seed)
