@@ -15,7 +15,8 @@ from distill.jobs.bench import busy_warning, flop_rate, forward_flops, run_bench
 from distill.core.errors import UserError
 
 TINY_BENCH = ["bench.batch_sizes=[2]", "bench.step_counts=[2]", "bench.repeats=2",
-              "bench.warmup=1", "bench.peak_matmul_size=64", "bench.eager_models=[teacher,student]"]
+              "bench.warmup=1", "bench.peak_matmul_size=64", "bench.eager_models=[teacher,student]",
+              "bench.single_thread_max_batch=null"]
 
 
 def test_spread_hand_values() -> None:
@@ -103,7 +104,9 @@ def test_tiny_bench_writes_reports(tiny_run: Path, capsys: pytest.CaptureFixture
     assert r["median_ratio"] == pytest.approx(np.median(teacher) / np.median(student)) and r["limit"] == 2.0
     assert {"student_step_vs_eager_2steps", "teacher_step_vs_eager_2steps"} <= set(row["ratios"])
     table = (out / "bench.md").read_text()
-    assert "| batch | model | engine | steps | ms/step | images/s | GFLOP/s | % numpy peak | compile s |" in table
+    assert ("| batch | threads | model | engine | steps | ms/step | images/s | GFLOP/s | % numpy peak | compile s |"
+            in table)
+    assert row["cpu_threads"] == "default" and report["best_threads"] is None
     assert table.splitlines()[-1] in capsys.readouterr().out
     # the run's TensorBoard log gains the bench's scalars, with the values of the report
     added = {tag: v for tag, v in tensorboard_scalars(tiny_run / "tb").items()
@@ -126,7 +129,34 @@ def test_few_step_student_is_benched_against_the_teacher(tiny_run: Path, tmp_pat
     assert report["models"][2]["checkpoint"] == str(run / "progressive" / "steps_2" / "checkpoint.safetensors")
 
 
-@pytest.mark.parametrize("override", ["bench.batch_sizes=[]", "bench.step_counts=[0]", "bench.batch_sizes=[4,-1]",
+@pytest.mark.slow
+def test_small_batches_are_timed_again_with_one_thread_in_a_child(tiny_run: Path, tmp_path: Path) -> None:
+    run = copy_run(tiny_run, tmp_path / "run")
+    cfg = compose_cfg(run, *TINY_BENCH, "bench.batch_sizes=[2,3]", "bench.single_thread_max_batch=2",
+                      "bench.eager_models=[student]")
+    report = json.loads(run_bench(cfg).read_text())
+    assert [(r["batch"], r["cpu_threads"]) for r in report["results"]] == [(2, "default"), (3, "default"), (2, "1")]
+    assert set(report["peak_gflops_by_threads"]) == {"default", "1"}
+    child = report["results"][2]
+    assert {e["model"] for e in child["entries"]} == {"teacher", "student", "student_2step"}
+    assert all(len(e["seconds"]) == 2 for e in child["entries"])
+    # per batch, each entry's fastest thread count, and the ratios recomputed from those entries
+    best = {b["batch"]: b for b in report["best_threads"]}
+    assert set(best) == {2, 3} and set(best[3]["threads"].values()) == {"default"}
+    rows = {(r["batch"], r["cpu_threads"]): {f"{e['model']}/{e['engine']}/{e['steps']}": e for e in r["entries"]}
+            for r in report["results"]}
+    fastest = {}
+    for key, threads in best[2]["threads"].items():
+        mine = np.median(rows[(2, threads)][key]["seconds"])
+        other = np.median(rows[(2, "1" if threads == "default" else "default")][key]["seconds"])
+        assert mine <= other
+        fastest[key] = rows[(2, threads)][key]["seconds"]
+    r = best[2]["ratios"]["one_pass_vs_two_pass_2steps"]
+    assert r["median_ratio"] == pytest.approx(np.median(fastest["teacher/step/2"]) / np.median(fastest["student/step/2"]))
+    assert "fastest thread count" in (run / "bench" / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("override", ["bench.single_thread_max_batch=0", "bench.batch_sizes=[]", "bench.step_counts=[0]", "bench.batch_sizes=[4,-1]",
                                       "bench.repeats=0", "bench.reference_steps=0",
                                       "bench.engine=eager", "bench.reference_steps=3",
                                       "bench.eager_models=[pupil]"])

@@ -15,7 +15,7 @@ from student import from_pretrained
 
 
 OVERRIDES = ("eval.ws=[1.0,3.0]", "eval.num_samples=10", "bench.batch_sizes=[2]", "bench.step_counts=[2]",
-             "bench.repeats=1", "bench.warmup=2")
+             "bench.repeats=1", "bench.warmup=2", "bench.single_thread_max_batch=null")
 
 
 @pytest.mark.slow

@@ -127,3 +127,9 @@ def test_each_rank_takes_its_slice_of_the_global_batch(monkeypatch: pytest.Monke
         runtime.shard((np.zeros(5),), 16)
     with pytest.raises(UserError, match="batch_size 15 cannot be split evenly over 2"):
         tiny_trainer(tmp_path, steps=1, batch_size=15)
+
+
+@pytest.mark.parametrize("threads", [0, -2, True])
+def test_cpu_threads_must_be_a_positive_integer(threads: object) -> None:
+    with pytest.raises(UserError, match="cpu_threads must be a positive integer"):
+        setup_runtime("CPU", cpu_threads=threads)  # type: ignore[arg-type]

@@ -158,6 +158,7 @@ class BenchConfig:
     repeats: int = MISSING
     warmup: int = MISSING
     peak_matmul_size: int = MISSING
+    single_thread_max_batch: Optional[int] = MISSING
     student: Optional[str] = MISSING
     few_step: bool = MISSING
 
@@ -253,6 +254,7 @@ class Config:
     restart: bool = MISSING
     device: str = MISSING
     cpu_max_isa: Optional[str] = MISSING
+    cpu_threads: Optional[int] = MISSING
     seed: int = MISSING
     jit: bool = MISSING
     precision: str = MISSING

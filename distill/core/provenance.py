@@ -28,7 +28,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "student_negative": ("seed", "precision", "diffusion", "student", "negative_phase"),
     "progressive": ("seed", "precision", "diffusion", "progressive"),
     "evaluate": ("seed", "diffusion", "sampler", "eval"),
-    "bench": ("seed", "jit", "device", "cpu_max_isa", "precision", "graph_mode_options", "diffusion", "sampler",
+    "bench": ("seed", "jit", "device", "cpu_max_isa", "cpu_threads", "precision", "graph_mode_options", "diffusion", "sampler",
               "bench"),
     "publish": ("diffusion", "sampler", "publish"),
 }
@@ -44,7 +44,8 @@ NEUTRAL = ("train.log_every", "train.checkpoint_every", "student.targets", "stud
 ADDED_KEYS: dict[str, Any] = {
     "sampler.guidance": "cfg", "sampler.guidance_lambda": 0.6, "sampler.guidance_interval": None,
     "sampler.classifier_scale": 1.0, "eval.methods": ["cfg"], "eval.cfgpp_lambdas": [0.2, 0.4, 0.6, 0.8, 1.0],
-    "eval.interval": [0.17, 0.88], "eval.classifier_scales": [1.0, 2.0, 4.0, 8.0, 16.0],
+    "eval.interval": [0.17, 0.88], "eval.classifier_scales": [1.0, 2.0, 4.0, 8.0, 16.0], "cpu_threads": None,
+    "bench.single_thread_max_batch": None,
 }
 
 

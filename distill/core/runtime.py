@@ -50,6 +50,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     jit_options: Mapping[str, Any] = field(default_factory=dict)
+    cpu_threads: Optional[int] = None  # MindSpore's CPU kernel threads as set in this process (None: its default)
 
     @property
     def is_main(self) -> bool:
@@ -95,12 +96,13 @@ def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def setup_runtime(device: str = "CPU", seed: int = 0, deterministic: bool = True, *, precision: str = "fp32",
                   distributed: bool = False, graph_mode_options: Optional[Mapping[str, Any]] = None,
-                  cpu_max_isa: Optional[str] = DEFAULT_CPU_ISA) -> Runtime:
+                  cpu_max_isa: Optional[str] = DEFAULT_CPU_ISA, cpu_threads: Optional[int] = None) -> Runtime:
     """Select the device target, seed MindSpore, and (``distributed``) join the data-parallel group."""
     global _current
     if device not in DEVICES:
         raise UserError(f"device '{device}' is not one of {', '.join(DEVICES)}")
     isa = check_cpu_isa(cpu_max_isa)
+    cpu_threads = check_cpu_threads(cpu_threads)
     check_precision(precision, device)
     jit_options = check_jit_options(graph_mode_options)
     if distributed and _current.distributed:  # already joined (a second task in the same process)
@@ -122,11 +124,12 @@ def setup_runtime(device: str = "CPU", seed: int = 0, deterministic: bool = True
         raise UserError(f"device '{device}' is not available here ({str(e).splitlines()[0]})") from e
     if deterministic:
         _set_deterministic_once()
+    threads = _set_cpu_threads_once(cpu_threads)
     ms.set_seed(seed)
     rank, world = 0, 1
     if distributed:
         rank, world = _join_data_parallel(device)
-    _current = Runtime(device, precision, distributed, rank, world, jit_options)
+    _current = Runtime(device, precision, distributed, rank, world, jit_options, threads)
     if distributed:
         _quiet_other_ranks()
         log.info("data parallel: rank %d of %d on %s", rank, world, device)
@@ -148,6 +151,34 @@ def _device_available(device: str) -> bool:
     return bool(getattr(dc, device.lower()).is_available())
 
 
+def check_cpu_threads(threads: Any) -> Optional[int]:
+    """``cpu_threads`` as a positive int, or None (MindSpore's default)."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"cpu_threads must be a positive integer or null, got {threads}")
+    return threads
+
+
+def _set_cpu_threads_once(threads: Optional[int]) -> Optional[int]:
+    """Set the thread count of MindSpore's CPU kernels (None: MindSpore's default) and return the count in
+    force. MindSpore takes it once per process; a later set-up in the same process keeps the first value."""
+    if threads is None:
+        return _current.cpu_threads
+    import mindspore.device_context as dc
+
+    try:
+        dc.cpu.op_tuning.threads_num(int(threads))
+    except RuntimeError as e:
+        if "repeatedly" not in str(e):
+            raise
+        if _current.cpu_threads != int(threads):
+            log.warning("cpu_threads=%d not applied: MindSpore fixes its CPU thread count once per process (%s here)",
+                        int(threads), _current.cpu_threads or "MindSpore's default")
+        return _current.cpu_threads
+    return int(threads)
+
+
 def _set_deterministic_once() -> None:
     try:
         ms.set_deterministic(True)
@@ -158,11 +189,12 @@ def _set_deterministic_once() -> None:
 
 def setup_from_config(cfg: Any) -> Runtime:
     """``setup_runtime`` from the top-level config keys (device, seed, precision, distributed, graph_mode_options,
-    cpu_max_isa)."""
+    cpu_max_isa, cpu_threads)."""
     return setup_runtime(str(cfg.device), int(cfg.seed), precision=str(cfg.get("precision", "fp32")),
                          distributed=bool(cfg.get("distributed", False)),
                          graph_mode_options=_plain(cfg.get("graph_mode_options")),
-                         cpu_max_isa=cfg.get("cpu_max_isa", DEFAULT_CPU_ISA))
+                         cpu_max_isa=cfg.get("cpu_max_isa", DEFAULT_CPU_ISA),
+                         cpu_threads=cfg.get("cpu_threads", None))
 
 
 def _plain(section: Any) -> Optional[dict[str, Any]]:

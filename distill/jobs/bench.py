@@ -27,6 +27,7 @@ from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
 from distill.core.fileio import write_json, write_text
 from distill.core.report import pyplot, save_figure
+from distill.core.runtime import current
 from distill.core.sampling import Predictor, SamplerSettings, jit_predictor, sample
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,9 @@ def bench_options(b: Any) -> dict[str, Any]:
             "reference_steps": (None if b.get("reference_steps") is None
                                 else _positive_int(b.get("reference_steps"), "reference_steps")),
             "eager_models": [str(m) for m in (b.get("eager_models") or [])],
-            "peak_matmul_size": _positive_int(b.get("peak_matmul_size", 1024), "peak_matmul_size", 64)}
+            "peak_matmul_size": _positive_int(b.get("peak_matmul_size", 1024), "peak_matmul_size", 64),
+            "single_thread_max_batch": (None if b.get("single_thread_max_batch") is None
+                                        else _positive_int(b.get("single_thread_max_batch"), "single_thread_max_batch"))}
     engine = str(b.get("engine") or "step")
     if engine not in ("step", "loop"):
         raise UserError(f"bench: engine '{engine}' must be a compiled engine (step or loop)")
@@ -264,12 +267,80 @@ def entries(models: list[BenchModel], opts: dict[str, Any]) -> list[Entry]:
 
 # ----------------------------------------------------------------------------- timing
 def run_bench(cfg: DictConfig) -> Path:
-    from tqdm import tqdm
-    from distill.jobs.common import uncond_labels
-
+    """Time the grid in this process (the run's ``cpu_threads``) and, for the batch sizes up to
+    ``bench.single_thread_max_batch``, once more in a child process with one CPU kernel thread
+    (MindSpore fixes the thread count once per process); write bench.{json,md,png}."""
     opts = bench_options(cfg.bench)
     data = load_data(cfg.data)
     machine = machine_info(str(cfg.device))
+    base = build.sampler_settings(cfg)
+    own = current().cpu_threads
+    groups = [time_grid(cfg, data, opts, opts["batch_sizes"], own)]
+    small = [b for b in opts["batch_sizes"] if opts["single_thread_max_batch"] and b <= opts["single_thread_max_batch"]]
+    if small and own != 1:
+        groups.append(time_grid_in_child(cfg, opts, small, 1))
+    machine["load_average_after"] = load_average()
+    warning = busy_warning(machine)
+    if warning:
+        log.warning("bench: %s", warning)
+    models = groups[0]["models"]
+    results = [r for g in groups for r in g["results"]]
+    report = {"provenance": bench_provenance(cfg, data), "machine": machine, "busy_warning": warning, "options": opts,
+              "w": float(cfg.sampler.w), "seed": int(cfg.seed), "jit": bool(cfg.jit), "image_shape": list(data.image_shape),
+              "sampler": {"kind": base.kind, "eta": base.eta, "w_schedule": base.w_schedule,
+                          "clip_x0": base.clip_x0, "dynamic_threshold": base.dynamic_threshold},
+              "models": models,
+              "flops_counted": "2 x multiply-adds of convolutions, dense layers and attention matmuls",
+              "peak_gflops": groups[0]["peaks"],
+              "peak_gflops_by_threads": {thread_label(g["cpu_threads"]): g["peaks"] for g in groups},
+              "speedup_definition": "slower time / faster time per sampler call (medians; paired spread in ratios)",
+              "results": results,
+              "best_threads": best_of_threads(results, models, opts) if len(groups) > 1 else None}
+    out = build.run_dir(cfg) / "bench"
+    table = markdown_report(report)
+    write_json(out / "bench.json", report)
+    write_text(out / "bench.md", table)
+    plot(report, out / "bench.png")
+    write_tensorboard(report, build.run_dir(cfg) / "tb")
+    print(table)
+    return out / "bench.json"
+
+
+def thread_label(threads: Optional[int]) -> str:
+    """How a group's CPU kernel thread count is shown: the number, or MindSpore's default."""
+    return "default" if threads is None else str(threads)
+
+
+def time_grid_in_child(cfg: DictConfig, opts: dict[str, Any], batch_sizes: list[int], threads: int) -> dict[str, Any]:
+    """:func:`time_grid` in a fresh process with ``threads`` CPU kernel threads (spawned: MindSpore
+    takes the count once per process)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["cpu_threads"] = threads
+    log.info("bench: timing batch sizes %s again with %d CPU kernel thread(s) in a child process", batch_sizes, threads)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_child_grid, plain, opts, batch_sizes).result()
+
+
+def _child_grid(plain: dict[str, Any], opts: dict[str, Any], batch_sizes: list[int]) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+    from distill.core.runtime import setup_from_config
+
+    cfg = OmegaConf.create(plain)  # a fresh process: set up as the parent was, with its own thread count
+    setup_from_config(cfg)
+    return time_grid(cfg, load_data(cfg.data), opts, batch_sizes, current().cpu_threads)
+
+
+def time_grid(cfg: DictConfig, data: ImageData, opts: dict[str, Any], batch_sizes: list[int],
+              threads: Optional[int]) -> dict[str, Any]:
+    """Every entry at each batch size, interleaved, in this process: the batch results, the models
+    and this process's matmul peaks."""
+    from tqdm import tqdm
+    from distill.jobs.common import uncond_labels
+
     models = bench_models(cfg, data)
     by_name = {m.name: m for m in models}
     todo = entries(models, opts)
@@ -280,10 +351,11 @@ def run_bench(cfg: DictConfig) -> Path:
     def settings_of(e: Entry) -> SamplerSettings:
         return dataclasses.replace(base, num_steps=e.steps, engine=e.engine)
 
-    bar = tqdm(total=len(opts["batch_sizes"]) * len(todo) * opts["repeats"], desc="bench", unit="run",
+    label = thread_label(threads)
+    bar = tqdm(total=len(batch_sizes) * len(todo) * opts["repeats"], desc=f"bench ({label} threads)", unit="run",
                dynamic_ncols=True)
     results = []
-    for batch in opts["batch_sizes"]:
+    for batch in batch_sizes:
         noise = np.random.default_rng((seed, batch)).standard_normal((batch, *data.image_shape)).astype(np.float32)
         labels = (np.arange(batch) % nc).astype(np.int32)
         y_unc = uncond_labels(cfg, batch, nc)
@@ -305,31 +377,11 @@ def run_bench(cfg: DictConfig) -> Path:
                 bar.set_postfix_str(f"batch {batch} {e.key}")
                 times[e].append(run(e))
                 bar.update(1)
-        results.append(batch_result(batch, todo, times, compile_s, by_name, peaks, opts))
+        results.append({**batch_result(batch, todo, times, compile_s, by_name, peaks, opts), "cpu_threads": label})
     bar.close()
-    machine["load_average_after"] = load_average()
-    warning = busy_warning(machine)
-    if warning:
-        log.warning("bench: %s", warning)
-
-    report = {"provenance": bench_provenance(cfg, data), "machine": machine, "busy_warning": warning, "options": opts, "w": w, "seed": seed,
-              "jit": bool(cfg.jit), "image_shape": list(data.image_shape),
-              "sampler": {"kind": base.kind, "eta": base.eta, "w_schedule": base.w_schedule,
-                          "clip_x0": base.clip_x0, "dynamic_threshold": base.dynamic_threshold},
-              "models": [{"name": m.name, "passes": m.passes, "checkpoint": m.checkpoint,
-                          "steps": m.steps, "forward_flops_per_image": m.flops_per_image} for m in models],
-              "flops_counted": "2 x multiply-adds of convolutions, dense layers and attention matmuls",
-              "peak_gflops": peaks,
-              "speedup_definition": "slower time / faster time per sampler call (medians; paired spread in ratios)",
-              "results": results}
-    out = build.run_dir(cfg) / "bench"
-    table = markdown_report(report)
-    write_json(out / "bench.json", report)
-    write_text(out / "bench.md", table)
-    plot(report, out / "bench.png")
-    write_tensorboard(report, build.run_dir(cfg) / "tb")
-    print(table)
-    return out / "bench.json"
+    return {"cpu_threads": threads, "peaks": peaks, "results": results,
+            "models": [{"name": m.name, "passes": m.passes, "checkpoint": m.checkpoint,
+                        "steps": m.steps, "forward_flops_per_image": m.flops_per_image} for m in models]}
 
 
 def batch_result(batch: int, todo: list[Entry], times: dict[Entry, list[float]], compile_s: dict[Entry, Any],
@@ -343,6 +395,14 @@ def batch_result(batch: int, todo: list[Entry], times: dict[Entry, list[float]],
                      "evals_per_image": m.passes * e.steps, "seconds": times[e], "compile_seconds": compile_s[e],
                      **stats, **flop_rate(m.flops_per_image, m.passes * e.steps, batch,
                                           float(np.median(times[e])), peaks)})
+    steps = {m.name: m.steps for m in models.values()}
+    return {"batch": batch, "entries": rows, "ratios": ratios_of(times, steps, opts)}
+
+
+def ratios_of(times: dict[Entry, list[float]], own_steps: dict[str, Optional[int]],
+              opts: dict[str, Any]) -> dict[str, Any]:
+    """The speed-ups between timed entries: compiled vs eager, one pass vs two, few-step student vs
+    the teacher at the reference steps (``own_steps``: a model's own step count, or None)."""
     ref = opts["reference_steps"]
     ratios: dict[str, Any] = {}
 
@@ -355,69 +415,104 @@ def batch_result(batch: int, todo: list[Entry], times: dict[Entry, list[float]],
         ratio(f"{model}_{eng}_vs_eager_{ref}steps", Entry(model, "eager", ref), Entry(model, eng, ref))
     for s in opts["step_counts"]:
         ratio(f"one_pass_vs_two_pass_{s}steps", Entry("teacher", eng, s), Entry("student", eng, s), 2.0)
-    for m in models.values():
-        if m.steps:
-            ratio(f"{m.name}_vs_teacher_{ref}steps", Entry("teacher", eng, ref), Entry(m.name, eng, m.steps),
-                  2.0 * ref / m.steps)
-    return {"batch": batch, "entries": rows, "ratios": ratios}
+    for name, steps in own_steps.items():
+        if steps:
+            ratio(f"{name}_vs_teacher_{ref}steps", Entry("teacher", eng, ref), Entry(name, eng, steps),
+                  2.0 * ref / steps)
+    return ratios
+
+
+def best_of_threads(results: list[dict[str, Any]], models: list[dict[str, Any]],
+                    opts: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per batch size, every entry at its fastest thread count (lowest median) and the speed-ups
+    between those: what a user who sets ``cpu_threads`` for their batch size gets."""
+    own_steps = {m["name"]: m["steps"] for m in models}
+    out = []
+    for batch in dict.fromkeys(r["batch"] for r in results):
+        best: dict[Entry, dict[str, Any]] = {}
+        for r in (r for r in results if r["batch"] == batch):
+            for e in r["entries"]:
+                key = Entry(e["model"], e["engine"], e["steps"])
+                if key not in best or np.median(e["seconds"]) < np.median(best[key]["seconds"]):
+                    best[key] = {**e, "cpu_threads": r["cpu_threads"]}
+        times = {k: v["seconds"] for k, v in best.items()}
+        out.append({"batch": batch, "threads": {k.key: v["cpu_threads"] for k, v in best.items()},
+                    "ms_per_step": {k.key: v["ms_per_step"]["median"] for k, v in best.items()},
+                    "ratios": ratios_of(times, own_steps, opts)})
+    return out
 
 
 # ----------------------------------------------------------------------------- reports
 def markdown_report(report: dict[str, Any]) -> str:
-    m, o, p = report["machine"], report["options"], report["peak_gflops"]
+    m, o = report["machine"], report["options"]
     flops = {x["name"]: x["forward_flops_per_image"] for x in report["models"]}
+    peaks = "; ".join(f"{t} threads: numpy {p['numpy_matmul']:.0f} GFLOP/s, MindSpore {p['mindspore_matmul']:.0f} GFLOP/s"
+                      for t, p in report["peak_gflops_by_threads"].items())
     lines = ["# Sampling speed: two-pass CFG teacher, one-pass student, few-step student\n",
              f"{m['device']} / {m['platform']} / {m['cpu_count']} CPUs / MindSpore {m['mindspore']} / oneDNN ISA cap "
              f"{m['onednn_max_cpu_isa']}; load average {m['load_average_1_5_15']} before, {m['load_average_after']} "
              f"after. Medians of {o['repeats']} interleaved runs after {o['warmup']} warm-up runs (quartiles in "
-             f"brackets; all repeats in bench.json); compile = first call minus a warm call.\n",
-             f"Forward pass per image: " + ", ".join(f"{k} {v / 1e6:.1f} MFLOP" for k, v in flops.items())
-             + f". Peak of a {o['peak_matmul_size']}^2 fp32 matmul in this run: numpy {p['numpy_matmul']:.0f} "
-             f"GFLOP/s, MindSpore {p['mindspore_matmul']:.0f} GFLOP/s.\n"]
+             f"brackets; all repeats in bench.json); compile = first call minus a warm call. Threads: MindSpore's "
+             f"CPU kernel threads (`cpu_threads`; default = MindSpore's own), one process per thread count.\n",
+             "Forward pass per image: " + ", ".join(f"{k} {v / 1e6:.1f} MFLOP" for k, v in flops.items())
+             + f". Peak of a {o['peak_matmul_size']}^2 fp32 matmul in this run ({peaks}).\n"]
     if report.get("busy_warning"):
         lines.append(f"**Warning: {report['busy_warning']}.**\n")
-    lines += ["| batch | model | engine | steps | ms/step | images/s | GFLOP/s | % numpy peak | compile s |",
-              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| batch | threads | model | engine | steps | ms/step | images/s | GFLOP/s | % numpy peak | compile s |",
+              "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         for e in r["entries"]:
             ms_ = e["ms_per_step"]
             comp = "" if e["compile_seconds"] is None else f"{e['compile_seconds']:.1f}"
-            lines.append(f"| {r['batch']} | {e['model']} | {e['engine']} | {e['steps']} | {ms_['median']:.2f} "
-                         f"[{ms_['q25']:.2f}-{ms_['q75']:.2f}] | {e['images_per_s']['median']:.1f} | "
+            lines.append(f"| {r['batch']} | {r['cpu_threads']} | {e['model']} | {e['engine']} | {e['steps']} | "
+                         f"{ms_['median']:.2f} [{ms_['q25']:.2f}-{ms_['q75']:.2f}] | {e['images_per_s']['median']:.1f} | "
                          f"{e['gflops']:.1f} | {e['pct_of_numpy_matmul']:.1f} | {comp} |")
-    names = list(dict.fromkeys(k for r in report["results"] for k in r["ratios"]))
-    lines += ["", "Speed-ups (slower / faster sampler call; limit in brackets where one exists):", "",
-              "| batch | " + " | ".join(n.replace("_", " ") for n in names) + " |",
-              "|---:|" + "---:|" * len(names)]
-    for r in report["results"]:
+    lines += ["", "Speed-ups (slower / faster sampler call; limit in brackets where one exists):", ""]
+    lines += _ratio_table(report["results"], lambda r: f"{r['batch']} | {r['cpu_threads']}", "batch | threads")
+    if report.get("best_threads"):
+        lines += ["", "Each entry at its fastest thread count per batch size (set `cpu_threads` to match):", ""]
+        lines += _ratio_table(report["best_threads"], lambda r: str(r["batch"]), "batch")
+        lines += ["", "Fastest thread count per batch size: " + "; ".join(
+            f"batch {r['batch']}: " + ", ".join(f"{k} {t}" for k, t in r["threads"].items()) for r in report["best_threads"])]
+    return "\n".join(lines) + "\n"
+
+
+def _ratio_table(rows: list[dict[str, Any]], head: Any, title: str) -> list[str]:
+    names = list(dict.fromkeys(k for r in rows for k in r["ratios"]))
+    out = ["| " + title + " | " + " | ".join(n.replace("_", " ") for n in names) + " |",
+           "|" + "---:|" * (title.count("|") + 1) + "---:|" * len(names)]
+    for r in rows:
         cells = []
         for n in names:
             x = r["ratios"].get(n)
             cells.append("" if x is None else f"{x['median_ratio']:.2f}x" + (f" ({x['limit']:g})" if x["limit"] else ""))
-        lines.append(f"| {r['batch']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        out.append(f"| {head(r)} | " + " | ".join(cells) + " |")
+    return out
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
     plt = pyplot()
     rows = report["results"]
-    batches = [r["batch"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    keys = list(dict.fromkeys((e["model"], e["engine"], e["steps"]) for r in rows for e in r["entries"]))
-    for model, engine, steps in keys:
-        ys = [next(e["images_per_s"]["median"] for e in r["entries"]
-                   if (e["model"], e["engine"], e["steps"]) == (model, engine, steps)) for r in rows]
-        ax1.plot(batches, ys, "o--" if engine == "eager" else "s-", label=f"{model} {engine} {steps} steps")
+    keys = list(dict.fromkeys((e["model"], e["engine"], e["steps"], r["cpu_threads"]) for r in rows for e in r["entries"]))
+    for model, engine, steps, threads in keys:
+        pts = [(r["batch"], e["images_per_s"]["median"]) for r in rows if r["cpu_threads"] == threads
+               for e in r["entries"] if (e["model"], e["engine"], e["steps"]) == (model, engine, steps)]
+        ax1.plot(*zip(*pts), ("o" if engine == "eager" else "s") + ("--" if threads == "1" else "-"),
+                 label=f"{model} {engine} {steps} steps, {threads} threads")
     ax1.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s", title="Throughput")
-    ax1.legend(fontsize=7)
-    names = list(dict.fromkeys(k for r in rows for k in r["ratios"]))
+    ax1.legend(fontsize=6)
+    best = report.get("best_threads") or rows
+    batches = [r["batch"] for r in best]
+    names = list(dict.fromkeys(k for r in best for k in r["ratios"]))
     width = 0.8 / max(1, len(names))
     for k, name in enumerate(names):
-        vals = [r["ratios"].get(name, {}).get("median_ratio", np.nan) for r in rows]
+        vals = [r["ratios"].get(name, {}).get("median_ratio", np.nan) for r in best]
         ax2.bar(np.arange(len(batches)) + (k - (len(names) - 1) / 2) * width, vals, width, label=name.replace("_", " "))
     ax2.axhline(1.0, color="gray", lw=0.8)
     ax2.set(xticks=np.arange(len(batches)), xticklabels=[str(b) for b in batches], xlabel="batch size",
-            ylabel="speed-up", title="Speed-ups")
+            ylabel="speed-up", title="Speed-ups" + (" (each entry at its fastest thread count)"
+                                                   if report.get("best_threads") else ""))
     ax2.legend(fontsize=7)
     return save_figure(fig, path, dpi=110)
 
@@ -426,11 +521,12 @@ def write_tensorboard(report: dict[str, Any], tb_dir: Path) -> None:
     from tensorboardX import SummaryWriter
 
     writer = SummaryWriter(str(tb_dir))
-    for r in report["results"]:  # x axis = batch size, one curve per entry and ratio
+    for r in report["results"]:  # x axis = batch size, one curve per entry and ratio (and thread count)
+        tag = "" if r["cpu_threads"] == "default" else f"_threads{r['cpu_threads']}"
         for e in r["entries"]:
             for key in ("images_per_s", "ms_per_step"):
-                writer.add_scalar(f"bench/{key}/{e['model']}_{e['engine']}_steps{e['steps']}", e[key]["median"],
+                writer.add_scalar(f"bench/{key}/{e['model']}_{e['engine']}_steps{e['steps']}{tag}", e[key]["median"],
                                   r["batch"])
         for name, x in r["ratios"].items():
-            writer.add_scalar(f"bench/speedup/{name}", x["median_ratio"], r["batch"])
+            writer.add_scalar(f"bench/speedup/{name}{tag}", x["median_ratio"], r["batch"])
     writer.close()
