@@ -41,11 +41,16 @@ def test_pipeline_runs_every_stage_then_exactly_what_a_change_makes_stale(tmp_pa
     second = run_pipeline(cfg)
     assert second["evaluate"] == second["bench"] == second["publish"] == "skipped"
     assert {k: p.stat().st_mtime_ns for k, p in checkpoints.items()} == stamps  # finished stages are not retrained
-    assert json.loads((tmp_path / "pipeline.json").read_text())["evaluate"] == "skipped"
+    record = json.loads((tmp_path / "pipeline.json").read_text())
+    assert record["evaluate"] == "skipped"
+    # the stages made by the first run keep that run's times; nothing was made again
+    assert {k: v["seconds"] for k, v in record["last_made"].items()} == {
+        s: first[s] for s in ("teacher", "distill", "progressive", "evaluate", "bench", "publish")}
 
     # a longer teacher (constant lr: the same run, continued) makes every stage downstream of it again
     third = run_pipeline(compose_cfg(tmp_path, *OVERRIDES, "teacher.train.steps=6"))
     assert all(isinstance(third[s], float) for s in ("evaluate", "bench", "publish"))
+    assert json.loads((tmp_path / "pipeline.json").read_text())["last_made"]["teacher"]["seconds"] == third["teacher"]
     assert read_meta(checkpoints["teacher"])["step"] == 6
     teacher_digest = provenance.file_digest(checkpoints["teacher"])
     assert read_meta(checkpoints["student"])["provenance"]["inputs"]["teacher"] == teacher_digest

@@ -6,11 +6,15 @@ digests of the inputs that made it. Training stages resume from a checkpoint wit
 and start over when only their inputs changed (an upstream stage was made again); a checkpoint made
 with other settings of its own is refused unless ``restart=true``. Report stages (evaluate, bench,
 publish) are skipped when the record in their output equals the one they would write now. The time
-of every stage goes to ``<run>/pipeline.json``.
+of every stage goes to ``<run>/pipeline.json``, with, under ``last_made``, the time of the last
+invocation that made each stage (wrote into its folders), so a re-run that finds stages up to date
+keeps their real times.
 """
 from __future__ import annotations
 
+import datetime
 import functools
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ class Stage:
     output: Optional[Path] = None  # a report stage: the JSON file that records its provenance
     made_of: Optional[Callable[[DictConfig, ImageData], dict[str, Any]]] = None  # its provenance now
     all_ranks: bool = False  # under msrun every worker runs it (it splits its work), else rank 0 alone
+    folders: tuple[Path, ...] = ()  # where it writes: a stage that changed a file there was made, not skipped
 
 
 def stages(cfg: DictConfig) -> list[Stage]:
@@ -50,24 +55,42 @@ def stages(cfg: DictConfig) -> list[Stage]:
     run = build.run_dir(cfg)
     bundle = bundle_dir(cfg)
     own_bundle = bundle == run / "bundle"  # an out-of-date bundle elsewhere needs publish.overwrite=true
-    negative = [Stage("negative_phase", functools.partial(run_negative_phase, follow_inputs=True))] \
-        if bool(cfg.negative_phase.enabled) else []
+    negative = [Stage("negative_phase", functools.partial(run_negative_phase, follow_inputs=True),
+                      folders=(run / "student_negative",))] if bool(cfg.negative_phase.enabled) else []
     return [
-        Stage("teacher", functools.partial(run_teacher, follow_inputs=True)),
-        Stage("distill", functools.partial(run_distill, follow_inputs=True)),
+        Stage("teacher", functools.partial(run_teacher, follow_inputs=True),
+              folders=(run / "teacher", run / "eval_classifier")),
+        Stage("distill", functools.partial(run_distill, follow_inputs=True), folders=(run / "student",)),
         *negative,
-        Stage("progressive", functools.partial(run_progressive, follow_inputs=True)),
-        Stage("evaluate", run_evaluate, run / "evaluate" / "report.json", evaluate_provenance, all_ranks=True),
-        Stage("bench", run_bench, run / "bench" / "bench.json", bench_provenance),
+        Stage("progressive", functools.partial(run_progressive, follow_inputs=True), folders=(run / "progressive",)),
+        Stage("evaluate", run_evaluate, run / "evaluate" / "report.json", evaluate_provenance, all_ranks=True,
+              folders=(run / "evaluate",)),
+        Stage("bench", run_bench, run / "bench" / "bench.json", bench_provenance, folders=(run / "bench",)),
         Stage("publish", functools.partial(run_publish, replace=own_bundle), bundle / "config.json",
-              publish_provenance),
+              publish_provenance, folders=(bundle,)),
     ]
+
+
+def newest_write(folders: tuple[Path, ...]) -> int:
+    """The newest modification time (ns) of any file under ``folders`` (0 when there is none)."""
+    return max((p.stat().st_mtime_ns for f in folders if f.is_dir() for p in f.rglob("*") if p.is_file()),
+               default=0)
+
+
+def last_made(path: Path) -> dict[str, Any]:
+    """The ``last_made`` record of an earlier pipeline.json (empty when absent or unreadable)."""
+    try:
+        made = json.loads(path.read_text()).get("last_made", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return made if isinstance(made, dict) else {}
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)  # every bad value before any training (the entry point did it too)
     run = build.run_dir(cfg)
     timings: dict[str, Any] = {}
+    made = last_made(run / "pipeline.json")
     t_all = time.perf_counter()
     data: Optional[ImageData] = None
     for stage in stages(cfg):
@@ -91,12 +114,15 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                 timings[stage.name] = "skipped"
                 continue
         log.info("pipeline: %s ...", stage.name)
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), newest_write(stage.folders) if is_main() else 0
         stage.job(cfg)
         timings[stage.name] = round(time.perf_counter() - t0, 1)
+        if is_main() and newest_write(stage.folders) != before:
+            made[stage.name] = {"seconds": timings[stage.name],
+                                "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         log.info("pipeline: %s done in %.1f s", stage.name, timings[stage.name])
     timings["total_seconds"] = round(time.perf_counter() - t_all, 1)
     if is_main():
-        write_json(run / "pipeline.json", timings)
+        write_json(run / "pipeline.json", {**timings, "last_made": made})
     log.info("pipeline: finished in %.1f s; outputs in %s", timings["total_seconds"], run)
     return timings

@@ -82,7 +82,8 @@ def run_progressive(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     out = progressive_dir(cfg)
     summary = {"start_steps": int(p.start_steps), "min_steps": int(p.min_steps), "source": str(source),
                "w_min": w_min, "w_max": w_max, "rounds": rounds}
-    if is_main():
+    trained = any(r.get("status") != "skipped" for r in rounds)
+    if is_main() and (trained or not (out / "rounds.json").is_file()):  # all skipped: keep the record of their training
         write_json(out / "rounds.json", summary)
     return teacher_path
 
