@@ -1,5 +1,6 @@
-"""Data parallel under msrun: 2 CPU workers train the tiny teacher like one process on the same global batch,
-and split the target shards and the evaluation's samples, writing what one process writes."""
+"""Data parallel under msrun: 2 CPU workers train the tiny teacher like one process on the same global batch
+(from arrays and from a streamed image folder), and split the target shards and the evaluation's samples,
+writing what one process writes."""
 from __future__ import annotations
 
 import json
@@ -146,3 +147,29 @@ def test_evaluate_split_over_two_workers_equals_one_process(tiny_run: Path, tmp_
         got, want = np.load(dist_run / "evaluate" / "samples" / name), np.load(single_run / "evaluate" / "samples" / name)
         np.testing.assert_array_equal(got["images"], want["images"], err_msg=name)
         np.testing.assert_array_equal(got["labels"], want["labels"], err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_workers_train_on_a_streamed_folder_like_one_process(tmp_path: Path) -> None:
+    """data.stream=true under msrun: each worker reads its half of every global batch through
+    ImageFolderDataset (docs/distributed.md); the trained teacher is the one-process streamed teacher."""
+    from test_stream import write_rgb_folder
+
+    root = write_rgb_folder(tmp_path / "images", sizes=(8, 8), per_class=20)  # 61 images, 49 for training
+    # 4 steps of 16 over 49 images: 3 steps an epoch, so the run crosses into a second epoch's order
+    args = ["task=teacher", *TINY, "data=folder", f"data.root={root}", "data.stream=true",
+            "data.held_out_fraction=0.2", "teacher.check.ws=[1.0]", "eval.classifier.steps=2",
+            "eval.classifier.min_accuracy=0"]
+    dist_run, single_run, worker_logs = run_both(tmp_path, None, args, timeout=240)
+    for rank in (0, 1):
+        assert re.search(r"streaming 49 training images from .* through mindspore\.dataset\.ImageFolderDataset",
+                         worker_logs[rank]), worker_logs[rank][-2000:]
+    digests = [re.findall(r"rank \d of 2 ends at step 4 with weights digest (\w+)", worker_logs[r]) for r in (0, 1)]
+    assert len(digests[0]) == 1 and digests[0] == digests[1], digests
+    dist_ckpt, meta = load_checkpoint(dist_run / "teacher" / "checkpoint.safetensors")
+    single_ckpt, single_meta = load_checkpoint(single_run / "teacher" / "checkpoint.safetensors")
+    assert meta["step"] == single_meta["step"] == 4 and meta["data_parallel_workers"] == 2
+    np.testing.assert_allclose(dist_ckpt["losses"], single_ckpt["losses"], rtol=1e-5)
+    for key, value in single_ckpt.items():
+        if key.startswith(("net.", "ema.")):
+            np.testing.assert_allclose(dist_ckpt[key], value, rtol=1e-5, atol=1e-6, err_msg=key)

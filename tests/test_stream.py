@@ -44,11 +44,12 @@ def reader_of(data) -> type:
     return type(data.train_images.source)
 
 
-def write_rgb_folder(root: Path, sizes=(9, 9)) -> Path:
+def write_rgb_folder(root: Path, sizes=(9, 9), per_class: int = 5) -> Path:
+    """Three class folders of ``per_class`` random RGB PNGs each, plus one grayscale image in the last."""
     rng = np.random.default_rng(0)
     for c in ("ant", "bee", "cow"):
         (root / c).mkdir(parents=True)
-        for i in range(5):
+        for i in range(per_class):
             Image.fromarray(rng.integers(0, 256, (*sizes, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
     Image.fromarray(rng.integers(0, 256, sizes, dtype=np.uint8)).save(root / "cow" / "gray.png")  # one grayscale
     return root
