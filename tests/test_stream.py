@@ -5,6 +5,7 @@ bit for bit, the same batches and the same errors as the in-memory loader."""
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,27 @@ def test_28x28_idx_files_stream_through_mnistdataset(tmp_path: Path, name: str) 
     assert_same(memory, streamed)
     write_idx(tmp_path, "t10k", *mnist_like(5, 1, size=28))
     assert_same(*both(name, tmp_path))
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_training_files_larger_than_the_limit_stream_through_the_memory_mapping_reader(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog, name: str) -> None:
+    import distill.core.streaming as streaming
+
+    if name == "mnist":
+        write_idx(tmp_path, "train", *mnist_like(30, 0, size=28))
+    else:
+        (tmp_path / "data_batch_1.bin").write_bytes(cifar_bytes(*cifar_like(10000, 0)))
+    size = sum(p.stat().st_size for p in tmp_path.iterdir() if "train" in p.name or "data_batch" in p.name)
+    monkeypatch.setattr(streaming, "NATIVE_MAX_BYTES", size)  # at the limit: still MindSpore's source
+    assert reader_of(load_data(cfg(name, tmp_path, stream=True, max_train=8))) is NativeSource
+    monkeypatch.setattr(streaming, "NATIVE_MAX_BYTES", size - 1)
+    caplog.set_level("INFO", logger="distill.core.data")
+    memory, streamed = both(name, tmp_path, max_train=24, image_size=8)
+    assert reader_of(streamed) is ReaderSource
+    assert re.search(r"streams through the project's reader, not mindspore\.dataset\.(Mnist|Cifar10)Dataset: its "
+                     r"training files hold \d+ MB and .* would read them whole into memory", caplog.text), caplog.text
+    assert_same(memory, streamed)
 
 
 def test_a_native_source_that_orders_rows_otherwise_is_one_clear_error(tmp_path: Path) -> None:

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 CIFAR10_BATCH_RECORDS = 10000  # MindSpore's Cifar10Dataset reads exactly this many records per data_batch file
 MNIST_SIDE = 28                 # ... and MnistDataset only 28 x 28 images
 ERROR_SCAN_BATCHES = 32         # how far past the last good batch a failed pipeline's bad row is looked for
+# MnistDataset and Cifar10Dataset parse the whole training files into memory when a pipeline starts (about 1.5x
+# the files' size, measured: README, Data); above this many bytes of training files the project's own reader,
+# which memory-maps them, streams them instead
+NATIVE_MAX_BYTES = 1 << 30
 
 
 class RowSource:
@@ -119,9 +123,14 @@ def native_layout_problem(kind: str, root: Path, files: Sequence[Path], image_hw
 
     MnistDataset reads every file in ``root`` whose name has ``train-images`` and ``idx3-ubyte`` (and
     the labels alike), uncompressed, of 28 x 28 images only; Cifar10Dataset every file whose name has
-    ``data_batch``, 10,000 records each. The folder's listing is compared with the native count by the
-    caller (:meth:`NativeSource.size`)."""
+    ``data_batch``, 10,000 records each. Both hold the whole files in memory, so training files larger
+    than ``NATIVE_MAX_BYTES`` go through the project's reader. The folder's listing is compared with the
+    native count by the caller (:meth:`NativeSource.size`)."""
     names = sorted(p.name for p in root.iterdir())
+    total = sum(p.stat().st_size for p in files)
+    if kind in ("mnist", "cifar10") and total > NATIVE_MAX_BYTES:
+        return (f"its training files hold {total / 2**20:.0f} MB and {_SOURCES[kind]} would read them whole into "
+                f"memory (the project's reader memory-maps them; the limit is {NATIVE_MAX_BYTES / 2**20:.0f} MB)")
     if kind == "mnist":
         if image_hw != (MNIST_SIDE, MNIST_SIDE):
             return f"its images are {image_hw[0]}x{image_hw[1]}, MnistDataset reads 28x28 only"
