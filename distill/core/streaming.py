@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 CIFAR10_BATCH_RECORDS = 10000  # MindSpore's Cifar10Dataset reads exactly this many records per data_batch file
 MNIST_SIDE = 28                 # ... and MnistDataset only 28 x 28 images
 ERROR_SCAN_BATCHES = 32         # how far past the last good batch a failed pipeline's bad row is looked for
-# MnistDataset and Cifar10Dataset parse the whole training files into memory when a pipeline starts (about 1.5x
+# MnistDataset and Cifar10Dataset parse the whole training files into memory when a pipeline starts (1.5-2.3x
 # the files' size, measured: README, Data); above this many bytes of training files the project's own reader,
 # which memory-maps them, streams them instead
 NATIVE_MAX_BYTES = 1 << 30
