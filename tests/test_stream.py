@@ -126,8 +126,9 @@ def test_training_files_larger_than_the_limit_stream_through_the_memory_mapping_
     caplog.set_level("INFO", logger="distill.core.data")
     memory, streamed = both(name, tmp_path, max_train=24, image_size=8)
     assert reader_of(streamed) is ReaderSource
-    assert re.search(r"streams through the project's reader, not mindspore\.dataset\.(Mnist|Cifar10)Dataset: its "
-                     r"training files hold \d+ MB and .* would read them whole into memory", caplog.text), caplog.text
+    assert re.search(r"streams through the project's reader, not mindspore\.dataset\.(Mnist|Cifar10)Dataset: "
+                     r"its training files hold \d+ MB and .* would read them whole into memory",
+                     caplog.text), caplog.text
     assert_same(memory, streamed)
 
 

@@ -41,7 +41,8 @@ def make_data(root: Path, mnist_train: int) -> None:
         for c in range(10):
             (folder / f"class_{c}").mkdir(parents=True)
             for i in range(300):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"class_{c}" / f"{i}.png")
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"class_{c}" / f"{i}.png")
     mnist = root / mnist_folder(mnist_train)
     if not mnist.is_dir():
         mnist.mkdir(parents=True)
@@ -121,8 +122,8 @@ def main(root: Path, mnist_train: int) -> None:
                 raise SystemExit(out.stderr[-2000:])
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{r['kind']:8} {r['reader']:7} {r['source']:13} {r['train']:>6} {r['load_s']:>7} "
-                  f"{r['first_batch_s']:>11} {r['epoch1_s']:>9} {r['epoch2_s']:>9} {r['peak_mb']:>8} {r['grew_mb']:>8}",
-                  flush=True)
+                  f"{r['first_batch_s']:>11} {r['epoch1_s']:>9} {r['epoch2_s']:>9} {r['peak_mb']:>8} "
+                  f"{r['grew_mb']:>8}", flush=True)
 
 
 if __name__ == "__main__":
