@@ -4,7 +4,8 @@ A stream's rows come from a :class:`RowSource`: :class:`NativeSource` is one of 
 sources (``MnistDataset``, ``Cifar10Dataset``, ``ImageFolderDataset``) with a ``SubsetSampler`` of the
 source indices in the project's seeded order and the conversion to float32 [-1, 1] as a parallel
 ``map``; :class:`ReaderSource` is a ``GeneratorDataset`` over the project's own reader, used for the
-layouts the native sources cannot read as the project does (:func:`native_layout_problem`).
+layouts the native sources cannot read as the project does and for MNIST / CIFAR-10 training files too
+large to hold in memory (:func:`native_layout_problem`).
 Either way the conversion functions are the in-memory loader's, so the values are the same bit for bit.
 """
 
