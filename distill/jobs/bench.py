@@ -320,6 +320,7 @@ def time_grid_in_child(cfg: DictConfig, opts: dict[str, Any], batch_sizes: list[
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain["cpu_threads"] = threads
+    plain["distributed"] = False  # the bench runs on rank 0 alone; its child joins no worker group
     log.info("bench: timing batch sizes %s again with %d CPU kernel thread(s) in a child process", batch_sizes, threads)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_child_grid, plain, opts, batch_sizes).result()
