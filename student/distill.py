@@ -88,6 +88,35 @@ def sample_negative(rng: np.random.Generator, y: np.ndarray, num_classes: int, p
     return np.where(rng.uniform(0.0, 1.0, len(y)) < p_null, num_classes, other).astype(np.int32)
 
 
+TARGETS = ("cfg", "interval", "cfgpp")
+
+
+def distill_target(source: Mapping[str, Any]) -> tuple[str, Optional[tuple[float, float]]]:
+    """(target, guidance interval or None) the student is distilled to, from the ``student`` config or a student
+    checkpoint's meta (students from before the option: ``cfg``). ``interval``: the teacher's guided output at
+    times t in [t_lo, t_hi] (the sampler's ``guidance_interval`` rule), its conditional output elsewhere."""
+    target = str(source.get("target", "cfg"))
+    if target not in TARGETS:
+        raise UserError(f"student: unknown target '{target}' (choose cfg or interval; cfgpp is not supported yet)")
+    if target == "cfgpp":
+        raise UserError("student.target=cfgpp is not supported yet: CFG++ needs two outputs per step (the guided x0 "
+                        "and the unconditional noise) and the student has one; use cfg or interval (design: "
+                        "docs/sampling.md)")
+    if target == "cfg":
+        return target, None
+    interval = source.get("interval")
+    if interval is None:
+        raise UserError("student: target=interval needs student.interval=[t_lo, t_hi] (t = 1 noise, t = 0 data)")
+    return target, dm.check_interval(list(interval), "student.interval")
+
+
+def describe_target(target: str, interval: Optional[tuple[float, float]]) -> str:
+    """The target in words, for logs and the model card."""
+    if target == "interval":
+        return f"CFG inside t in [{interval[0]:g}, {interval[1]:g}], the conditional output outside"
+    return "CFG at every t"
+
+
 def check_ws_per_input(ws_per_input: int, batch_size: int) -> None:
     if isinstance(ws_per_input, bool) or not isinstance(ws_per_input, (int, np.integer)) or ws_per_input < 1 \
             or batch_size % ws_per_input:
@@ -126,17 +155,22 @@ def distill_inputs(data: ImageData, batch_size: int, seed: int, start_step: int,
 
 
 def teacher_targets(teacher_branches: Callable[..., tuple[ms.Tensor, ms.Tensor]],
-                    inputs: tuple[np.ndarray, ...], ws_per_input: int = 1) -> np.ndarray:
+                    inputs: tuple[np.ndarray, ...], ws_per_input: int = 1,
+                    interval: Optional[tuple[float, float]] = None) -> np.ndarray:
     """The two-pass guided teacher output ``out(neg) + w (out(y) - out(neg))`` (neg = each row's
     negative class, the null class for plain CFG) for one batch of distillation inputs;
     ``teacher_branches`` gives (cond, uncond) (:class:`GuidanceBranches`).
-    With ``ws_per_input`` k the teacher runs on every k-th row only (the rows in between repeat it)."""
+    With ``ws_per_input`` k the teacher runs on every k-th row only (the rows in between repeat it).
+    With a guidance ``interval`` (``student.target=interval``) a row whose t lies outside it gets the
+    conditional output ``out(y)`` instead (:func:`distill.core.diffusion.interval_guided`)."""
     z, t, y, w, y_neg, _, _ = inputs
-    k = ws_per_input
+    t_rows, k = t, ws_per_input
     z, t, y, y_neg = z[::k], t[::k], y[::k], y_neg[::k]
     cond, uncond = teacher_branches(ms.Tensor(z), ms.Tensor(t), ms.Tensor(y), ms.Tensor(w[::k]),
                                     ms.Tensor(y_neg.astype(np.int32)))
     cond, uncond = (np.repeat(a.asnumpy(), k, axis=0) for a in (cond, uncond))
+    if interval is not None:
+        return dm.interval_guided(cond, uncond, w, t_rows, interval).astype(np.float32)
     return dm.cfg_combine(cond, uncond, w.reshape(-1, 1, 1, 1)).astype(np.float32)
 
 

@@ -11,7 +11,7 @@ from distill.core.checkpoint import CHECKPOINT_NAME, read_meta
 from distill.core.data import ImageData
 from distill.core.errors import UserError
 from distill.core.weights import load_ema_weights
-from student.distill import w_distribution
+from student.distill import distill_target, w_distribution
 from teacher.loading import teacher_checkpoint_path
 from teacher.unet import UNet, UNetConfig
 
@@ -34,11 +34,13 @@ def serving_student_path(cfg: DictConfig) -> Path:
 def student_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str, Any]:
     s = cfg.student
     w_min, w_max, w_power = w_distribution(s)
+    target, interval = distill_target(s)
     return {"kind": "student", "model": ucfg.to_dict(), "schedule": cfg.diffusion.schedule,
             "prediction": cfg.diffusion.prediction, "w_min": w_min, "w_max": w_max, "w_power": w_power,
             "w_convention": "uncond + w * (cond - uncond)", "loss": str(s.loss),
             "w_loss_power": float(s.w_loss_power), "ws_per_input": int(s.ws_per_input),
             "negative": bool(s.negative), "p_null_negative": float(s.p_null_negative),
+            "target": target, **({"interval": list(interval)} if interval is not None else {}),
             "data": str(cfg.data.name), "class_names": list(data.class_names),
             "provenance": provenance.record(cfg, "student", {
                 "data": provenance.data_digest(data),

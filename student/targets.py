@@ -22,7 +22,7 @@ from distill.core import build
 from distill.core.checkpoint import load_checkpoint
 from distill.core.fileio import sha256, write_json
 from distill.core.errors import UserError
-from student.distill import negative_draw, w_distribution
+from student.distill import distill_target, negative_draw, w_distribution
 from teacher.loading import teacher_checkpoint_path
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """What the targets depend on; a mismatch means the shards belong to another run."""
     s = cfg.student
     w_min, w_max, w_power = w_distribution(s)
+    target, interval = distill_target(s)
     teacher = teacher_checkpoint_path(cfg)
     if not teacher.is_file():
         raise UserError(f"teacher checkpoint not found: {teacher} (run task=teacher first or set teacher.checkpoint)")
@@ -49,7 +50,8 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
             "data": {k: v for k, v in build.plain(cfg.data).items() if k != "stream"},
             # only when set, so shards made before the option existed still match
             **({"ws_per_input": int(s.ws_per_input)} if s.get("ws_per_input", 1) != 1 else {}),
-            **({"p_null_negative": negative_draw(s)} if negative_draw(s) < 1.0 else {})}
+            **({"p_null_negative": negative_draw(s)} if negative_draw(s) < 1.0 else {}),
+            **({"target": target, "interval": list(interval)} if target != "cfg" else {})}
 
 
 def shard_name(start: int, stop: int) -> str:

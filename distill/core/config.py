@@ -90,6 +90,8 @@ class StudentConfig:
     w_power: float = MISSING
     w_loss_power: float = MISSING
     ws_per_input: int = MISSING
+    target: str = MISSING
+    interval: Optional[List[float]] = MISSING
     loss: str = MISSING
     targets: str = MISSING
     targets_dir: Optional[str] = MISSING

@@ -211,6 +211,16 @@ def in_interval(times, interval: Optional[Tuple[float, float]]) -> np.ndarray:
     return (times >= interval[0]) & (times <= interval[1])
 
 
+def interval_guided(cond: np.ndarray, uncond: np.ndarray, w, t, interval: Optional[Tuple[float, float]]
+                    ) -> np.ndarray:
+    """Guidance-interval output per example: ``uncond + w * (cond - uncond)`` where the example's time t lies in
+    ``interval`` (t_lo <= t <= t_hi, :func:`in_interval`: the sampler's rule) and ``cond`` itself outside (w, t: one
+    per example, or scalars). No interval: CFG at every t."""
+    guided = cfg_combine(cond, uncond, np.asarray(w, np.float32).reshape(-1, *([1] * (np.ndim(cond) - 1))))
+    inside = in_interval(np.asarray(t).reshape(-1), interval).reshape(-1, *([1] * (np.ndim(cond) - 1)))
+    return np.where(inside, guided, cond)
+
+
 def _clamp(x: Array, lo: float, hi: float) -> Array:
     return np.clip(x, lo, hi) if isinstance(x, np.ndarray) else ops.clamp(x, lo, hi)
 

@@ -37,6 +37,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 NEUTRAL = ("train.log_every", "train.checkpoint_every", "student.targets", "student.targets_dir",
            "student.targets_per_shard", "progressive.student", "progressive.start_steps", "progressive.min_steps",
            "publish.dir", "publish.overwrite")
+# Keys that count only while another key has a given value (key -> (that key, value)): the student's guidance
+# interval makes its targets only with student.target=interval.
+ONLY_WHEN: dict[str, tuple[str, Any]] = {"student.interval": ("student.target", "interval")}
 
 # Keys added to a stage after outputs were recorded without them: a record that lacks one still matches
 # when today's value is the one here, the value that makes what the record's code made (an upgrade that
@@ -45,7 +48,7 @@ ADDED_KEYS: dict[str, Any] = {
     "sampler.guidance": "cfg", "sampler.guidance_lambda": 0.6, "sampler.guidance_interval": None,
     "sampler.classifier_scale": 1.0, "eval.methods": ["cfg"], "eval.cfgpp_lambdas": [0.2, 0.4, 0.6, 0.8, 1.0],
     "eval.interval": [0.17, 0.88], "eval.classifier_scales": [1.0, 2.0, 4.0, 8.0, 16.0], "cpu_threads": None,
-    "bench.single_thread_max_batch": None,
+    "bench.single_thread_max_batch": None, "student.target": "cfg",
 }
 
 
@@ -77,7 +80,8 @@ def stage_config(cfg: Any, stage: str) -> dict[str, Any]:
     """The config values that make ``stage``'s output, by dotted key.
 
     A training section's ``steps`` counts only when the learning rate depends on it (``lr_decay`` not
-    constant): with a constant schedule, a run extended to more steps is the same run, continued."""
+    constant): with a constant schedule, a run extended to more steps is the same run, continued. A key of
+    :data:`ONLY_WHEN` counts only while its condition holds."""
     values: dict[str, Any] = {}
     for key in STAGE_KEYS[stage]:
         node = cfg
@@ -86,6 +90,9 @@ def stage_config(cfg: Any, stage: str) -> dict[str, Any]:
         values.update(flatten(node, key))
     for key in list(values):
         if key.endswith(NEUTRAL) or (key.endswith("train.steps") and values.get(key[:-5] + "lr_decay") == "constant"):
+            del values[key]
+    for key, (other, value) in ONLY_WHEN.items():
+        if key in values and values.get(other, ADDED_KEYS.get(other)) != value:
             del values[key]
     return values
 

@@ -16,8 +16,9 @@ from distill.core.errors import UserError
 from distill.core.runtime import data_share, is_main, local_batch_size, shard
 from distill.core.sampling import jit_predictor
 from distill.core.training import CHECKPOINT_NAME, Trainer
-from student.distill import (check_p_null_negative, check_w_loss_power, check_w_range, check_ws_per_input, describe_w,
-                             distill_inputs, negative_draw, regression_batch, teacher_targets, w_distribution)
+from student.distill import (check_p_null_negative, check_w_loss_power, check_w_range, check_ws_per_input,
+                             describe_target, describe_w, distill_inputs, distill_target, negative_draw,
+                             regression_batch, teacher_targets, w_distribution)
 from student.loading import student_meta
 from student.model import student_from_teacher
 from teacher.guidance import GuidanceBranches
@@ -59,6 +60,7 @@ def online_batches(cfg: DictConfig, data: ImageData, teacher: UNet, batch_size: 
     s = cfg.student
     loss_space, prediction, w_loss_power = str(s.loss), str(cfg.diffusion.prediction), float(s.w_loss_power)
     branches = jit_predictor(GuidanceBranches(teacher), bool(cfg.jit))
+    _, interval = distill_target(s)
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
         make = distill_inputs(data, batch_size, int(cfg.seed), start, cfg.diffusion.schedule,
@@ -66,7 +68,7 @@ def online_batches(cfg: DictConfig, data: ImageData, teacher: UNet, batch_size: 
 
         def batch(step: int) -> tuple[np.ndarray, ...]:
             inputs = shard(make(step), batch_size)  # data parallel: targets for this rank's slice only
-            target = teacher_targets(branches, inputs, s.ws_per_input)
+            target = teacher_targets(branches, inputs, s.ws_per_input, interval)
             return regression_batch(inputs, target, loss_space, prediction, w_loss_power)
         return batch
 
@@ -83,6 +85,7 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     check_w_loss_power(float(s.w_loss_power))
     check_p_null_negative(float(s.p_null_negative))
     check_ws_per_input(s.ws_per_input, local_batch_size(int(s.train.batch_size)))  # a rank's rows keep whole groups
+    target = distill_target(s)
     data = load_data(cfg.data)
     teacher = load_teacher(cfg, data)
     out = build.run_dir(cfg) / "student"
@@ -94,8 +97,8 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     meta = student_meta(student.config, cfg, data)
     trainer = Trainer(student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out, meta, writer)
     trainer.try_resume(build.restart(cfg, follow_inputs))
-    log.info("distill: %s targets, %s, loss %s x (1 + w)^-%g, %d steps at batch %d (%d inputs x %d w), %s", s.targets,
-             describe_w(*w_distribution(s)), s.loss, float(s.w_loss_power), settings.steps, settings.batch_size,
+    log.info("distill: %s targets (%s), %s, loss %s x (1 + w)^-%g, %d steps at batch %d (%d inputs x %d w), %s", s.targets,
+             describe_target(*target), describe_w(*w_distribution(s)), s.loss, float(s.w_loss_power), settings.steps, settings.batch_size,
              settings.batch_size // s.ws_per_input, s.ws_per_input,
              f"negative class null with p={negative_draw(s):g}, else another class" if s.negative
              else "no negative-class input")

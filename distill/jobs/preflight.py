@@ -19,7 +19,7 @@ from distill.jobs.methods import check_sampler_guidance, eval_methods
 from distill.jobs.negative_phase import check_negative_phase
 from distill.jobs.progressive import first_teacher
 from student.distill import (check_p_null_negative, check_w_loss_power, check_w_range, check_ws_per_input,
-                             w_distribution)
+                             distill_target, w_distribution)
 from student.progressive import round_plan
 from teacher.loading import classifier_checkpoint_path
 from teacher.noisy_classifier import check_classifier_shape
@@ -53,9 +53,12 @@ def check_config(cfg: DictConfig) -> None:
     if bool(cfg.negative_phase.enabled):
         check_ws_per_input(s.ws_per_input, int(cfg.negative_phase.train.batch_size))
     check_targets(str(s.targets))
+    target, _ = distill_target(s)
     p = cfg.progressive
     round_plan(int(p.start_steps), int(p.min_steps))
-    first_teacher(p)
+    if first_teacher(p) == "cfg" and target != "cfg":
+        raise UserError(f"progressive: first_teacher=cfg learns the two-pass CFG teacher, not the student's "
+                        f"target={target}; use first_teacher=student")
     if p.w_power is not None:
         check_w_range(float(s.w_min), float(s.w_max), float(p.w_power))
     if p.w_loss_power is not None:

@@ -23,7 +23,7 @@ from distill.core.errors import UserError
 from distill.core.fileio import clean_leftovers, sha256
 from distill.core.runtime import broadcast_from_main, current, gather_rows, is_main, my_items
 from distill.core.sampling import jit_predictor
-from student.distill import distill_inputs, negative_draw, teacher_targets, w_distribution
+from student.distill import distill_inputs, distill_target, negative_draw, teacher_targets, w_distribution
 from student.targets import (FIELDS, MANIFEST, fingerprint, read_manifest, shard_grid, shard_name, shard_ok,
                              targets_dir, write_manifest)
 from teacher.guidance import GuidanceBranches
@@ -63,6 +63,7 @@ def run_targets(cfg: DictConfig) -> Path:
     steps, per_shard = int(s.train.steps), int(s.targets_per_shard)
     if per_shard < 1:
         raise UserError(f"student: targets_per_shard {per_shard} must be >= 1")
+    _, interval = distill_target(s)
     fp = fingerprint(cfg)
     grid, sums, missing = check_folder(folder, fp, steps, per_shard) if is_main() else ([], {}, [])
     grid, missing = agree_on_missing(grid, missing, per_shard)
@@ -80,7 +81,7 @@ def run_targets(cfg: DictConfig) -> Path:
         rows = []
         for step in range(start, stop):
             inputs = make(step)
-            rows.append(inputs + (teacher_targets(branches, inputs, s.ws_per_input),))
+            rows.append(inputs + (teacher_targets(branches, inputs, s.ws_per_input, interval),))
             bar.update(1)
         shard = {name: np.stack([r[i] for r in rows]) for i, name in enumerate(FIELDS)}
         path = folder / shard_name(start, stop)
