@@ -288,7 +288,8 @@ def check_known_keys(cfg: Any, where: str = "") -> None:
     """Refuse keys the schema does not have (Hydra lets ``+key=value`` add them even to a typed section)."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    if not isinstance(cfg, (DictConfig, ListConfig)) or cfg._is_none() or cfg._is_missing():
+    if not isinstance(cfg, (DictConfig, ListConfig)) or cfg._is_none() or cfg._is_missing() \
+            or cfg._is_interpolation():  # e.g. student.interval: ${eval.interval}, checked where it points
         return
     if isinstance(cfg, ListConfig):
         for i, item in enumerate(cfg):
