@@ -86,6 +86,17 @@ def speedup_lines(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def target_lines(report: dict[str, Any]) -> list[str]:
+    """A line on the students' distillation target when it is not plain CFG (their teacher is sampled that way)."""
+    t = report.get("student_target") or {}
+    if t.get("target", "cfg") == "cfg":
+        return []
+    lo, hi = t["interval"]
+    return [f"The students were distilled with `student.target={t['target']}` (the teacher's CFG output at t in "
+            f"[{lo:g}, {hi:g}], its conditional output elsewhere): the teacher here is guided only inside that interval "
+            "(the conditional pass alone outside it), each student takes one pass at the same w every step.", ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["sampler"]
     return "\n".join([
@@ -96,6 +107,7 @@ def markdown(report: dict[str, Any]) -> str:
         "steps, each one-pass student at the steps in brackets. Guidance convention: "
         "`uncond + w * (cond - uncond)` (w = 0 unconditional, w = 1 conditional).",
         "",
+    ] + target_lines(report) + [
         f"Frechet distance (FD) is measured in the features of the evaluation classifier (held-out accuracy "
         f"{report['classifier_heldout_accuracy']:.3f}) against {report['num_heldout']} held-out real images; "
         f"real-vs-real floor (two halves of the held-out set): **{report['real_vs_real_fd']:.3f}**.",

@@ -13,6 +13,7 @@ writes the report: the same samples and metrics as one process.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -36,6 +37,7 @@ from distill.core.sampling import Predictor, SamplerSettings, jit_predictor, net
 from distill.jobs.common import evaluation_classifier, guided_samples, teacher_prediction
 from distill.jobs.methods import eval_methods, evaluate_methods, sample_methods_share
 from distill.jobs.negatives import NegativePlan, evaluate_negatives, negative_plan, sample_negative_share
+from student.distill import describe_target, distill_target
 from student.loading import load_student, serving_student_path
 from student.progressive import verified_rounds
 from teacher.guidance import ConditionalPrediction, GuidedPrediction
@@ -124,17 +126,50 @@ def evaluate_provenance(cfg: DictConfig, data: ImageData,
     return provenance.record(cfg, "evaluate", inputs)
 
 
-def evaluation_models(cfg: DictConfig, data: ImageData,
-                      specs: list[tuple[str, Path | None, int | None]]) -> dict[str, tuple[Any, int]]:
-    """name -> (prediction cell, sampling steps): the two-pass teacher, then the one-pass students of ``specs``."""
+def evaluation_models(cfg: DictConfig, data: ImageData, specs: list[tuple[str, Path | None, int | None]]
+                      ) -> tuple[dict[str, tuple[Any, int]], tuple[str, tuple[float, float] | None]]:
+    """(name -> (prediction cell, sampling steps): the two-pass teacher, then the one-pass students of ``specs``;
+    the (target, interval) the students were distilled to, :func:`common_target`)."""
     teacher_steps = cfg.eval.get("teacher_steps")
     models = {"teacher": (GuidedPrediction(load_teacher(cfg, data)),
                           int(cfg.sampler.num_steps if teacher_steps is None else teacher_steps))}
+    targets = {}
     for name, path, steps in specs:
         student, meta = load_student(cfg, data, path or serving_student_path(cfg))
         models[name] = (ConditionalPrediction(student),
                         int(steps or meta.get("sampling_steps") or cfg.sampler.num_steps))
-    return models
+        targets[name] = distill_target(meta)
+    return models, common_target(targets)
+
+
+def common_target(targets: dict[str, tuple[str, tuple[float, float] | None]]
+                  ) -> tuple[str, tuple[float, float] | None]:
+    """The one (target, interval) of the evaluated students (each is compared with the teacher sampled that
+    way); students distilled to different targets are refused (evaluate them one target at a time)."""
+    found = sorted(set(targets.values()), key=str)
+    if len(found) > 1:
+        raise UserError("evaluate: the students were distilled to different targets (" + "; ".join(
+            f"{name}: {describe_target(*t)}" for name, t in targets.items()) + "); evaluate each target on its own "
+            "with eval.student or eval.students")
+    return found[0] if found else ("cfg", None)
+
+
+def model_settings(cfg: DictConfig, models: dict[str, tuple[Any, int]],
+                   target: tuple[str, tuple[float, float] | None]) -> dict[str, SamplerSettings]:
+    """Each model's sampler settings. Students distilled with ``target=interval`` are compared with the teacher
+    guided only inside their interval, and are themselves sampled without one (their weights hold it: one pass
+    at the same w every step); ``sampler.guidance_interval``, if set, must then be that interval."""
+    settings = {name: build.sampler_settings(cfg, steps) for name, (_, steps) in models.items()}
+    interval = target[1]
+    if interval is None:
+        return settings
+    asked = settings["teacher"].guidance_interval
+    if asked is not None and tuple(asked) != tuple(interval):
+        raise UserError(f"evaluate: sampler.guidance_interval={list(asked)} is not the interval the students were "
+                        f"distilled with ({list(interval)}); set sampler.guidance_interval=null or "
+                        f"{list(interval)}")
+    return {name: dataclasses.replace(s, guidance_interval=interval if name == "teacher" else None)
+            for name, s in settings.items()}
 
 
 def sample_stem(name: str, steps: int) -> str:
@@ -148,15 +183,19 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     data = load_data(cfg.data)
     out = build.run_dir(cfg) / "evaluate"
     specs = student_specs(cfg, data)  # bad entries and missing rounds fail before the classifier is trained
-    models = evaluation_models(cfg, data, specs)  # so do unreadable or non-finite checkpoints
+    models, target = evaluation_models(cfg, data, specs)  # so do unreadable or non-finite checkpoints
     negatives = negative_plan(cfg, data.num_classes, models)  # and bad negative-class pairs
     methods = eval_methods(cfg)  # and a bad guidance-method grid
     guided = (jit_predictor(teacher_prediction(cfg, data, models["teacher"][0].net, "classifier"), bool(cfg.jit))
               if "classifier" in methods else None)  # and a missing or mismatched noise-aware classifier
     clf = evaluation_classifier(cfg, data) if is_main() else None
-    predictors, settings = warmed_predictors(cfg, data, models)
+    predictors, settings = warmed_predictors(cfg, data, models, model_settings(cfg, models, target))
+    # the methods comparison starts from the configured sampler; the teacher's CFG samples are reused there
+    # unless they were drawn with the students' interval
+    method_base = build.sampler_settings(cfg, settings["teacher"].num_steps)
+    reuse_cfg = settings["teacher"] == method_base
     if not is_main():  # the other workers only draw their share of the samples
-        return _sample_share(cfg, data, negatives, predictors, settings, guided)
+        return _sample_share(cfg, data, negatives, predictors, settings, guided, method_base, reuse_cfg)
     students = [name for name in models if name != "teacher"]
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
     ws = [float(w) for w in cfg.eval.ws]
@@ -165,6 +204,8 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         "provenance": evaluate_provenance(cfg, data, specs), "num_samples": n, "sampler": build.plain(cfg.sampler), "ws": ws,
         "classifier_heldout_accuracy": float(getattr(clf, "heldout_accuracy", float("nan"))),
         "real_vs_real_fd": real_floor(real_feats, seed), "num_heldout": int(len(data.test_images)),
+        "student_target": {"target": target[0], "interval": list(target[1]) if target[1] else None,
+                           "teacher_interval": list(settings["teacher"].guidance_interval or ()) or None},
         "models": {name: {"passes": int(cell.passes), "steps": steps, "per_w": {}}
                    for name, (cell, steps) in models.items()},
         "agreement": {},  # of the first student (the only one by default); every student has its own in per_w
@@ -205,9 +246,10 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
             "batch_size": int(cfg.sampler.batch_size), "steps": steps,
             "speedup": seconds["teacher"] / seconds[name]}
     report["speedup"] = report["models"][students[0]]["speed"]["speedup"]  # first student vs teacher
-    methods = evaluate_methods(cfg, predictors["teacher"], settings["teacher"],
+    methods = evaluate_methods(cfg, predictors["teacher"], method_base,
                                lambda imgs, labels: judge(clf, imgs, labels, real_feats),
-                               report["models"]["teacher"]["per_w"], _method_draw(cfg, data, workers > 1), guided)
+                               report["models"]["teacher"]["per_w"] if reuse_cfg else None,
+                               _method_draw(cfg, data, workers > 1), guided)
     if methods is not None:
         report["methods"] = methods
     if negatives is not None:
@@ -224,12 +266,14 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-def warmed_predictors(cfg: DictConfig, data: ImageData, models: dict[str, tuple[Any, int]]
+def warmed_predictors(cfg: DictConfig, data: ImageData, models: dict[str, tuple[Any, int]],
+                      settings: dict[str, SamplerSettings] | None = None
                       ) -> tuple[dict[str, Predictor], dict[str, SamplerSettings]]:
-    """Each model's compiled predictor and sampler settings, compiled and warmed up at the evaluation
-    batch (in this process alone) before anything is timed."""
+    """Each model's compiled predictor and sampler settings (``settings``, default the config's at each model's
+    steps), compiled and warmed up at the evaluation batch (in this process alone) before anything is timed."""
     predictors = {name: jit_predictor(cell, bool(cfg.jit)) for name, (cell, _) in models.items()}
-    settings = {name: build.sampler_settings(cfg, steps) for name, (_, steps) in models.items()}
+    if settings is None:
+        settings = {name: build.sampler_settings(cfg, steps) for name, (_, steps) in models.items()}
     warm = min(int(cfg.eval.num_samples), int(cfg.sampler.batch_size))
     for name, predict in predictors.items():
         guided_samples(predict, data, cfg, 1.0, warm, int(cfg.seed), settings[name])
@@ -245,14 +289,14 @@ def _method_draw(cfg: DictConfig, data: ImageData, across_ranks: bool) -> Any:
 
 def _sample_share(cfg: DictConfig, data: ImageData, negatives: NegativePlan | None,
                   predictors: dict[str, Predictor], settings: dict[str, SamplerSettings],
-                  guided: Predictor | None) -> None:
+                  guided: Predictor | None, method_base: SamplerSettings, reuse_cfg: bool) -> None:
     """A worker other than rank 0: the sampler calls of rank 0 in the same order (w by w, model by
     model), drawing its own share of each; rank 0 judges and writes."""
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
     for w in [float(w) for w in cfg.eval.ws]:
         for name, predict in predictors.items():
             guided_samples(predict, data, cfg, w, n, seed, settings[name], across_ranks=True)
-    sample_methods_share(cfg, predictors["teacher"], settings["teacher"], _method_draw(cfg, data, True), guided)
+    sample_methods_share(cfg, predictors["teacher"], method_base, _method_draw(cfg, data, True), guided, reuse_cfg)
     if negatives is not None:
         sample_negative_share(cfg, data, negatives, predictors, settings)
     chunks = -(-n // int(cfg.sampler.batch_size))

@@ -82,12 +82,13 @@ def scale_name(method: str) -> str:
 
 
 def evaluate_methods(cfg: DictConfig, predict: Predictor, base: SamplerSettings,
-                     judge: Callable[[Any, Any], dict[str, float]], teacher_cfg: dict[str, dict[str, float]],
+                     judge: Callable[[Any, Any], dict[str, float]], teacher_cfg: dict[str, dict[str, float]] | None,
                      draw: Callable[..., Any], guided: Predictor | None = None) -> dict[str, Any] | None:
     """The report's ``methods`` section, or None for ``eval.methods=[cfg]``.
 
     ``predict`` is the two-pass teacher, ``guided`` the same teacher with the noise-aware classifier (method
-    ``classifier``; :class:`teacher.guidance.ClassifierGuidedPrediction`). ``teacher_cfg`` holds the teacher's CFG metrics per w (already measured on this noise, reused);
+    ``classifier``; :class:`teacher.guidance.ClassifierGuidedPrediction`). ``teacher_cfg`` holds the teacher's CFG metrics per w (already measured on this noise, reused;
+    None: drawn here, when the evaluation sampled the teacher otherwise, e.g. with an interval student's interval);
     ``draw(predict, settings, scale)`` gives (images, labels) on the evaluation's noise and classes and
     ``judge(images, labels)`` their FD and accuracy (the evaluation's own helpers)."""
     plans = method_settings(cfg, base)
@@ -99,7 +100,8 @@ def evaluate_methods(cfg: DictConfig, predict: Predictor, base: SamplerSettings,
         calls = network_calls_per_image(settings, model.passes)
         per_scale = {}
         for scale in scales:  # cfg is the teacher's evaluation itself: reused, not drawn again
-            metrics = teacher_cfg[str(scale)] if method == "cfg" else judge(*draw(model, settings, scale))
+            metrics = (teacher_cfg[str(scale)] if method == "cfg" and teacher_cfg is not None
+                       else judge(*draw(model, settings, scale)))
             per_scale[str(scale)] = {"fd": metrics["fd"], "accuracy": metrics["accuracy"]}
         section["methods"][method] = {"scale": scale_name(method), "scales": scales, "network_calls_per_image": calls,
                                       "classifier_calls_per_image": classifier_calls_per_image(settings),
@@ -120,11 +122,11 @@ def _predictor(method: str, predict: Predictor, guided: Predictor | None) -> Pre
 
 
 def sample_methods_share(cfg: DictConfig, predict: Predictor, base: SamplerSettings, draw: Callable[..., Any],
-                         guided: Predictor | None = None) -> None:
+                         guided: Predictor | None = None, reuse_cfg: bool = True) -> None:
     """A worker other than rank 0: the sampler calls of :func:`evaluate_methods` in the same order."""
     plans = method_settings(cfg, base)
     if list(plans) == ["cfg"]:
         return
     for method, (settings, scales) in plans.items():
-        for scale in scales if method != "cfg" else ():
+        for scale in scales if method != "cfg" or not reuse_cfg else ():
             draw(_predictor(method, predict, guided), settings, scale)

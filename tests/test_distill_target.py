@@ -1,0 +1,198 @@
+"""student.target: the guidance-interval target (CFG inside [t_lo, t_hi], conditional outside), its shards,
+provenance and evaluation settings; CFG++ and bad values refused in one line."""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+import pytest
+
+from conftest import compose_cfg
+from distill.core import diffusion as dm
+from distill.core.data import load_data
+from distill.core.errors import UserError
+from distill.core.provenance import differences, stage_config
+from distill.core.sampling import jit_predictor
+from distill.jobs.evaluate import common_target, model_settings
+from student.distill import distill_inputs, distill_target, regression_batch, teacher_targets
+from student.model import student_from_teacher
+from teacher.guidance import ConditionalPrediction, GuidanceBranches, GuidedPrediction
+from teacher.unet import UNet, UNetConfig
+
+
+def _random_teacher(seed: int = 0) -> UNet:
+    ms.set_seed(seed)
+    teacher = UNet(UNetConfig(channels=8, channel_mult=(1, 2), groups=4, attention=False, image_size=8,
+                              num_classes=10))
+    rng = np.random.default_rng(seed)
+    for p in teacher.trainable_params():  # cond and uncond must differ (a new UNet's output layer is zero)
+        p.set_data(ms.Tensor((p.asnumpy() + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
+    return teacher
+
+
+def test_interval_target_is_guided_inside_and_conditional_outside() -> None:
+    rng = np.random.default_rng(0)
+    cond, uncond = rng.standard_normal((2, 6, 1, 2, 2)).astype(np.float32)
+    w = np.array([0.0, 2.0, 3.0, 4.0, 0.5, 5.0], np.float32)
+    t = np.array([0.05, 0.25, 0.5, 0.75, 0.7501, 0.95], np.float32)  # the bounds exact in float32
+    out = dm.interval_guided(cond, uncond, w, t, (0.25, 0.75))
+    inside = np.array([False, True, True, True, False, False])  # t_lo <= t <= t_hi, the sampler's rule
+    guided = uncond + w.reshape(-1, 1, 1, 1) * (cond - uncond)
+    np.testing.assert_allclose(out[inside], guided[inside], rtol=0, atol=0)
+    np.testing.assert_array_equal(out[~inside], cond[~inside])  # exactly the conditional prediction
+    assert (out[inside] != cond[inside]).any()  # the guided rows did move (w != 1)
+    # the same rule as the sampler's guided steps
+    np.testing.assert_array_equal(dm.in_interval(t, (0.25, 0.75)), inside)
+
+
+def test_an_interval_covering_all_times_is_the_cfg_target() -> None:
+    rng = np.random.default_rng(1)
+    cond, uncond = rng.standard_normal((2, 5, 1, 2, 2)).astype(np.float32)
+    w, t = rng.uniform(0, 5, 5).astype(np.float32), np.array([0.0, 0.3, 0.6, 0.99, 1.0], np.float32)
+    np.testing.assert_array_equal(dm.interval_guided(cond, uncond, w, t, (0.0, 1.0)),
+                                  dm.cfg_combine(cond, uncond, w.reshape(-1, 1, 1, 1)))
+    np.testing.assert_array_equal(dm.interval_guided(cond, uncond, w, t, None),
+                                  dm.cfg_combine(cond, uncond, w.reshape(-1, 1, 1, 1)))
+
+
+def test_teacher_targets_with_an_interval_follow_the_two_pass_teacher() -> None:
+    data = load_data({"name": "digits", "max_train": 64})
+    teacher = _random_teacher()
+    branches = GuidanceBranches(teacher)
+    z, t, y, w, y_neg, _, _ = inputs = distill_inputs(data, 32, 0, 0, "cosine", 0.0, 5.0, ws_per_input=2)(1)
+    cfg_target = teacher_targets(branches, inputs, 2)
+    np.testing.assert_array_equal(teacher_targets(branches, inputs, 2, (0.0, 1.0)), cfg_target)
+    interval = (0.3, 0.7)
+    target = teacher_targets(branches, inputs, 2, interval)
+    inside = dm.in_interval(t, interval)
+    assert inside.any() and (~inside).any()
+    tensors = [ms.Tensor(a) for a in (z, t, y, w, y_neg)]
+    guided = GuidedPrediction(teacher)(*tensors).asnumpy()
+    conditional = ConditionalPrediction(teacher)(*tensors).asnumpy()  # one pass at y: the teacher at w = 1
+    np.testing.assert_allclose(target[inside], guided[inside], atol=1e-5)
+    np.testing.assert_allclose(target[~inside], conditional[~inside], atol=1e-5)
+    assert np.abs(target[~inside] - cfg_target[~inside]).max() > 1e-3  # it is not the CFG target there
+
+
+@pytest.mark.slow
+def test_distillation_to_the_interval_target_loss_falls(tmp_path) -> None:
+    from distill.core.training import Trainer, TrainSettings
+    from teacher.objective import regression_loss
+
+    data = load_data({"name": "digits", "max_train": 64})
+    teacher = _random_teacher()
+    predict = jit_predictor(GuidanceBranches(teacher))
+    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0)
+
+    def batches(start: int):
+        make = distill_inputs(data, 32, 0, start, "cosine", 0.0, 5.0)
+
+        def batch(step: int):
+            inputs = make(step)
+            return regression_batch(inputs, teacher_targets(predict, inputs, 1, (0.17, 0.88)), "x_snr_trunc", "v")
+        return batch
+
+    settings = TrainSettings(steps=40, batch_size=32, lr=3e-3, ema_decay=0.9, checkpoint_every=40, log_every=10)
+    losses = Trainer(student, UNet(student.config), regression_loss, batches, settings, tmp_path,
+                     {"kind": "student"}).run()
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+
+
+def test_target_from_config_and_meta(tmp_path) -> None:
+    assert distill_target(compose_cfg(tmp_path).student) == ("cfg", None)
+    assert distill_target({}) == ("cfg", None)  # a student checkpoint from before the option
+    cfg = compose_cfg(tmp_path, "student.target=interval")
+    assert distill_target(cfg.student) == ("interval", tuple(cfg.eval.interval))  # default: eval.interval
+    cfg = compose_cfg(tmp_path, "student.target=interval", "eval.interval=[0.1,0.9]", "student.interval=[0.2,0.6]")
+    assert distill_target(cfg.student) == ("interval", (0.2, 0.6))
+    assert distill_target({"target": "interval", "interval": [0.2, 0.6]}) == ("interval", (0.2, 0.6))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["student.target=cfgx"], r"^student: unknown target 'cfgx' \(choose cfg or interval"),
+    (["student.target=cfgpp"], r"^student.target=cfgpp is not supported yet: CFG\+\+ needs two outputs per step"),
+    (["student.target=interval", "student.interval=[0.8,0.2]"],
+     r"^student.interval: \[0.8, 0.2\] must be \[t_lo, t_hi\] with 0 <= t_lo < t_hi <= 1"),
+    (["student.target=interval", "student.interval=[0.2,1.5]"], r"^student.interval: \[0.2, 1.5\] must be"),
+    (["student.target=interval", "student.interval=null"], r"^student: target=interval needs student.interval"),
+    (["student.target=interval", "progressive.first_teacher=cfg"],
+     r"^progressive: first_teacher=cfg learns the two-pass CFG teacher, not the student's target=interval"),
+])
+def test_bad_targets_are_refused_before_any_work(tmp_path, overrides: list[str], message: str) -> None:
+    from distill.jobs.preflight import check_config
+
+    with pytest.raises(UserError, match=message):
+        check_config(compose_cfg(tmp_path, "task=distill", *overrides))
+
+
+def test_default_target_records_still_match_and_the_interval_counts_only_for_its_target(tmp_path) -> None:
+    now = stage_config(compose_cfg(tmp_path), "student")
+    assert now["student.target"] == "cfg" and "student.interval" not in now
+    old = {"config": {k: v for k, v in now.items() if k != "student.target"}, "inputs": {}}  # made before the key
+    assert differences(old, {"config": now, "inputs": {}}) == []
+    moved = stage_config(compose_cfg(tmp_path, "eval.interval=[0.3,0.6]"), "student")
+    assert differences(old, {"config": moved, "inputs": {}}) == []  # the cfg student does not read the interval
+    interval = stage_config(compose_cfg(tmp_path, "student.target=interval"), "student")
+    assert differences(old, {"config": interval, "inputs": {}}) == [
+        "student.interval (absent) vs [0.17, 0.88]", "student.target (absent) vs interval"]
+    other = stage_config(compose_cfg(tmp_path, "student.target=interval", "eval.interval=[0.3,0.6]"), "student")
+    assert differences({"config": interval, "inputs": {}}, {"config": other, "inputs": {}}) == [
+        "student.interval [0.17, 0.88] vs [0.3, 0.6]"]
+    assert stage_config(compose_cfg(tmp_path, "student.target=interval"), "student_negative")["student.interval"] \
+        == [0.17, 0.88]
+
+
+def test_an_interval_student_is_evaluated_against_the_teacher_guided_in_its_interval(tmp_path) -> None:
+    models = {"teacher": (None, 4), "student_4step": (None, 4), "student_2step": (None, 2)}
+    cfg = compose_cfg(tmp_path, "task=evaluate")
+    plain = model_settings(cfg, models, ("cfg", None))
+    assert all(s.guidance_interval is None for s in plain.values())
+    settings = model_settings(cfg, models, ("interval", (0.2, 0.8)))
+    assert settings["teacher"].guidance_interval == (0.2, 0.8)
+    assert settings["student_4step"].guidance_interval is None and settings["student_2step"].num_steps == 2
+    same = model_settings(compose_cfg(tmp_path, "task=evaluate", "sampler.guidance_interval=[0.2,0.8]"), models,
+                          ("interval", (0.2, 0.8)))
+    assert same == settings
+    # a CFG student under a sampler interval: both sampled with it, as before
+    cfg_interval = model_settings(compose_cfg(tmp_path, "task=evaluate", "sampler.guidance_interval=[0.2,0.8]"),
+                                  models, ("cfg", None))
+    assert all(s.guidance_interval == (0.2, 0.8) for s in cfg_interval.values())
+    with pytest.raises(UserError, match=r"sampler.guidance_interval=\[0.3, 0.8\] is not the interval the students "
+                                        r"were distilled with \(\[0.2, 0.8\]\)"):
+        model_settings(compose_cfg(tmp_path, "task=evaluate", "sampler.guidance_interval=[0.3,0.8]"), models,
+                       ("interval", (0.2, 0.8)))
+    assert common_target({"a": ("interval", (0.2, 0.8)), "b": ("interval", (0.2, 0.8))}) == ("interval", (0.2, 0.8))
+    assert common_target({}) == ("cfg", None)
+    with pytest.raises(UserError, match="^evaluate: the students were distilled to different targets"):
+        common_target({"a": ("interval", (0.2, 0.8)), "b": ("cfg", None)})
+
+
+@pytest.mark.slow
+def test_interval_targets_from_shards_equal_online_targets_and_the_student_records_them(tiny_run, tmp_path) -> None:
+    from conftest import copy_run
+    from distill.core.checkpoint import read_meta
+    from distill.jobs.distill import distill_batches, run_distill
+    from distill.jobs.targets import run_targets
+    from teacher.loading import load_teacher
+
+    run = copy_run(tiny_run, tmp_path / "run", ("teacher",))
+    target = ("student.target=interval", "student.interval=[0.3,0.7]")
+    cfg = compose_cfg(run, *target, "student.targets=shards")
+    run_targets(cfg)
+    data = load_data(cfg.data)
+    online = distill_batches(compose_cfg(run, *target), data, load_teacher(cfg, data))(0)
+    cfg_online = distill_batches(compose_cfg(run), data, load_teacher(cfg, data))(0)
+    from_shards = distill_batches(cfg, data, None)(0)
+    for step in range(int(cfg.student.train.steps)):
+        a, b, c = online(step), from_shards(step), cfg_online(step)
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+        inside = dm.in_interval(a[1], (0.3, 0.7))
+        np.testing.assert_allclose(a[5][inside], c[5][inside], atol=1e-6)  # the CFG target inside
+    # shards of the CFG target are not read for the interval target
+    with pytest.raises(UserError, match="made for another teacher or config"):
+        distill_batches(compose_cfg(run, "student.targets=shards", "student.target=interval",
+                                    "student.interval=[0.2,0.7]"), data, None)
+    run_distill(cfg)
+    meta = read_meta(run / "student" / "checkpoint.safetensors")
+    assert (meta["target"], meta["interval"]) == ("interval", [0.3, 0.7])
+    assert distill_target(meta) == ("interval", (0.3, 0.7))
