@@ -196,3 +196,19 @@ def test_interval_targets_from_shards_equal_online_targets_and_the_student_recor
     meta = read_meta(run / "student" / "checkpoint.safetensors")
     assert (meta["target"], meta["interval"]) == ("interval", [0.3, 0.7])
     assert distill_target(meta) == ("interval", (0.3, 0.7))
+    # its evaluation: the teacher guided in the student's interval (4 steps at t = 1, .75, .5, .25: one guided),
+    # the same samples as the interval method's; plain CFG drawn on its own for the methods table (this tiny teacher's
+    # CFG and interval samples are too alike to tell apart by FD)
+    from distill.jobs.evaluate import run_evaluate
+
+    report = run_evaluate(compose_cfg(run, *target, "eval.ws=[0.0,2.0]", "eval.num_samples=20",
+                                      "eval.progressive=false", "eval.negative_classes=[]",
+                                      "eval.methods=[cfg,interval]", "eval.interval=[0.3,0.7]"))
+    assert report["student_target"] == {"target": "interval", "interval": [0.3, 0.7], "teacher_interval": [0.3, 0.7]}
+    models, methods = report["models"], report["methods"]["methods"]
+    assert models["teacher"]["speed"]["network_evals_per_image"] == 5
+    assert models["student_4step"]["speed"]["network_evals_per_image"] == 4
+    for w in ("0.0", "2.0"):
+        assert methods["interval"]["per_scale"][w]["fd"] == pytest.approx(models["teacher"]["per_w"][w]["fd"], rel=1e-4)
+    assert (methods["cfg"]["network_calls_per_image"], methods["interval"]["network_calls_per_image"]) == (8, 5)
+    assert "distilled with `student.target=interval`" in (run / "evaluate" / "report.md").read_text()
