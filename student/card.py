@@ -10,6 +10,15 @@ from student.distill import describe_w
 Row = dict[str, Any]
 
 
+def target_text(training: dict[str, Any]) -> str:
+    """The student's target when it is not plain CFG (``student.target=interval``: guided only inside its interval)."""
+    if training.get("target", "cfg") != "interval":
+        return ""
+    lo, hi = training["interval"]
+    return (f" inside the guidance interval t in [{lo:g}, {hi:g}] and its conditional output outside it (sample it "
+            "at a constant w: the interval is in the weights)")
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> Row:
     out: Row = {}
     for k, v in d.items():
@@ -208,7 +217,7 @@ Default sampler: {s['kind']}, {s['num_steps']} steps, eta {s['eta']:g}, w = {s['
 - Teacher: classifier-free-guidance UNet, {t.get('teacher_steps', 'unknown')} steps, condition dropout
   p_uncond = {t.get('p_uncond', 'unknown')}.
 - Student: the teacher's backbone plus a guidance-weight embedding added to the timestep embedding, initialised
-  from the teacher, then {t.get('student_steps', 'unknown')} steps regressing onto the teacher's two-pass guided output
+  from the teacher, then {t.get('student_steps', 'unknown')} steps regressing onto the teacher's two-pass guided output{target_text(t)}
   with {describe_w(g['w_min'], g['w_max'], float(t.get('w_power', 1.0)))} per example (loss `{t.get('loss', 'unknown')}` x (1 + w)^-{t.get('w_loss_power', 0.0):g}, targets {t.get('targets', 'unknown')});
   these are the EMA weights (Meng et al., CVPR 2023, "On Distillation of Guided Diffusion Models", stage 1).{progressive_text(config.get('training', {}))}
 

@@ -46,7 +46,10 @@ def training_info(cfg: DictConfig, meta: dict[str, Any]) -> dict[str, Any]:
             "student_steps": meta.get("step"), "student_total_steps": meta.get("total_steps"),
             "loss": meta.get("loss"), "w_power": meta.get("w_power", 1.0),
             "w_loss_power": meta.get("w_loss_power", 0.0), "targets": summary.get("targets"),
-            "weights": "EMA", "progressive": progressive_info(build.run_dir(cfg) / "progressive" / "rounds.json")}
+            "weights": "EMA", "progressive": progressive_info(build.run_dir(cfg) / "progressive" / "rounds.json"),
+            # a student of another target than plain CFG says so (older bundles: cfg)
+            **({"target": meta["target"], "interval": meta.get("interval")} if meta.get("target", "cfg") != "cfg"
+               else {})}
 
 
 def progressive_info(path: Path) -> Optional[list[dict[str, Any]]]:

@@ -212,3 +212,11 @@ def test_interval_targets_from_shards_equal_online_targets_and_the_student_recor
         assert methods["interval"]["per_scale"][w]["fd"] == pytest.approx(models["teacher"]["per_w"][w]["fd"], rel=1e-4)
     assert (methods["cfg"]["network_calls_per_image"], methods["interval"]["network_calls_per_image"]) == (8, 5)
     assert "distilled with `student.target=interval`" in (run / "evaluate" / "report.md").read_text()
+
+
+def test_the_model_card_names_an_interval_target_and_only_that() -> None:
+    from student.card import target_text
+
+    assert target_text({}) == "" and target_text({"target": "cfg"}) == ""
+    assert "guidance interval t in [0.17, 0.88] and its conditional output outside" in target_text(
+        {"target": "interval", "interval": [0.17, 0.88]})
