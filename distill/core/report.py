@@ -93,8 +93,9 @@ def target_lines(report: dict[str, Any]) -> list[str]:
         return []
     lo, hi = t["interval"]
     return [f"The students were distilled with `student.target={t['target']}` (the teacher's CFG output at t in "
-            f"[{lo:g}, {hi:g}], its conditional output elsewhere): the teacher here is guided only inside that interval "
-            "(the conditional pass alone outside it), each student takes one pass at the same w every step.", ""]
+            f"[{lo:g}, {hi:g}], its conditional output elsewhere): the teacher here is guided only inside that "
+            "interval (the conditional pass alone outside it), each student takes one pass at the same w every step.",
+            ""]
 
 
 def markdown(report: dict[str, Any]) -> str:

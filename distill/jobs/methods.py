@@ -87,8 +87,9 @@ def evaluate_methods(cfg: DictConfig, predict: Predictor, base: SamplerSettings,
     """The report's ``methods`` section, or None for ``eval.methods=[cfg]``.
 
     ``predict`` is the two-pass teacher, ``guided`` the same teacher with the noise-aware classifier (method
-    ``classifier``; :class:`teacher.guidance.ClassifierGuidedPrediction`). ``teacher_cfg`` holds the teacher's CFG metrics per w (already measured on this noise, reused;
-    None: drawn here, when the evaluation sampled the teacher otherwise, e.g. with an interval student's interval);
+    ``classifier``; :class:`teacher.guidance.ClassifierGuidedPrediction`). ``teacher_cfg`` holds the teacher's CFG
+    metrics per w (already measured on this noise, reused; None: drawn here, when the evaluation sampled the
+    teacher otherwise, e.g. in an interval student's interval);
     ``draw(predict, settings, scale)`` gives (images, labels) on the evaluation's noise and classes and
     ``judge(images, labels)`` their FD and accuracy (the evaluation's own helpers)."""
     plans = method_settings(cfg, base)
