@@ -87,6 +87,13 @@ def _rows(files: Path) -> list[Row]:
             f"{files / 'list_bundle' / 'config.json'} is not a guidance-distilled-student config (a JSON list"),
         Row("w range reversed", ("task=distill", "student.w_min=3", "student.w_max=1"),
             "student: w range [3.0, 1.0] must satisfy"),
+        Row("unknown distillation target", ("task=distill", "student.target=cfgx"),
+            "student: unknown target 'cfgx' (choose cfg or interval; cfgpp is not supported yet)"),
+        Row("CFG++ distillation target", ("task=distill", "student.target=cfgpp"),
+            "student.target=cfgpp is not supported yet: CFG++ needs two outputs per step"),
+        Row("interval target with a reversed interval", ("task=targets", "student.target=interval",
+                                                          "student.interval=[0.9,0.1]"),
+            "student.interval: [0.9, 0.1] must be [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1"),
         Row("w outside the bundle's range", ("task=sample", "sample.w=9"), "w=9 is outside the distilled range"),
         Row("resume into a run of another model", ("task=teacher", "model.channels=16"),
             "{run}/teacher/checkpoint.safetensors was made with other settings: model.channels 8 vs 16 (checkpoint vs "
