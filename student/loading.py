@@ -63,8 +63,11 @@ def load_student(cfg: DictConfig, data: ImageData, path: Path | None = None) -> 
     """A distilled student (EMA weights) and its metadata."""
     path = path or student_checkpoint_path(cfg)
     if not path.is_file():
+        if path == negative_phase_checkpoint_path(cfg) and not student_checkpoint_path(cfg).is_file():
+            path = student_checkpoint_path(cfg)  # no stage-one student either: that comes first
         task = "negative_phase" if path == negative_phase_checkpoint_path(cfg) else "distill"
-        raise UserError(f"student checkpoint not found: {path} (run task={task} first)")
+        hint = " or set negative_phase.enabled=false for the stage-one student" if task == "negative_phase" else ""
+        raise UserError(f"student checkpoint not found: {path} (run task={task} first{hint})")
     meta = read_meta(path)
     if meta.get("kind") != "student" or "model" not in meta:
         raise UserError(f"{path} is not a student checkpoint (kind={meta.get('kind')})")

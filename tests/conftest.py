@@ -35,12 +35,16 @@ TINY = [
     "sampler.batch_size=20",
     "progressive.min_steps=2", "progressive.train.steps=2", "progressive.train.batch_size=16",
     "progressive.train.checkpoint_every=2", "progressive.train.log_every=2",
+    "negative_phase.train.steps=2", "negative_phase.train.batch_size=16", "negative_phase.train.checkpoint_every=2",
+    "negative_phase.train.log_every=2",
 ]
 
 
-# What the shared tiny run (the ``tiny_run`` fixture) sets beyond TINY: its students take a negative class
-# (opt-in), so the tests that read it cover that path. Tests that train its student further compose with these too.
-TINY_RUN = ("student.negative=true",)
+# What the shared tiny run (the ``tiny_run`` fixture) sets beyond TINY: its students are trained jointly with a
+# negative class (opt-in), so the tests that read it cover that path, and so it has no negative phase (the default
+# path: stage one, then the phase; test_pipeline, test_negative's phase_run). Tests that evaluate, publish or train
+# its students further compose with these too.
+TINY_RUN = ("student.negative=true", "negative_phase.enabled=false")
 
 
 def copy_run(src: Path, dest: Path, stages: tuple[str, ...] = ("teacher", "student", "progressive")) -> Path:

@@ -7,6 +7,7 @@ in-process tests of the same inputs.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -104,6 +106,9 @@ def _rows(files: Path) -> list[Row]:
             f"checkpoint {files / 'garbage.safetensors'} is corrupt or not a safetensors file"),
         Row("no teacher yet", ("task=distill",), "teacher checkpoint not found: {run}/teacher/", start="empty"),
         Row("no student yet", ("task=evaluate",), "student checkpoint not found: {run}/student/", start="teacher"),
+        Row("no negative-phase student yet", ("task=evaluate",),
+            "student checkpoint not found: {run}/student_negative/checkpoint.safetensors (run task=negative_phase first "
+            "or set negative_phase.enabled=false"),
         Row("negative w in the evaluation grid", ("task=evaluate", "eval.ws=[1.0,-1.0]", "eval.num_samples=10"),
             "guidance weight w=-1.0 must be a finite number >= 0"),
         Row("images that are not square", ("task=teacher", "data=folder", f"data.root={files / 'wide_images'}"),
@@ -114,6 +119,13 @@ def _rows(files: Path) -> list[Row]:
             "progressive: halving start_steps 4 skips min_steps 3", start="empty"),
         Row("a bundle variant that does not exist", ("task=sample", "sample.variant=8step"),
             "bundle has no variant '8step' (it has: 4step, 2step)"),
+        Row("a negative class equal to the target class",
+            ("task=sample", "sample.classes=[3]", "sample.negative_class=3"), "negative class 3 equals a target class"),
+        Row("a negative class out of range", ("task=sample", "sample.negative_class=10"),
+            "sample.negative_class: 10 is neither a class index in [0, 10)"),
+        Row("a negative class asked of an older bundle",
+            ("task=sample", f"sample.bundle={files / 'old_bundle'}", "sample.negative_class=8"),
+            "this bundle's student takes no negative class"),
         Row("bundle with a wrong checksum", ("task=sample", f"sample.bundle={files / 'tampered_bundle'}"),
             "checksum mismatch for model.safetensors"),
         Row("a flipped byte in a teacher checkpoint", ("task=distill", f"teacher.checkpoint={files / 'flipped.safetensors'}"),
@@ -145,6 +157,13 @@ def _bad_bundle(bundle: Path, dest: Path, name: str, content: bytes, *, manifest
         write_manifest(dest)
 
 
+def _without_negative_keys(node: Any) -> Any:
+    """A bundle config as published before negative classes existed: no key that names them, at any depth."""
+    if isinstance(node, dict):
+        return {k: _without_negative_keys(v) for k, v in node.items() if "negative" not in k}
+    return [_without_negative_keys(v) for v in node] if isinstance(node, list) else node
+
+
 def _checkpoints(run: Path) -> dict[str, tuple[bytes, int]]:
     return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns)
             for p in run.rglob("*") if p.suffix in (".safetensors", ".mindir")}
@@ -166,7 +185,7 @@ def outcomes(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
     root = tmp_path_factory.mktemp("cli_errors")
     trained = copy_run(tiny_run, root / "trained")
-    run_publish(compose_cfg(trained))  # -> trained/bundle
+    run_publish(compose_cfg(trained, *TINY_RUN))  # -> trained/bundle
     files = root / "files"
     (files / "bad_mnist").mkdir(parents=True)
     (files / "bad_mnist" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01" + bytes(60))
@@ -183,6 +202,9 @@ def outcomes(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     save_checkpoint(files / "nan_student.safetensors", tensors, meta)
     bundle = trained / "bundle"
     _bad_bundle(bundle, files / "list_bundle", "config.json", b"[]", manifest=True)
+    _bad_bundle(bundle, files / "old_bundle", "config.json",
+                json.dumps(_without_negative_keys(json.loads((bundle / "config.json").read_text()))).encode(),
+                manifest=True)
     _bad_bundle(bundle, files / "tampered_bundle", "model.safetensors",
                 _flip_middle_byte((bundle / "model.safetensors").read_bytes()), manifest=False)
 

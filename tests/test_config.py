@@ -57,6 +57,7 @@ def test_values_keep_their_types_and_the_presets_still_compose(tmp_path: Path) -
     cfg = compose_cfg(tmp_path, "eval.ws=[1,2]", "preset=quick", tiny=False)
     assert cfg.eval.ws == [1.0, 2.0] and all(isinstance(w, float) for w in cfg.eval.ws)
     assert cfg.run_name == "digits_quick" and cfg.progressive.start_steps == cfg.sampler.num_steps == 8
+    assert cfg.negative_phase.enabled and cfg.negative_phase.train.steps == 30  # the quick run has the phase too
     check_config(cfg)
     check_config(compose_cfg(tmp_path))
     # CFG++ samples only the teacher (task=teacher checks it at sampler.guidance_lambda); a bad grid of a

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY
+from conftest import TINY, TINY_RUN
 from distill.core.checkpoint import load_checkpoint
 from distill.core.fileio import sha256
 
@@ -119,7 +119,7 @@ def test_targets_split_over_two_workers_equal_one_process(tiny_run: Path, tmp_pa
 @pytest.mark.slow
 def test_evaluate_split_over_two_workers_equals_one_process(tiny_run: Path, tmp_path: Path) -> None:
     # 50 samples in chunks of 20: three chunks over two workers (an uneven split, the last chunk padded)
-    args = ["task=evaluate", *TINY, "eval.ws=[0.0,2.0]", "eval.num_samples=50"]
+    args = ["task=evaluate", *TINY, *TINY_RUN, "eval.ws=[0.0,2.0]", "eval.num_samples=50"]
     dist_run, single_run, logs = run_both(tmp_path, tiny_run, args)
     assert "evaluate: rank 1 drew 1 of 3 sample chunks per model and w" in logs[1]
     dist_report = json.loads((dist_run / "evaluate" / "report.json").read_text())

@@ -13,7 +13,7 @@ from distill.core.metrics import mse
 
 @pytest.fixture(scope="module")
 def evaluated(tiny_run):
-    cfg = compose_cfg(tiny_run, "eval.ws=[0.0,2.0]", "eval.num_samples=20")
+    cfg = compose_cfg(tiny_run, *TINY_RUN, "eval.ws=[0.0,2.0]", "eval.num_samples=20")
     return run_evaluate(cfg), tiny_run / "evaluate"
 
 

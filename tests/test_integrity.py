@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import compose_cfg, copy_run
+from conftest import TINY_RUN, compose_cfg, copy_run
 from distill.core.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from distill.core.data import load_data
 from distill.core.errors import UserError
@@ -71,7 +71,7 @@ def test_a_nan_student_is_neither_evaluated_nor_published(tiny_run: Path, tmp_pa
     run = _private_run(tiny_run, tmp_path)
     path = run / "student" / CHECKPOINT_NAME
     name = _poison(path)
-    cfg = compose_cfg(run)
+    cfg = compose_cfg(run, *TINY_RUN)
     message = rf"checkpoint {path} holds non-finite weights \(NaN or inf in '{name}'\)"
     with pytest.raises(UserError, match=message):
         run_evaluate(cfg)

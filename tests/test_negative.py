@@ -8,7 +8,7 @@ import numpy as np
 import mindspore as ms
 import pytest
 
-from conftest import compose_cfg, copy_run
+from conftest import TINY_RUN, compose_cfg, copy_run
 from distill.core.data import load_data
 from distill.core.errors import UserError
 from distill.core.weights import load_net_state, net_state
@@ -97,7 +97,7 @@ def test_targets_are_the_teacher_guided_away_from_each_rows_negative_class() -> 
 @pytest.fixture(scope="module")
 def bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = copy_run(tiny_run, tmp_path_factory.mktemp("negative_bundle"))
-    dest = publish.run_publish(compose_cfg(run, f"publish.dir={run / 'bundle'}"))
+    dest = publish.run_publish(compose_cfg(run, *TINY_RUN, f"publish.dir={run / 'bundle'}"))
     # a few tiny training steps leave the output layer and the gate near zero: perturb the default student's
     # weights (and give the bundle a new manifest), so that the negative class shows in the images
     model = from_pretrained(dest)
@@ -150,7 +150,8 @@ def plain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_student_without_the_input_refuses_a_negative_class(plain_run: Path, tmp_path: Path) -> None:
     run = copy_run(plain_run, tmp_path / "run", ("teacher", "student"))
-    dest = publish.run_publish(compose_cfg(run, "publish.few_step=false", f"publish.dir={run / 'bundle'}"))
+    dest = publish.run_publish(compose_cfg(run, "negative_phase.enabled=false", "publish.few_step=false",
+                                          f"publish.dir={run / 'bundle'}"))  # a run without the phase
     assert not (dest / "negative_classes.png").exists()
     with pytest.raises(UserError, match="takes no negative class"):
         from_pretrained(dest).sample([3], 2.0, negative=8)
@@ -280,5 +281,5 @@ def test_bad_negative_pairs_fail_before_any_sampling(tiny_run: Path, tmp_path: P
 
     run = copy_run(tiny_run, tmp_path / "run")
     with pytest.raises(UserError, match=message):
-        run_evaluate(compose_cfg(run, f"eval.negative_classes={pairs}", "eval.num_samples=10"))
+        run_evaluate(compose_cfg(run, *TINY_RUN, f"eval.negative_classes={pairs}", "eval.num_samples=10"))
     assert not (run / "evaluate").exists() and not (run / "eval_classifier").exists()

@@ -198,7 +198,7 @@ def test_evaluate_teacher_against_several_students(progressive_run: Path, tmp_pa
 
     run = copy_run(progressive_run, tmp_path / "eval")
     p2 = run / "progressive" / "steps_2" / "checkpoint.safetensors"
-    cfg = compose_cfg(run, "eval.ws=[2.0]", "eval.num_samples=20", "eval.teacher_steps=4",
+    cfg = compose_cfg(run, *TINY_RUN, "eval.ws=[2.0]", "eval.num_samples=20", "eval.teacher_steps=4",
                       f"eval.students=[{{name:s4,path:null,steps:4}},{{name:p2,path:'{p2}'}}]")
     report = run_evaluate(cfg)
     assert {n: (m["passes"], m["steps"]) for n, m in report["models"].items()} == {
@@ -254,7 +254,7 @@ def test_rounds_of_another_stage_one_student_are_refused(tiny_run: Path, tmp_pat
         run_progressive(compose_cfg(tmp_path))  # restart=true (or the pipeline) would train the rounds again
     for job in (run_evaluate, run_publish):
         with pytest.raises(UserError, match="was distilled from another stage-one student"):
-            job(compose_cfg(tmp_path, "eval.num_samples=4"))
+            job(compose_cfg(tmp_path, *TINY_RUN, "eval.num_samples=4"))
     assert round_file.read_bytes() == before and not (tmp_path / "bundle").exists()
 
 

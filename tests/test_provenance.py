@@ -114,12 +114,12 @@ def test_report_stages_record_what_made_them(tiny_run: Path, tmp_path: Path) -> 
     from distill.jobs.evaluate import evaluate_provenance
     from distill.jobs.publish import publish_provenance
 
-    cfg = compose_cfg(tiny_run)
+    cfg = compose_cfg(tiny_run, *TINY_RUN)
     data = load_data(cfg.data)
     made = evaluate_provenance(cfg, data)
     assert set(made["inputs"]) == {"data", "teacher", "student_4step", "student_2step"}
     assert made["inputs"]["student_2step"] == provenance.file_digest(tiny_run / "progressive/steps_2" / CKPT)
-    assert differences(made, evaluate_provenance(compose_cfg(tiny_run, "eval.ws=[1.0]"), data)) == \
+    assert differences(made, evaluate_provenance(compose_cfg(tiny_run, *TINY_RUN, "eval.ws=[1.0]"), data)) == \
         [f"eval.ws {json.dumps(list(cfg.eval.ws))} vs [1.0]"]
     assert set(bench_provenance(cfg, data)["inputs"]) == {"teacher", "student", "student_2step"}
     assert "bench.repeats" in bench_provenance(cfg, data)["config"]

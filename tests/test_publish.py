@@ -13,7 +13,7 @@ import mindspore as ms
 import pytest
 from mindspore import nn
 
-from conftest import compose_cfg, copy_run
+from conftest import TINY_RUN, compose_cfg, copy_run
 from distill.app import resolve_task
 from distill.core.data import load_data
 from distill.core.errors import UserError
@@ -36,7 +36,7 @@ def bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Published from a private copy of the run's checkpoints (other tests add an evaluation to tiny_run)."""
     run = copy_run(tiny_run, tmp_path_factory.mktemp("published"))
     dest = run / "bundle"
-    assert publish.run_publish(compose_cfg(run, f"publish.dir={dest}")) == dest
+    assert publish.run_publish(compose_cfg(run, *TINY_RUN, f"publish.dir={dest}")) == dest
     return dest
 
 
@@ -165,7 +165,7 @@ def test_overwrite_is_refused_then_replaces_atomically(bundle: Path, tiny_run: P
     dest = _copy(bundle, tmp_path)
     before = _snapshot(dest)
     with pytest.raises(UserError, match="already exists.*publish.overwrite=true"):
-        publish.run_publish(compose_cfg(tiny_run, f"publish.dir={dest}"))
+        publish.run_publish(compose_cfg(tiny_run, *TINY_RUN, f"publish.dir={dest}"))
     assert _snapshot(dest) == before
 
     def broken_export(*args, **kwargs):
@@ -174,13 +174,13 @@ def test_overwrite_is_refused_then_replaces_atomically(bundle: Path, tiny_run: P
     with monkeypatch.context() as m:  # a failure half-way through leaves the old bundle untouched
         m.setattr(publish, "export_mindir", broken_export)
         with pytest.raises(UserError, match="simulated"):
-            publish.run_publish(compose_cfg(tiny_run, f"publish.dir={dest}", "publish.overwrite=true"))
+            publish.run_publish(compose_cfg(tiny_run, *TINY_RUN, f"publish.dir={dest}", "publish.overwrite=true"))
     assert _snapshot(dest) == before
     assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no partial or old folders left
 
     report = {"per_w": [{"w": 1.0, "student": {"fd": 1.5}}, {"w": 3.0, "student": {"fd": 2.25}}]}
     monkeypatch.setattr(publish, "read_report", lambda cfg: report)  # as if task=evaluate had run
-    publish.run_publish(compose_cfg(tiny_run, f"publish.dir={dest}", "publish.overwrite=true",
+    publish.run_publish(compose_cfg(tiny_run, *TINY_RUN, f"publish.dir={dest}", "publish.overwrite=true",
                                     "publish.card_ws=[0,3]"))
     after = _snapshot(dest)
     assert set(after) == FILES and b"0, 3" in after["README.md"]
