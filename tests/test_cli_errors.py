@@ -132,7 +132,8 @@ def _rows(files: Path) -> list[Row]:
             f"checkpoint {files / 'flipped.safetensors'} fails its SHA-256 check"),
         Row("a student with NaN weights", ("task=evaluate", f"eval.student={files / 'nan_student.safetensors'}"),
             f"checkpoint {files / 'nan_student.safetensors'} holds non-finite weights"),
-        Row("an untrained evaluation classifier", ("task=evaluate", "eval.classifier.steps=0", "eval.num_samples=10"),
+        Row("an untrained evaluation classifier", ("task=evaluate", "eval.classifier.steps=0", "eval.num_samples=10",
+                                                   "negative_phase.enabled=false"),  # the trained run has no phase
             "eval classifier {run}/eval_classifier/classifier.safetensors: held-out accuracy"),
         Row("a run name with a path in it", ("task=teacher", "run_name=../elsewhere"),
             "run_name: name '../elsewhere' is used in file names"),
