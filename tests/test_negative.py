@@ -283,3 +283,26 @@ def test_bad_negative_pairs_fail_before_any_sampling(tiny_run: Path, tmp_path: P
     with pytest.raises(UserError, match=message):
         run_evaluate(compose_cfg(run, *TINY_RUN, f"eval.negative_classes={pairs}", "eval.num_samples=10"))
     assert not (run / "evaluate").exists() and not (run / "eval_classifier").exists()
+
+
+def test_the_verdict_names_the_bar_and_the_ws_a_student_misses() -> None:
+    """Within only when both bars hold at every w <= 4 (w = 5 is not barred); otherwise each missed bar and its ws."""
+    from distill.core.report import negative_lines
+    from distill.jobs.negatives import bar_verdict
+
+    ratios = {"0.5": (1.09, 0.90), "1.0": (1.10, 1.44), "3.0": (1.16, 0.71), "5.0": (1.50, 9.0)}
+    per_w = {w: {"fd_ratio": fd, "negative_probability_ratio": p} for w, (fd, p) in ratios.items()}
+    verdict = bar_verdict(per_w)
+    assert verdict == {"within_bars": False,
+                       "outside_bars": {"fd_ratio": [3.0], "negative_probability_ratio": [1.0, 3.0]}}
+    assert bar_verdict({"0.5": per_w["0.5"], "5.0": per_w["5.0"]})["within_bars"]
+    entry = lambda: {"negative": {"fd": 1.0, "accuracy": 1.0, "negative_probability": 0.1},  # noqa: E731
+                     "null": {"accuracy": 1.0, "negative_probability": 0.2}, "push": 1.0}
+    report = {"ws": [0.5], "models": {"teacher": {"steps": 4}, "student": {"steps": 4}},
+              "negative": {"pairs": [[3, 8]], "samples_per_pair": 5,
+                           "bars": {"fd_ratio": 1.15, "negative_probability_rel": 0.2, "max_w": 4.0},
+                           "models": {"teacher": {"per_w": {"0.5": entry()}},
+                                      "student": {"per_w": {"0.5": dict(entry(), fd_ratio=1.0,
+                                                                        negative_probability_ratio=1.0)},
+                                                  **verdict}}}}
+    assert negative_lines(report)[-2].endswith("at every w <= 4): outside for FD ratio at w = 3; P(neg) at w = 1, 3")

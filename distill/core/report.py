@@ -204,7 +204,7 @@ def negative_lines(report: dict[str, Any]) -> list[str]:
     verdicts = [f"- {_label(n, report['models'][n])}: "
                 f"{'within' if neg['models'][n]['within_bars'] else 'OUTSIDE'} the bars (FD ratio <= {b['fd_ratio']:g}, "
                 f"P(neg) within {100 * b['negative_probability_rel']:g}% of the teacher's, at every w <= {b['max_w']:g})"
-                for n in names[1:]]
+                f"{_outside(neg['models'][n].get('outside_bars') or {})}" for n in names[1:]]
     return [
         "## Negative classes",
         "",
@@ -221,6 +221,13 @@ def negative_lines(report: dict[str, Any]) -> list[str]:
         *verdicts,
         "",
     ]
+
+
+def _outside(failed: dict[str, list[float]]) -> str:
+    """``: FD ratio at w = 3; P(neg) at w = 1, 2`` for the bars a student misses (empty when none)."""
+    names = {"fd_ratio": "FD ratio", "negative_probability_ratio": "P(neg)"}
+    parts = [f"{names[k]} at w = {', '.join(f'{w:g}' for w in ws)}" for k, ws in failed.items() if ws]
+    return f": outside for {'; '.join(parts)}" if parts else ""
 
 
 def plot_metrics(report: dict[str, Any], path: Path) -> Path:

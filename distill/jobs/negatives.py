@@ -145,11 +145,17 @@ def evaluate_negatives(cfg: DictConfig, data: ImageData, clf: EvalClassifier, pl
             f"p(neg)={section['models'][n]['per_w'][str(w)]['negative']['negative_probability']:.3f} "
             f"(null {section['models'][n]['per_w'][str(w)]['null']['negative_probability']:.3f})" for n in names))
     for name in names[1:]:
-        per_w = section["models"][name]["per_w"]
-        section["models"][name]["within_bars"] = all(
-            m["fd_ratio"] <= FD_BAR and abs(m["negative_probability_ratio"] - 1.0) <= PROB_BAR
-            for w, m in per_w.items() if float(w) <= MAX_BAR_W)
+        section["models"][name].update(bar_verdict(section["models"][name]["per_w"]))
     return section
+
+
+def bar_verdict(per_w: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``within_bars`` (every w <= MAX_BAR_W meets both bars) and ``outside_bars``: the ws at which each bar fails."""
+    barred = {w: m for w, m in per_w.items() if float(w) <= MAX_BAR_W}
+    outside = {"fd_ratio": [float(w) for w, m in barred.items() if m["fd_ratio"] > FD_BAR],
+               "negative_probability_ratio": [float(w) for w, m in barred.items()
+                                              if abs(m["negative_probability_ratio"] - 1.0) > PROB_BAR]}
+    return {"within_bars": not any(outside.values()), "outside_bars": outside}
 
 
 def student_vs_teacher(student: dict[str, float], teacher: dict[str, float]) -> dict[str, float]:
