@@ -1,7 +1,6 @@
 """Negative classes in one pass: the student's input, its targets, sampling, bundle errors and the effect."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
