@@ -81,7 +81,10 @@ def test_compiled_loop_equals_eager(nets: dict) -> None:
     settings = CG["ddim-v-clip"]
     eager = sample(nets["guided"], noise, labels, 3.0, dataclasses.replace(settings, engine="eager"), unc)
     loop = sample(nets["guided"], noise, labels, 3.0, dataclasses.replace(settings, engine="loop"), unc)
-    np.testing.assert_allclose(loop, eager, atol=1e-5, rtol=0)
+    # The classifier's gradient inside one graph of the whole loop may sum in another order than eager
+    # calls: up to 1e-4 seen after other tests in the same process (1e-5 alone); a wrong step or
+    # gradient moves these images by more than 1e-3 (test_scale_0_is_the_unconditional_sampler).
+    np.testing.assert_allclose(loop, eager, atol=2e-4, rtol=0)
 
 
 def _log_p(clf: NoisyClassifier, z: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
