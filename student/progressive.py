@@ -58,6 +58,24 @@ def round_plan(start_steps: int, min_steps: int) -> list[int]:
     return plan
 
 
+def round_steps(p: Mapping[str, Any], plan: list[int], default: int) -> list[int]:
+    """Training steps of each round of ``plan``: ``progressive.round_steps[r]`` for round r + 1 (e.g.
+    ``[300, 700]`` for 16 -> 8 -> 4), ``default`` (``progressive.train.steps``) for every round after the
+    list ends or when it is null; entries past the last round are unused."""
+    table = p.get("round_steps")
+    table = [] if table is None else list(table)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in table):
+        raise UserError(f"progressive: round_steps {table} must be training steps per round, integers >= 1 "
+                        f"(e.g. [300, 700])")
+    return [int(table[r]) if r < len(table) else int(default) for r in range(len(plan))]
+
+
+def check_w0_share(share: float) -> float:
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= float(share) <= 1.0:
+        raise UserError(f"progressive: w0_share {share!r} must be a number in [0, 1]")
+    return float(share)
+
+
 def progressive_dir(cfg: DictConfig) -> Path:
     return build.run_dir(cfg) / "progressive"
 
@@ -93,17 +111,21 @@ def teacher_denoiser(predict: Callable[..., ms.Tensor], y: np.ndarray, w: np.nda
 def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_steps: int, round_index: int,
                         batch_size: int, seed: int, schedule: str, prediction: str, loss_space: str,
                         w_min: float, w_max: float, w_power: float, clip_x0: bool, w_loss_power: float = 0.0,
-                        p_null_negative: float = 1.0) -> Callable[[int], Callable[[int], tuple[np.ndarray, ...]]]:
+                        p_null_negative: float = 1.0, w0_share: float = 0.0
+                        ) -> Callable[[int], Callable[[int], tuple[np.ndarray, ...]]]:
     """start_step -> step -> (z_t, t, y, w, y_neg, target, weight) for :func:`teacher.objective.regression_loss`.
 
     t is drawn on the N-step grid the sampler uses; all randomness comes from
     ``default_rng((seed, 3, round, step))``, so a resumed round replays the same batches.
     Under data parallelism each rank runs the teacher on its own slice of the global batch only.
     Each example's loss is weighted by ``(1 + w) ** -w_loss_power``, and its negative class drawn
-    (:func:`student.distill.sample_negative`), as in stage one.
+    (:func:`student.distill.sample_negative`), as in stage one. With ``w0_share`` > 0 each example's w is
+    set to exactly ``w_min`` with that probability (drawn after everything else, so a share of 0 leaves
+    the batches of earlier versions unchanged).
     """
     check_w_range(w_min, w_max, w_power)
     check_w_loss_power(w_loss_power)
+    w0_share = check_w0_share(w0_share)
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
         draw = step_batches(data, batch_size, seed, start, 3, round_index, share=data_share())
@@ -115,6 +137,8 @@ def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_
             w = sample_w(rng, b, w_min, w_max, w_power)
             eps = rng.standard_normal(x.shape).astype(np.float32)
             y_neg = sample_negative(rng, y, data.num_classes, p_null_negative)
+            if w0_share > 0:
+                w = np.where(rng.uniform(0.0, 1.0, b) < w0_share, np.float32(w_min), w).astype(np.float32)
             x, y, i, w, eps, y_neg = shard((x, y, i, w, eps, y_neg), batch_size)  # this rank's slice (data parallel)
             times = dm.progressive_times(num_steps, i)
             a_t, s_t = dm.grid_alpha_sigma(schedule, times[0])
@@ -157,6 +181,7 @@ def round_meta(source_meta: dict[str, Any], num_steps: int, round_index: int, te
                  "teacher_checkpoint": str(teacher_path), "source_digest": str(source_digest),
                  "loss": str(p.loss), "clip_x0": bool(p.clip_x0),
                  "first_teacher": first, "round_w_power": w_power, "round_w_loss_power": w_loss_power,
+                 "round_w0_share": float(p.get("w0_share", 0.0)),
                  "provenance": provenance.record(cfg, "progressive", inputs)})
     return meta
 

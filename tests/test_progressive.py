@@ -19,7 +19,7 @@ from distill.core.sampling import SamplerSettings, jit_predictor, step_times
 from student.loading import load_student
 from student.model import student_from_teacher
 from distill.jobs.progressive import run_progressive
-from student.progressive import progressive_batches, round_plan
+from student.progressive import progressive_batches, round_plan, round_steps
 from teacher.guidance import ConditionalPrediction
 from teacher.unet import UNet, UNetConfig
 
@@ -288,3 +288,44 @@ def test_first_round_can_learn_from_the_two_pass_teacher(tiny_run: Path, tmp_pat
     a = load_checkpoint(tmp_path / "progressive" / "steps_2" / "checkpoint.safetensors")[0]
     b = load_checkpoint(tiny_run / "progressive" / "steps_2" / "checkpoint.safetensors")[0]
     assert any(not np.array_equal(a[k], b[k]) for k in a if k.startswith("net."))
+
+
+def test_round_steps_per_round() -> None:
+    """round_steps gives each round its own budget in round order; rounds past its end (or all, when
+    null) train progressive.train.steps; entries must be integers >= 1."""
+    assert round_steps({"round_steps": None}, [8, 4], 500) == [500, 500]
+    assert round_steps({"round_steps": [300, 700]}, [8, 4], 500) == [300, 700]
+    assert round_steps({"round_steps": [300, 700]}, [8, 4, 2], 500) == [300, 700, 500]
+    assert round_steps({"round_steps": [300, 700]}, [4], 20) == [300]
+    for bad in ([300, 0], [300, 1.5], [True]):
+        with pytest.raises(UserError, match="round_steps .* must be training steps per round"):
+            round_steps({"round_steps": bad}, [8, 4], 500)
+
+
+def test_w0_share_puts_that_share_of_examples_at_w_min() -> None:
+    """w0_share > 0 sets about that share of the examples' w to exactly w_min and leaves the other
+    examples' draws alone; 0 gives the batches of before the option (no extra draw)."""
+    data = load_data({"name": "digits", "max_train": 256})
+    predict = jit_predictor(ConditionalPrediction(_random_student()))
+
+    def batch(share: float) -> tuple[np.ndarray, ...]:
+        return progressive_batches(data, predict, 4, 1, 128, 0, "cosine", "v", "x_snr_trunc", 0.0, 5.0, 1.5, False,
+                                   2.0, 1.0, share)(0)(0)
+
+    plain, shared = batch(0.0), batch(0.25)
+    for k in (0, 1, 2, 4):  # z_t, t, y, y_neg: the same draws
+        np.testing.assert_array_equal(plain[k], shared[k])
+    at_zero = shared[3] == 0.0
+    assert 0.1 < at_zero.mean() < 0.4 and not (plain[3] == 0.0).any()
+    np.testing.assert_array_equal(shared[3][~at_zero], plain[3][~at_zero])
+    np.testing.assert_array_equal(batch(0.0)[3], plain[3])
+    with pytest.raises(UserError, match="w0_share 1.5 must be a number in \\[0, 1\\]"):
+        batch(1.5)
+
+
+@pytest.mark.slow
+def test_round_steps_train_each_round_its_own_budget(progressive_run: Path, tmp_path: Path) -> None:
+    run = copy_run(progressive_run, tmp_path / "budgets", ("teacher", "student"))
+    _progressive(run, "progressive.min_steps=1", "progressive.round_steps=[3]")
+    assert read_meta(run / "progressive" / "steps_2" / "checkpoint.safetensors")["step"] == 3
+    assert read_meta(run / "progressive" / "steps_1" / "checkpoint.safetensors")["step"] == 4  # train.steps

@@ -198,6 +198,8 @@ class ProgressiveConfig:
     w_loss_power: Optional[float] = MISSING
     loss: str = MISSING
     clip_x0: bool = MISSING
+    w0_share: float = MISSING
+    round_steps: Optional[List[int]] = MISSING
     train: TrainConfig = MISSING
 
 

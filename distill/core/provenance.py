@@ -48,7 +48,8 @@ ADDED_KEYS: dict[str, Any] = {
     "sampler.guidance": "cfg", "sampler.guidance_lambda": 0.6, "sampler.guidance_interval": None,
     "sampler.classifier_scale": 1.0, "eval.methods": ["cfg"], "eval.cfgpp_lambdas": [0.2, 0.4, 0.6, 0.8, 1.0],
     "eval.interval": [0.17, 0.88], "eval.classifier_scales": [1.0, 2.0, 4.0, 8.0, 16.0], "cpu_threads": None,
-    "bench.single_thread_max_batch": None, "student.target": "cfg",
+    "bench.single_thread_max_batch": None, "student.target": "cfg", "progressive.w0_share": 0.0,
+    "progressive.round_steps": None,
 }
 
 
@@ -80,8 +81,9 @@ def stage_config(cfg: Any, stage: str) -> dict[str, Any]:
     """The config values that make ``stage``'s output, by dotted key.
 
     A training section's ``steps`` counts only when the learning rate depends on it (``lr_decay`` not
-    constant): with a constant schedule, a run extended to more steps is the same run, continued. A key of
-    :data:`ONLY_WHEN` counts only while its condition holds."""
+    constant): with a constant schedule, a run extended to more steps is the same run, continued. The
+    same holds for ``progressive.round_steps`` (the rounds' own step counts) under ``progressive.train``. A
+    key of :data:`ONLY_WHEN` counts only while its condition holds."""
     values: dict[str, Any] = {}
     for key in STAGE_KEYS[stage]:
         node = cfg
@@ -90,6 +92,8 @@ def stage_config(cfg: Any, stage: str) -> dict[str, Any]:
         values.update(flatten(node, key))
     for key in list(values):
         if key.endswith(NEUTRAL) or (key.endswith("train.steps") and values.get(key[:-5] + "lr_decay") == "constant"):
+            del values[key]
+        elif key == "progressive.round_steps" and values.get("progressive.train.lr_decay") == "constant":
             del values[key]
     for key, (other, value) in ONLY_WHEN.items():
         if key in values and values.get(other, ADDED_KEYS.get(other)) != value:

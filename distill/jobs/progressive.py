@@ -1,6 +1,7 @@
 """``task=progressive``: halve the one-pass student's sampling steps round by round (16 -> 8 -> 4)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -21,8 +22,9 @@ from distill.core.training import Trainer
 from distill.core.weights import copy_weights, weights_digest
 from student.distill import check_w_loss_power, check_w_range, describe_w, negative_draw
 from student.loading import load_student
-from student.progressive import (finished_round, progressive_batches, progressive_dir, round_checkpoint_path,
-                                 round_meta, round_plan, round_w_settings, source_checkpoint)
+from student.progressive import (check_w0_share, finished_round, progressive_batches, progressive_dir,
+                                 round_checkpoint_path, round_meta, round_plan, round_steps, round_w_settings,
+                                 source_checkpoint)
 from teacher.guidance import ConditionalPrediction, GuidedPrediction
 from teacher.loading import load_teacher
 from teacher.objective import regression_loss
@@ -55,15 +57,18 @@ def run_progressive(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     w_min, w_max, w_power, w_loss_power = round_w_settings(p, source_meta)
     check_w_range(w_min, w_max, w_power)
     check_w_loss_power(w_loss_power)
-    settings = build.train_settings(p.train, int(cfg.seed), bool(cfg.jit))
-    log.info("progressive: %d -> %s sampling steps, %s, %d steps per round at batch %d",
+    w0_share = check_w0_share(p.get("w0_share", 0.0))
+    base = build.train_settings(p.train, int(cfg.seed), bool(cfg.jit))
+    per_round = [dataclasses.replace(base, steps=n) for n in round_steps(p, plan, base.steps)]
+    log.info("progressive: %d -> %s sampling steps, %s%s, %s steps per round at batch %d",
              int(p.start_steps), " -> ".join(map(str, plan)),
-             describe_w(w_min, w_max, w_power) + f", loss x (1 + w)^-{w_loss_power:g}", settings.steps,
-             settings.batch_size)
+             describe_w(w_min, w_max, w_power) + f", loss x (1 + w)^-{w_loss_power:g}",
+             f", {w0_share:g} of the examples at w = {w_min:g}" if w0_share else "",
+             " / ".join(str(s.steps) for s in per_round), base.batch_size)
     restart = build.restart(cfg, follow_inputs)
     rounds: list[dict[str, Any]] = []
     teacher_path = source
-    for round_index, num_steps in enumerate(plan, start=1):
+    for round_index, (num_steps, settings) in enumerate(zip(plan, per_round), start=1):
         path = round_checkpoint_path(cfg, num_steps)
         entry: dict[str, Any] = {"round": round_index, "steps": num_steps, "teacher_steps": 2 * num_steps,
                                  "teacher": str(teacher_path), "checkpoint": str(path)}
@@ -112,7 +117,7 @@ def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_met
     factory = progressive_batches(
         data, predict, num_steps, round_index, settings.batch_size, settings.seed, str(cfg.diffusion.schedule),
         str(cfg.diffusion.prediction), str(p.loss), w_min, w_max, w_power, bool(p.clip_x0), w_loss_power,
-        negative_draw(source_meta))
+        negative_draw(source_meta), check_w0_share(p.get("w0_share", 0.0)))
     out = round_checkpoint_path(cfg, num_steps).parent
     trainer = Trainer(student, ema, regression_loss, factory, settings, out, meta, writer)
     trainer.try_resume(restart)
