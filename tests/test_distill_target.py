@@ -201,7 +201,8 @@ def test_interval_targets_from_shards_equal_online_targets_and_the_student_recor
     # CFG and interval samples are too alike to tell apart by FD)
     from distill.jobs.evaluate import run_evaluate
 
-    report = run_evaluate(compose_cfg(run, *target, "eval.ws=[0.0,2.0]", "eval.num_samples=20",
+    report = run_evaluate(compose_cfg(run, *target, "negative_phase.enabled=false", "eval.ws=[0.0,2.0]",
+                                      "eval.num_samples=20",
                                       "eval.progressive=false", "eval.negative_classes=[]",
                                       "eval.methods=[cfg,interval]", "eval.interval=[0.3,0.7]"))
     assert report["student_target"] == {"target": "interval", "interval": [0.3, 0.7], "teacher_interval": [0.3, 0.7]}
