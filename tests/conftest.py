@@ -8,7 +8,7 @@ import signal
 import shutil
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
@@ -19,6 +19,9 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from distill.core.config import register  # noqa: E402
+
+if TYPE_CHECKING:
+    from teacher.unet import UNet
 
 register()  # the schemas the YAML files name (also stored when Hydra imports distill.conf)
 
@@ -87,6 +90,52 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_distill(cfg)
     run_progressive(cfg)
     return run_dir
+
+
+def random_teacher(seed: int = 0, attention: bool = False) -> UNet:
+    """A tiny CFG teacher with random weights throughout: a new UNet's output layer starts at zero, which
+    would make its conditional and unconditional outputs agree and guidance meaningless. MindSpore's
+    global seed is set first, so the weights do not depend on the tests run before."""
+    import mindspore as ms
+    import numpy as np
+    from teacher.unet import UNet, UNetConfig
+
+    ms.set_seed(seed)
+    teacher = UNet(UNetConfig(channels=8, channel_mult=(1, 2), groups=4, attention=attention, image_size=8,
+                              num_classes=10))
+    rng = np.random.default_rng(seed)
+    for p in teacher.trainable_params():
+        p.set_data(ms.Tensor((p.asnumpy() + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
+    return teacher
+
+
+def distillation_losses(out: Path, interval: tuple[float, float] | None = None) -> list[float]:
+    """The losses of 40 steps distilling a tiny student from :func:`random_teacher` on 64 digits, towards the
+    CFG target (or, with ``interval``, the guidance-interval target)."""
+    from distill.core.data import load_data
+    from distill.core.sampling import jit_predictor
+    from distill.core.training import Trainer, TrainSettings
+    from student.distill import distill_inputs, regression_batch, teacher_targets
+    from student.model import student_from_teacher
+    from teacher.guidance import GuidanceBranches
+    from teacher.objective import regression_loss
+    from teacher.unet import UNet
+
+    data = load_data({"name": "digits", "max_train": 64})
+    teacher = random_teacher()
+    predict = jit_predictor(GuidanceBranches(teacher))
+    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0)
+
+    def batches(start: int):
+        make = distill_inputs(data, 32, 0, start, "cosine", 0.0, 5.0)
+
+        def batch(step: int):
+            inputs = make(step)
+            return regression_batch(inputs, teacher_targets(predict, inputs, 1, interval), "x_snr_trunc", "v")
+        return batch
+
+    settings = TrainSettings(steps=40, batch_size=32, lr=3e-3, ema_decay=0.9, checkpoint_every=40, log_every=10)
+    return Trainer(student, UNet(student.config), regression_loss, batches, settings, out, {"kind": "student"}).run()
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

@@ -6,27 +6,14 @@ import numpy as np
 import mindspore as ms
 import pytest
 
-from conftest import compose_cfg
+from conftest import compose_cfg, distillation_losses, random_teacher
 from distill.core import diffusion as dm
 from distill.core.data import load_data
 from distill.core.errors import UserError
 from distill.core.provenance import differences, stage_config
-from distill.core.sampling import jit_predictor
 from distill.jobs.evaluate import common_target, model_settings
-from student.distill import distill_inputs, distill_target, regression_batch, teacher_targets
-from student.model import student_from_teacher
+from student.distill import distill_inputs, distill_target, teacher_targets
 from teacher.guidance import ConditionalPrediction, GuidanceBranches, GuidedPrediction
-from teacher.unet import UNet, UNetConfig
-
-
-def _random_teacher(seed: int = 0) -> UNet:
-    ms.set_seed(seed)
-    teacher = UNet(UNetConfig(channels=8, channel_mult=(1, 2), groups=4, attention=False, image_size=8,
-                              num_classes=10))
-    rng = np.random.default_rng(seed)
-    for p in teacher.trainable_params():  # cond and uncond must differ (a new UNet's output layer is zero)
-        p.set_data(ms.Tensor((p.asnumpy() + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
-    return teacher
 
 
 def test_interval_target_is_guided_inside_and_conditional_outside() -> None:
@@ -56,7 +43,7 @@ def test_an_interval_covering_all_times_is_the_cfg_target() -> None:
 
 def test_teacher_targets_with_an_interval_follow_the_two_pass_teacher() -> None:
     data = load_data({"name": "digits", "max_train": 64})
-    teacher = _random_teacher()
+    teacher = random_teacher()
     branches = GuidanceBranches(teacher)
     z, t, y, w, y_neg, _, _ = inputs = distill_inputs(data, 32, 0, 0, "cosine", 0.0, 5.0, ws_per_input=2)(1)
     cfg_target = teacher_targets(branches, inputs, 2)
@@ -75,25 +62,7 @@ def test_teacher_targets_with_an_interval_follow_the_two_pass_teacher() -> None:
 
 @pytest.mark.slow
 def test_distillation_to_the_interval_target_loss_falls(tmp_path) -> None:
-    from distill.core.training import Trainer, TrainSettings
-    from teacher.objective import regression_loss
-
-    data = load_data({"name": "digits", "max_train": 64})
-    teacher = _random_teacher()
-    predict = jit_predictor(GuidanceBranches(teacher))
-    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0)
-
-    def batches(start: int):
-        make = distill_inputs(data, 32, 0, start, "cosine", 0.0, 5.0)
-
-        def batch(step: int):
-            inputs = make(step)
-            return regression_batch(inputs, teacher_targets(predict, inputs, 1, (0.17, 0.88)), "x_snr_trunc", "v")
-        return batch
-
-    settings = TrainSettings(steps=40, batch_size=32, lr=3e-3, ema_decay=0.9, checkpoint_every=40, log_every=10)
-    losses = Trainer(student, UNet(student.config), regression_loss, batches, settings, tmp_path,
-                     {"kind": "student"}).run()
+    losses = distillation_losses(tmp_path, (0.17, 0.88))
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import mindspore as ms
 import pytest
 
-from conftest import TINY_RUN, compose_cfg, copy_run
+from conftest import TINY_RUN, compose_cfg, copy_run, random_teacher
 from distill.core.data import load_data
 from distill.core.errors import UserError
 from distill.core.weights import load_net_state, net_state
@@ -18,18 +18,8 @@ from student.bundle import WEIGHTS, write_manifest
 from student.distill import distill_inputs, sample_negative, teacher_targets
 from student.model import student_from_teacher
 from teacher.guidance import ConditionalPrediction, GuidanceBranches, GuidedPrediction
-from teacher.unet import UNet, UNetConfig
 
 NULL = 10
-
-
-def _random_teacher(seed: int = 0) -> UNet:
-    ms.set_seed(seed)
-    teacher = UNet(UNetConfig(channels=8, channel_mult=(1, 2), groups=4, image_size=8, num_classes=10))
-    rng = np.random.default_rng(seed)
-    for p in teacher.trainable_params():  # non-trivial weights (output layers start at zero)
-        p.set_data(ms.Tensor((p.asnumpy() + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
-    return teacher
 
 
 def _inputs(n: int = 6, seed: int = 1) -> tuple[ms.Tensor, ...]:
@@ -40,7 +30,7 @@ def _inputs(n: int = 6, seed: int = 1) -> tuple[ms.Tensor, ...]:
 
 
 def test_null_negative_is_the_student_without_the_input_and_a_class_changes_it() -> None:
-    teacher = _random_teacher()
+    teacher = random_teacher(attention=True)
     plain = student_from_teacher(teacher, 8, 1000.0, class_gate=True, film=True)
     negative = student_from_teacher(teacher, 8, 1000.0, class_gate=True, film=True, negative=True)
     z, t, y, w = _inputs()
@@ -78,7 +68,7 @@ def test_negative_draw_is_null_or_another_class() -> None:
 
 def test_targets_are_the_teacher_guided_away_from_each_rows_negative_class() -> None:
     data = load_data({"name": "digits", "max_train": 64})
-    teacher = _random_teacher()
+    teacher = random_teacher(attention=True)
     inputs = distill_inputs(data, 32, 0, 0, "cosine", 0.0, 5.0, ws_per_input=2, p_null_negative=0.5)(1)
     z, t, y, w, y_neg, _, _ = inputs
     assert np.any(y_neg == NULL) and np.any(y_neg != NULL) and not np.any(y_neg == y)

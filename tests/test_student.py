@@ -5,11 +5,10 @@ import numpy as np
 import mindspore as ms
 import pytest
 
-from conftest import compose_cfg
+from conftest import compose_cfg, distillation_losses, random_teacher
 from distill.core import diffusion as dm
 from distill.core.data import load_data
 from distill.core.errors import UserError
-from distill.core.sampling import jit_predictor
 from student.distill import distill_inputs, guidance_loss_weight, regression_batch, sample_w, teacher_targets
 from distill.jobs.distill import distill_batches, run_distill
 from student.loading import load_student
@@ -50,7 +49,7 @@ def test_untrained_student_equals_teacher_conditional_prediction(class_gate: boo
 
 def test_class_gate_at_minus_one_is_the_unconditional_model() -> None:
     """gate(w) = -1 turns every class into the null class: the w = 0 target is reachable exactly."""
-    teacher = _random_teacher()
+    teacher = random_teacher()
     student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0, class_gate=True)
     bias = student.guidance_gate.fc2.bias
     bias.set_data(ms.Tensor(np.full(bias.shape, -1.0, np.float32)))
@@ -78,42 +77,14 @@ def test_x_space_weight_matches_direct_x_space_loss() -> None:
         np.testing.assert_allclose(weight * ((out_student - out_teacher) ** 2).mean(axis=(1, 2, 3)), direct, rtol=1e-5)
 
 
-def _random_teacher(seed: int = 0) -> UNet:
-    ms.set_seed(seed)  # the initial weights come from MindSpore's global random state: not from the tests run before
-    teacher = UNet(UNetConfig(channels=8, channel_mult=(1, 2), groups=4, attention=False, image_size=8,
-                              num_classes=10))
-    rng = np.random.default_rng(seed)
-    for p in teacher.trainable_params():  # cond and uncond must differ for guidance to matter
-        p.set_data(ms.Tensor((p.asnumpy() + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
-    return teacher
-
-
 def test_distillation_loss_falls(tmp_path) -> None:
-    from distill.core.training import Trainer, TrainSettings
-    from teacher.objective import regression_loss
-
-    data = load_data({"name": "digits", "max_train": 64})
-    teacher = _random_teacher()
-    predict = jit_predictor(GuidanceBranches(teacher))
-    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0)
-
-    def batches(start: int):
-        make = distill_inputs(data, 32, 0, start, "cosine", 0.0, 5.0)
-
-        def batch(step: int):
-            inputs = make(step)
-            return regression_batch(inputs, teacher_targets(predict, inputs), "x_snr_trunc", "v")
-        return batch
-
-    settings = TrainSettings(steps=40, batch_size=32, lr=3e-3, ema_decay=0.9, checkpoint_every=40, log_every=10)
-    losses = Trainer(student, UNet(student.config), regression_loss, batches, settings, tmp_path,
-                     {"kind": "student"}).run()
+    losses = distillation_losses(tmp_path)
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
 
 
 def test_ws_per_input_repeats_each_noisy_input_with_its_own_w_and_two_pass_targets() -> None:
     data = load_data({"name": "digits", "max_train": 64})
-    teacher = _random_teacher()
+    teacher = random_teacher()
     z, t, y, w, y_neg, alpha, sigma = inputs = distill_inputs(data, 32, 0, 0, "cosine", 0.0, 5.0, ws_per_input=4)(3)
     assert z.shape[0] == 32 and len(np.unique(t)) == 8 and len(np.unique(w)) == 32
     np.testing.assert_array_equal(y_neg, np.full_like(y, 10))  # no negative classes asked: the null class
