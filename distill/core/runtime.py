@@ -161,22 +161,23 @@ def check_cpu_threads(threads: Any) -> Optional[int]:
 
 
 def _set_cpu_threads_once(threads: Optional[int]) -> Optional[int]:
-    """Set the thread count of MindSpore's CPU kernels (None: MindSpore's default) and return the count in
-    force. MindSpore takes it once per process; a later set-up in the same process keeps the first value."""
+    """Set the thread count of MindSpore's CPU kernels (``threads`` as checked by :func:`check_cpu_threads`;
+    None: MindSpore's default) and return the count in force. MindSpore takes it once per process; a later
+    set-up in the same process keeps the first value."""
     if threads is None:
         return _current.cpu_threads
     import mindspore.device_context as dc
 
     try:
-        dc.cpu.op_tuning.threads_num(int(threads))
+        dc.cpu.op_tuning.threads_num(threads)
     except RuntimeError as e:
         if "repeatedly" not in str(e):
             raise
-        if _current.cpu_threads != int(threads):
+        if _current.cpu_threads != threads:
             log.warning("cpu_threads=%d not applied: MindSpore fixes its CPU thread count once per process (%s here)",
-                        int(threads), _current.cpu_threads or "MindSpore's default")
+                        threads, _current.cpu_threads or "MindSpore's default")
         return _current.cpu_threads
-    return int(threads)
+    return threads
 
 
 def _set_deterministic_once() -> None:
