@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import compose_cfg, copy_run, tensorboard_scalars
-from distill.jobs.bench import busy_warning, flop_rate, forward_flops, run_bench, speedup, spread, summarize
+from distill.core.speed import busy_warning, flop_rate, speedup, spread, summarize
+from distill.jobs.bench import run_bench
+from teacher.flops import forward_flops
 from distill.core.errors import UserError
 
 TINY_BENCH = ["bench.batch_sizes=[2]", "bench.step_counts=[2]", "bench.repeats=2",

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import compose_cfg
 from distill.core.errors import UserError
-from distill.jobs.bench import forward_flops
+from teacher.flops import forward_flops
 from teacher.unet import Attention, ResBlock, UNet, UNetConfig, count_parameters
 
 # preset -> (channels, image size, parameters as a teacher, GFLOP per forward pass as in docs/models.md,

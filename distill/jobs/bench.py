@@ -6,15 +6,13 @@ call, i.e. the compile, is timed apart), then all entries run interleaved, the o
 repeat, so machine noise hits them alike. Each timed run is one full :func:`sample` call on the same
 noise and labels. The FLOPs of one forward pass are counted from the network's layers, and a large
 matmul timed in the same process gives the machine's peak for the percentages.
-:func:`summarize`, :func:`speedup` and :func:`flop_rate` hold the math.
+The statistics and the peak are :mod:`distill.core.speed`, the FLOP count :mod:`teacher.flops`, the
+Markdown, plot and TensorBoard output :mod:`distill.jobs.bench_report`.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,101 +24,15 @@ from distill.core import build, provenance
 from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
 from distill.core.fileio import write_json, write_text
-from distill.core.report import pyplot, save_figure
 from distill.core.runtime import current
 from distill.core.sampling import Predictor, SamplerSettings, jit_predictor, sample
+from distill.core.speed import (busy_warning, flop_rate, load_average, machine_info, matmul_peak, speedup, summarize,
+                                timed)
+from distill.jobs.bench_report import markdown_report, plot, write_tensorboard
+from teacher.flops import forward_flops
 
 log = logging.getLogger(__name__)
 GRID_MODELS = ("teacher", "student")  # timed at every grid step count; may also run eager
-
-
-# ----------------------------------------------------------------------------- statistics
-def spread(values: Sequence[float]) -> dict[str, float]:
-    """Median and spread (min, max, quartiles, IQR) of a list of numbers."""
-    v = np.asarray(values, np.float64)
-    q25, med, q75 = np.percentile(v, [25, 50, 75])
-    return {"median": float(med), "min": float(v.min()), "max": float(v.max()),
-            "q25": float(q25), "q75": float(q75), "iqr": float(q75 - q25)}
-
-
-def summarize(seconds: Sequence[float], batch: int, steps: int) -> dict[str, dict[str, float]]:
-    """Per-run wall times of ``sample`` (``batch`` images, ``steps`` steps) -> per-image / per-step stats."""
-    t = np.asarray(seconds, np.float64)
-    if t.size == 0 or np.any(t <= 0) or batch < 1 or steps < 1:
-        raise ValueError("summarize needs positive timings, batch and steps")
-    return {"seconds_per_image": spread(t / batch), "images_per_s": spread(batch / t),
-            "ms_per_step": spread(1000.0 * t / steps)}
-
-
-def speedup(slow_seconds: Sequence[float], fast_seconds: Sequence[float]) -> dict[str, Any]:
-    """slow time / fast time: ratio of medians, and the spread of the per-repeat (paired) ratios."""
-    t, s = np.asarray(slow_seconds, np.float64), np.asarray(fast_seconds, np.float64)
-    return {"median_ratio": float(np.median(t) / np.median(s)), "paired": spread(t / s)}
-
-
-def flop_rate(flops_per_eval: float, evals_per_image: int, batch: int, seconds: float,
-              peaks: dict[str, float]) -> dict[str, float]:
-    """Achieved GFLOP/s of a sampler run and its percentage of each measured peak (GFLOP/s)."""
-    gflops = flops_per_eval * evals_per_image * batch / seconds / 1e9
-    return {"gflops": gflops, **{f"pct_of_{k}": 100.0 * gflops / v for k, v in peaks.items()}}
-
-
-# ----------------------------------------------------------------------------- FLOPs and peak
-def forward_flops(net: Any, image_shape: tuple[int, ...], num_classes: int) -> dict[str, float]:
-    """FLOPs (2 x multiply-adds) of one forward pass of ``net`` on ONE image, by layer type.
-
-    Counted from the layers a forward pass runs (forward hooks): convolutions, dense layers and
-    the attention matmuls; normalisation and element-wise ops are left out (a few percent).
-    """
-    import mindspore as ms
-    from mindspore import nn
-    from teacher.unet import Attention
-
-    counts: dict[str, float] = {"conv": 0.0, "dense": 0.0, "attention": 0.0}
-
-    def hook(cell: Any, inputs: Any, output: Any) -> None:
-        if isinstance(cell, nn.Conv2d):
-            kh, kw = cell.kernel_size
-            counts["conv"] += 2.0 * np.prod(output.shape) * (cell.in_channels // cell.group) * kh * kw
-        elif isinstance(cell, nn.Dense):
-            counts["dense"] += 2.0 * np.prod(output.shape) * cell.in_channels
-        elif isinstance(cell, Attention):
-            b, c, h, w = inputs[0].shape
-            counts["attention"] += 2.0 * 2 * b * (h * w) ** 2 * c  # q^T k and v attn^T
-
-    handles = [c.register_forward_hook(hook) for _, c in net.cells_and_names()
-               if isinstance(c, (nn.Conv2d, nn.Dense, Attention))]
-    try:
-        x = ms.Tensor(np.zeros((1, *image_shape), np.float32))
-        y = ms.Tensor(np.array([num_classes - 1], np.int32))
-        one = ms.Tensor(np.ones(1, np.float32))
-        net(x, one * 0.5, y, one)
-    finally:
-        for h in handles:
-            h.remove()
-    return {**counts, "total": float(sum(counts.values()))}
-
-
-def matmul_peak(n: int = 1024, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of an n x n fp32 matmul, best of ``repeats``: numpy's BLAS and MindSpore's matmul."""
-    import mindspore as ms
-    from mindspore import ops
-
-    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    ta = ms.Tensor(a)
-    runs = {"numpy_matmul": lambda: a @ a, "mindspore_matmul": lambda: ops.matmul(ta, ta).asnumpy()}
-    out = {}
-    for name, fn in runs.items():
-        fn()
-        best = min(_timed(fn) for _ in range(repeats))
-        out[name] = 2.0 * n**3 / best / 1e9
-    return out
-
-
-def _timed(fn: Any) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- config
@@ -163,30 +75,6 @@ def bench_options(b: Any) -> dict[str, Any]:
     if opts["reference_steps"] not in opts["step_counts"]:
         raise UserError(f"bench: reference_steps {opts['reference_steps']} must be one of step_counts {opts['step_counts']}")
     return opts
-
-
-def load_average() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    import mindspore
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "mindspore": mindspore.__version__, "device": device,
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
-            "load_average_1_5_15": load_average()}
-
-
-def busy_warning(machine: dict[str, Any]) -> Optional[str]:
-    """A warning when the 1-minute load average before or after exceeded the core count."""
-    cores = machine.get("cpu_count") or 1
-    loads = [la[0] for la in (machine.get("load_average_1_5_15"), machine.get("load_average_after")) if la]
-    if loads and max(loads) > cores:
-        return (f"the machine was busy (1-minute load average up to {max(loads):.1f} on {cores} cores): "
-                f"absolute timings are pessimistic, ratios of interleaved runs less so")
-    return None
 
 
 # ----------------------------------------------------------------------------- models
@@ -362,7 +250,7 @@ def time_grid(cfg: DictConfig, data: ImageData, opts: dict[str, Any], batch_size
         y_unc = uncond_labels(cfg, batch, nc)
 
         def run(e: Entry) -> float:
-            return _timed(lambda: sample(by_name[e.model].predictor, noise, labels, w, settings_of(e), y_unc, seed))
+            return timed(lambda: sample(by_name[e.model].predictor, noise, labels, w, settings_of(e), y_unc, seed))
 
         compile_s = {}
         for e in todo:  # the first call compiles (per shape and, for the loop engine, per step count)
@@ -443,91 +331,3 @@ def best_of_threads(results: list[dict[str, Any]], models: list[dict[str, Any]],
     return out
 
 
-# ----------------------------------------------------------------------------- reports
-def markdown_report(report: dict[str, Any]) -> str:
-    m, o = report["machine"], report["options"]
-    flops = {x["name"]: x["forward_flops_per_image"] for x in report["models"]}
-    peaks = "; ".join(f"{t} threads: numpy {p['numpy_matmul']:.0f} GFLOP/s, MindSpore {p['mindspore_matmul']:.0f} GFLOP/s"
-                      for t, p in report["peak_gflops_by_threads"].items())
-    lines = ["# Sampling speed: two-pass CFG teacher, one-pass student, few-step student\n",
-             f"{m['device']} / {m['platform']} / {m['cpu_count']} CPUs / MindSpore {m['mindspore']} / oneDNN ISA cap "
-             f"{m['onednn_max_cpu_isa']}; load average {m['load_average_1_5_15']} before, {m['load_average_after']} "
-             f"after. Medians of {o['repeats']} interleaved runs after {o['warmup']} warm-up runs (quartiles in "
-             f"brackets; all repeats in bench.json); compile = first call minus a warm call. Threads: MindSpore's "
-             f"CPU kernel threads (`cpu_threads`; default = MindSpore's own), one process per thread count.\n",
-             "Forward pass per image: " + ", ".join(f"{k} {v / 1e6:.1f} MFLOP" for k, v in flops.items())
-             + f". Peak of a {o['peak_matmul_size']}^2 fp32 matmul in this run ({peaks}).\n"]
-    if report.get("busy_warning"):
-        lines.append(f"**Warning: {report['busy_warning']}.**\n")
-    lines += ["| batch | threads | model | engine | steps | ms/step | images/s | GFLOP/s | % numpy peak | compile s |",
-              "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in report["results"]:
-        for e in r["entries"]:
-            ms_ = e["ms_per_step"]
-            comp = "" if e["compile_seconds"] is None else f"{e['compile_seconds']:.1f}"
-            lines.append(f"| {r['batch']} | {r['cpu_threads']} | {e['model']} | {e['engine']} | {e['steps']} | "
-                         f"{ms_['median']:.2f} [{ms_['q25']:.2f}-{ms_['q75']:.2f}] | {e['images_per_s']['median']:.1f} | "
-                         f"{e['gflops']:.1f} | {e['pct_of_numpy_matmul']:.1f} | {comp} |")
-    lines += ["", "Speed-ups (slower / faster sampler call; limit in brackets where one exists):", ""]
-    lines += _ratio_table(report["results"], lambda r: f"{r['batch']} | {r['cpu_threads']}", "batch | threads")
-    if report.get("best_threads"):
-        lines += ["", "Each entry at its fastest thread count per batch size (set `cpu_threads` to match):", ""]
-        lines += _ratio_table(report["best_threads"], lambda r: str(r["batch"]), "batch")
-        lines += ["", "Fastest thread count per batch size: " + "; ".join(
-            f"batch {r['batch']}: " + ", ".join(f"{k} {t}" for k, t in r["threads"].items()) for r in report["best_threads"])]
-    return "\n".join(lines) + "\n"
-
-
-def _ratio_table(rows: list[dict[str, Any]], head: Any, title: str) -> list[str]:
-    names = list(dict.fromkeys(k for r in rows for k in r["ratios"]))
-    out = ["| " + title + " | " + " | ".join(n.replace("_", " ") for n in names) + " |",
-           "|" + "---:|" * (title.count("|") + 1) + "---:|" * len(names)]
-    for r in rows:
-        cells = []
-        for n in names:
-            x = r["ratios"].get(n)
-            cells.append("" if x is None else f"{x['median_ratio']:.2f}x" + (f" ({x['limit']:g})" if x["limit"] else ""))
-        out.append(f"| {head(r)} | " + " | ".join(cells) + " |")
-    return out
-
-
-def plot(report: dict[str, Any], path: Path) -> Path:
-    plt = pyplot()
-    rows = report["results"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    keys = list(dict.fromkeys((e["model"], e["engine"], e["steps"], r["cpu_threads"]) for r in rows for e in r["entries"]))
-    for model, engine, steps, threads in keys:
-        pts = [(r["batch"], e["images_per_s"]["median"]) for r in rows if r["cpu_threads"] == threads
-               for e in r["entries"] if (e["model"], e["engine"], e["steps"]) == (model, engine, steps)]
-        ax1.plot(*zip(*pts), ("o" if engine == "eager" else "s") + ("--" if threads == "1" else "-"),
-                 label=f"{model} {engine} {steps} steps, {threads} threads")
-    ax1.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s", title="Throughput")
-    ax1.legend(fontsize=6)
-    best = report.get("best_threads") or rows
-    batches = [r["batch"] for r in best]
-    names = list(dict.fromkeys(k for r in best for k in r["ratios"]))
-    width = 0.8 / max(1, len(names))
-    for k, name in enumerate(names):
-        vals = [r["ratios"].get(name, {}).get("median_ratio", np.nan) for r in best]
-        ax2.bar(np.arange(len(batches)) + (k - (len(names) - 1) / 2) * width, vals, width, label=name.replace("_", " "))
-    ax2.axhline(1.0, color="gray", lw=0.8)
-    ax2.set(xticks=np.arange(len(batches)), xticklabels=[str(b) for b in batches], xlabel="batch size",
-            ylabel="speed-up", title="Speed-ups" + (" (each entry at its fastest thread count)"
-                                                   if report.get("best_threads") else ""))
-    ax2.legend(fontsize=7)
-    return save_figure(fig, path, dpi=110)
-
-
-def write_tensorboard(report: dict[str, Any], tb_dir: Path) -> None:
-    from tensorboardX import SummaryWriter
-
-    writer = SummaryWriter(str(tb_dir))
-    for r in report["results"]:  # x axis = batch size, one curve per entry and ratio (and thread count)
-        tag = "" if r["cpu_threads"] == "default" else f"_threads{r['cpu_threads']}"
-        for e in r["entries"]:
-            for key in ("images_per_s", "ms_per_step"):
-                writer.add_scalar(f"bench/{key}/{e['model']}_{e['engine']}_steps{e['steps']}{tag}", e[key]["median"],
-                                  r["batch"])
-        for name, x in r["ratios"].items():
-            writer.add_scalar(f"bench/speedup/{name}{tag}", x["median_ratio"], r["batch"])
-    writer.close()

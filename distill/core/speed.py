@@ -1,0 +1,90 @@
+"""Speed measurement: timing statistics, speed-ups, achieved GFLOP/s against a matmul peak measured on
+the same machine, and what the machine was doing (load average) while it was measured.
+
+Pure functions of timings except :func:`matmul_peak` and the machine readers; ``task=bench`` uses them.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median and spread (min, max, quartiles, IQR) of a list of numbers."""
+    v = np.asarray(values, np.float64)
+    q25, med, q75 = np.percentile(v, [25, 50, 75])
+    return {"median": float(med), "min": float(v.min()), "max": float(v.max()),
+            "q25": float(q25), "q75": float(q75), "iqr": float(q75 - q25)}
+
+
+def summarize(seconds: Sequence[float], batch: int, steps: int) -> dict[str, dict[str, float]]:
+    """Per-run wall times of ``sample`` (``batch`` images, ``steps`` steps) -> per-image / per-step stats."""
+    t = np.asarray(seconds, np.float64)
+    if t.size == 0 or np.any(t <= 0) or batch < 1 or steps < 1:
+        raise ValueError("summarize needs positive timings, batch and steps")
+    return {"seconds_per_image": spread(t / batch), "images_per_s": spread(batch / t),
+            "ms_per_step": spread(1000.0 * t / steps)}
+
+
+def speedup(slow_seconds: Sequence[float], fast_seconds: Sequence[float]) -> dict[str, Any]:
+    """slow time / fast time: ratio of medians, and the spread of the per-repeat (paired) ratios."""
+    t, s = np.asarray(slow_seconds, np.float64), np.asarray(fast_seconds, np.float64)
+    return {"median_ratio": float(np.median(t) / np.median(s)), "paired": spread(t / s)}
+
+
+def flop_rate(flops_per_eval: float, evals_per_image: int, batch: int, seconds: float,
+              peaks: dict[str, float]) -> dict[str, float]:
+    """Achieved GFLOP/s of a sampler run and its percentage of each measured peak (GFLOP/s)."""
+    gflops = flops_per_eval * evals_per_image * batch / seconds / 1e9
+    return {"gflops": gflops, **{f"pct_of_{k}": 100.0 * gflops / v for k, v in peaks.items()}}
+
+
+def matmul_peak(n: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of an n x n fp32 matmul, best of ``repeats``: numpy's BLAS and MindSpore's matmul."""
+    import mindspore as ms
+    from mindspore import ops
+
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    ta = ms.Tensor(a)
+    runs = {"numpy_matmul": lambda: a @ a, "mindspore_matmul": lambda: ops.matmul(ta, ta).asnumpy()}
+    out = {}
+    for name, fn in runs.items():
+        fn()
+        best = min(timed(fn) for _ in range(repeats))
+        out[name] = 2.0 * n**3 / best / 1e9
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall seconds of one call of ``fn``."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def load_average() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    import mindspore
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "mindspore": mindspore.__version__, "device": device,
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+            "load_average_1_5_15": load_average()}
+
+
+def busy_warning(machine: dict[str, Any]) -> Optional[str]:
+    """A warning when the 1-minute load average before or after exceeded the core count."""
+    cores = machine.get("cpu_count") or 1
+    loads = [la[0] for la in (machine.get("load_average_1_5_15"), machine.get("load_average_after")) if la]
+    if loads and max(loads) > cores:
+        return (f"the machine was busy (1-minute load average up to {max(loads):.1f} on {cores} cores): "
+                f"absolute timings are pessimistic, ratios of interleaved runs less so")
+    return None
