@@ -13,7 +13,8 @@ from distill.core import build, provenance
 from distill.core.data import load_data
 from distill.core.fileio import write_json
 from distill.core.runtime import is_main
-from distill.core.training import CHECKPOINT_NAME, Trainer
+from distill.core.training import CHECKPOINT_NAME
+from distill.jobs.training_run import resumed_trainer, run_and_summarise
 from teacher.loading import classifier_checkpoint_path, classifier_config, classifier_meta, load_noisy_classifier
 from teacher.noisy_classifier import NoisyClassifier, classifier_batch_maker, classifier_loss, noisy_accuracy
 from teacher.unet import count_parameters
@@ -28,8 +29,6 @@ def run_classifier(cfg: DictConfig) -> Path:
         load_noisy_classifier(cfg, data)  # validates; nothing to train
         log.info("using the trained noise-aware classifier at %s", cfg.classifier.checkpoint)
         return classifier_checkpoint_path(cfg)
-    from tensorboardX import SummaryWriter
-
     out = build.run_dir(cfg) / "classifier"
     ccfg = classifier_config(cfg.classifier, data)
     net, ema = NoisyClassifier(ccfg), NoisyClassifier(ccfg)
@@ -38,15 +37,13 @@ def run_classifier(cfg: DictConfig) -> Path:
     def batches(start: int):
         return classifier_batch_maker(data, settings.batch_size, settings.seed, start, str(cfg.diffusion.schedule))
 
-    writer = SummaryWriter(str(build.run_dir(cfg) / "tb")) if is_main() else None
-    trainer = Trainer(net, ema, classifier_loss, batches, settings, out, classifier_meta(ccfg, cfg, data), writer)
-    trainer.try_resume(build.restart(cfg))
+    trainer = resumed_trainer(cfg, net, ema, classifier_loss, batches, settings, out, classifier_meta(ccfg, cfg, data),
+                              build.restart(cfg))
     log.info("classifier: %d parameters, %d steps at batch %d", count_parameters(net), settings.steps,
              settings.batch_size)
-    trainer.run()
-    if writer is None:
+    run_and_summarise(trainer, "classifier")
+    if not is_main():
         return out / CHECKPOINT_NAME
-    writer.close()
     ema.set_train(False)
     made_of = provenance.record(cfg, "classifier_check", {"classifier": provenance.file_digest(out / CHECKPOINT_NAME)})
     if not provenance.is_fresh(provenance.read_recorded(out / "report.json"), made_of):

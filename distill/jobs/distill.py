@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 from omegaconf import DictConfig
 
 from distill.core import build
-from distill.core.fileio import write_json
 from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
-from distill.core.runtime import data_share, is_main, local_batch_size, shard
+from distill.core.runtime import data_share, local_batch_size, shard
 from distill.core.sampling import jit_predictor
-from distill.core.training import CHECKPOINT_NAME, Trainer
+from distill.core.training import CHECKPOINT_NAME
+from distill.jobs.training_run import resumed_trainer, run_and_summarise
 from student.distill import (check_p_null_negative, check_w_loss_power, check_w_range, check_ws_per_input,
                              describe_target, describe_w, distill_inputs, distill_target, negative_draw,
                              regression_batch, teacher_targets, w_distribution)
@@ -78,8 +77,6 @@ def online_batches(cfg: DictConfig, data: ImageData, teacher: UNet, batch_size: 
 def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     """Train the student in <run>/student, resuming a checkpoint made with the same settings and inputs
     (``restart=true``, or ``follow_inputs`` when only the inputs changed: train it again)."""
-    from tensorboardX import SummaryWriter
-
     s = cfg.student
     check_w_range(*w_distribution(s))
     check_w_loss_power(float(s.w_loss_power))
@@ -93,33 +90,14 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
                                    bool(s.negative))
     ema = UNet(student.config)
     settings = build.train_settings(s.train, int(cfg.seed), bool(cfg.jit))
-    writer = SummaryWriter(str(build.run_dir(cfg) / "tb")) if is_main() else None  # rank 0 writes
-    meta = student_meta(student.config, cfg, data)
-    trainer = Trainer(student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out, meta, writer)
-    trainer.try_resume(build.restart(cfg, follow_inputs))
+    trainer = resumed_trainer(cfg, student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out,
+                              student_meta(student.config, cfg, data), build.restart(cfg, follow_inputs))
     log.info("distill: %s targets (%s), %s, loss %s x (1 + w)^-%g, %d steps at batch %d (%d inputs x %d w), %s",
              s.targets, describe_target(*target), describe_w(*w_distribution(s)), s.loss, float(s.w_loss_power),
              settings.steps, settings.batch_size,
              settings.batch_size // s.ws_per_input, s.ws_per_input,
              f"negative class null with p={negative_draw(s):g}, else another class" if s.negative
              else "no negative-class input")
-    run_and_summarise(trainer, writer, "distill", str(s.targets))
+    run_and_summarise(trainer, "distill", targets=str(s.targets))
     return out / CHECKPOINT_NAME
 
-
-def run_and_summarise(trainer: Trainer, writer: Any, name: str, targets: str) -> None:
-    """Run ``trainer``, close ``writer``, and (when it trained) write ``train_summary.json`` in its folder:
-    steps, seconds, first and last loss."""
-    start_step, t0 = trainer.step, time.perf_counter()
-    losses = trainer.run()
-    seconds = time.perf_counter() - t0
-    if writer is not None:
-        writer.close()
-    if trainer.step > start_step and is_main():
-        ran = trainer.step - start_step
-        summary = {"provenance": trainer.meta["provenance"], "steps": trainer.step, "targets": targets,
-                   "seconds": round(seconds, 1), "seconds_per_step": round(seconds / ran, 4),
-                   "first_loss": losses[0], "last_loss": losses[-1]}
-        write_json(trainer.out_dir / "train_summary.json", summary)
-        log.info("%s: %d steps in %.1f s (%.3f s/step, %s targets), loss %.4g -> %.4g", name, ran, seconds,
-                 seconds / ran, targets, float(np.mean(losses[:20])), float(np.mean(losses[-20:])))

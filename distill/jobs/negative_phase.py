@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 from distill.core import build
 from distill.core.data import load_data
 from distill.core.errors import UserError
-from distill.core.runtime import is_main
-from distill.core.training import CHECKPOINT_NAME, Trainer
-from distill.jobs.distill import online_batches, run_and_summarise
+from distill.core.training import CHECKPOINT_NAME
+from distill.jobs.distill import online_batches
+from distill.jobs.training_run import resumed_trainer, run_and_summarise
 from student.distill import describe_w, w_distribution
 from student.loading import load_student, negative_phase_checkpoint_path, negative_phase_meta
 from student.model import is_negative_path, negative_phase_student
@@ -40,8 +40,6 @@ def check_negative_phase(cfg: DictConfig) -> None:
 def run_negative_phase(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     """Train the negative path in <run>/student_negative, resuming a checkpoint made with the same settings and
     inputs (``restart=true``, or ``follow_inputs`` when only the inputs changed: train it again)."""
-    from tensorboardX import SummaryWriter
-
     check_negative_phase(cfg)
     data = load_data(cfg.data)
     teacher = load_teacher(cfg, data)
@@ -50,14 +48,12 @@ def run_negative_phase(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     ema = UNet(student.config)
     out = negative_phase_checkpoint_path(cfg).parent
     settings = build.train_settings(cfg.negative_phase.train, int(cfg.seed), bool(cfg.jit))
-    writer = SummaryWriter(str(build.run_dir(cfg) / "tb")) if is_main() else None
-    meta = negative_phase_meta(student.config, cfg, data)
-    trainer = Trainer(student, ema, regression_loss, online_batches(cfg, data, teacher, settings.batch_size, 0.0),
-                      settings, out, meta, writer, only=is_negative_path)
-    trainer.try_resume(build.restart(cfg, follow_inputs))
+    trainer = resumed_trainer(cfg, student, ema, regression_loss, online_batches(cfg, data, teacher, settings.batch_size, 0.0),
+                              settings, out, negative_phase_meta(student.config, cfg, data),
+                              build.restart(cfg, follow_inputs), only=is_negative_path)
     trained = sum(int(p.size) for name, p in student.parameters_and_names() if is_negative_path(name))
     log.info("negative_phase: %d of %d parameters trained (the negative path), the rest frozen; %s, %d steps at "
              "batch %d, a class other than the label as every example's negative", trained,
              count_parameters(student), describe_w(*w_distribution(cfg.student)), settings.steps, settings.batch_size)
-    run_and_summarise(trainer, writer, "negative_phase", "online")
+    run_and_summarise(trainer, "negative_phase", targets="online")
     return out / CHECKPOINT_NAME

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from distill.core.fileio import write_json
 from distill.core.provenance import Restart
 from distill.core.runtime import is_main
 from distill.core.sampling import jit_predictor
-from distill.core.training import Trainer
 from distill.core.weights import copy_weights, weights_digest
 from student.distill import check_w_loss_power, check_w_range, describe_w, negative_draw
 from student.loading import load_student
@@ -27,6 +25,7 @@ from student.progressive import (check_w0_share, finished_round, progressive_bat
                                  source_checkpoint)
 from teacher.guidance import ConditionalPrediction, GuidedPrediction
 from teacher.loading import load_teacher
+from distill.jobs.training_run import resumed_trainer, run_and_summarise
 from teacher.objective import regression_loss
 from teacher.unet import UNet
 
@@ -37,8 +36,6 @@ def run_progressive(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     """Train the rounds that are not finished; returns the last round's checkpoint. A round made with other
     settings or inputs is refused, or trained again (``restart=true``; ``follow_inputs``: when only its
     inputs changed, as in the pipeline)."""
-    from tensorboardX import SummaryWriter
-
     p = cfg.progressive
     plan = round_plan(int(p.start_steps), int(p.min_steps))
     first_teacher(p)
@@ -79,9 +76,8 @@ def run_progressive(cfg: DictConfig, follow_inputs: bool = False) -> Path:
             rounds.append(dict(entry, status="skipped"))
             teacher_path = path
             continue
-        writer = SummaryWriter(str(build.run_dir(cfg) / "tb" / f"progressive_steps_{num_steps}")) if is_main() else None
         entry.update(train_round(cfg, data, teacher_path, source_meta, meta, num_steps, round_index, settings,
-                                 restart, writer))
+                                 restart))
         rounds.append(entry)
         teacher_path = path
     out = progressive_dir(cfg)
@@ -101,8 +97,8 @@ def first_teacher(p: DictConfig) -> str:
 
 
 def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_meta: dict[str, Any],
-                meta: dict[str, Any], num_steps: int, round_index: int, settings: Any, restart: Restart,
-                writer: Any) -> dict[str, Any]:
+                meta: dict[str, Any], num_steps: int, round_index: int, settings: Any, restart: Restart
+                ) -> dict[str, Any]:
     """One round: a copy of the teacher learns two teacher DDIM steps as one, on the N-step grid."""
     p = cfg.progressive
     teacher, _ = load_student(cfg, data, teacher_path)
@@ -119,21 +115,10 @@ def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_met
         str(cfg.diffusion.prediction), str(p.loss), w_min, w_max, w_power, bool(p.clip_x0), w_loss_power,
         negative_draw(source_meta), check_w0_share(p.get("w0_share", 0.0)))
     out = round_checkpoint_path(cfg, num_steps).parent
-    trainer = Trainer(student, ema, regression_loss, factory, settings, out, meta, writer)
-    trainer.try_resume(restart)
+    trainer = resumed_trainer(cfg, student, ema, regression_loss, factory, settings, out, meta, restart,
+                              tb_name=f"progressive_steps_{num_steps}")
     log.info("progressive: round %d, %d -> %d sampling steps, from step %d of %d", round_index, 2 * num_steps,
              num_steps, trainer.step, settings.steps)
-    start_step, t0 = trainer.step, time.perf_counter()
-    losses = trainer.run()
-    seconds = time.perf_counter() - t0
-    if writer is not None:
-        writer.close()
-    ran = trainer.step - start_step
-    result = {"status": "trained", "trained_steps": ran, "seconds": round(seconds, 1),
-              "seconds_per_step": round(seconds / max(ran, 1), 4),
-              "first_loss": float(np.mean(losses[:20])), "last_loss": float(np.mean(losses[-20:]))}
-    if is_main():
-        write_json(out / "train_summary.json", result)
-    log.info("progressive: round %d done, %d steps in %.1f s, loss %.4g -> %.4g", round_index, ran, seconds,
-             result["first_loss"], result["last_loss"])
-    return result
+    summary = run_and_summarise(trainer, f"progressive: round {round_index}")
+    # rounds.json's "steps" are the round's sampling steps, not the training steps of the summary
+    return {"status": "trained", **{k: v for k, v in summary.items() if k not in ("provenance", "steps")}}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,8 @@ from distill.core.images import save_grid_png, save_samples_npz
 from distill.core.runtime import current, data_share, is_main, main_decides
 from distill.jobs.common import guided_samples
 from distill.core.sampling import jit_predictor
-from distill.core.training import CHECKPOINT_NAME, Trainer
+from distill.core.training import CHECKPOINT_NAME
+from distill.jobs.training_run import resumed_trainer, run_and_summarise
 from teacher.loading import (classifier_checkpoint_path, load_teacher, teacher_checkpoint_path, teacher_meta,
                              unet_config)
 from teacher.objective import regression_loss, teacher_batch_maker
@@ -33,8 +33,6 @@ def run_teacher(cfg: DictConfig, follow_inputs: bool = False) -> Path:
         load_teacher(cfg, data)  # validates; nothing to train
         log.info("using the trained teacher at %s", cfg.teacher.checkpoint)
         return teacher_checkpoint_path(cfg)
-    from tensorboardX import SummaryWriter
-
     out = build.run_dir(cfg) / "teacher"
     ucfg = unet_config(cfg.model, data)
     net, ema = UNet(ucfg), UNet(ucfg)
@@ -45,14 +43,12 @@ def run_teacher(cfg: DictConfig, follow_inputs: bool = False) -> Path:
         return teacher_batch_maker(data, settings.batch_size, settings.seed, start, cfg.diffusion.schedule,
                                    cfg.diffusion.prediction, p_uncond, data_share())
 
-    writer = SummaryWriter(str(build.run_dir(cfg) / "tb")) if is_main() else None  # rank 0 writes
-    trainer = Trainer(net, ema, regression_loss, batches, settings, out, teacher_meta(ucfg, cfg, data), writer)
-    trainer.try_resume(build.restart(cfg, follow_inputs))
+    trainer = resumed_trainer(cfg, net, ema, regression_loss, batches, settings, out, teacher_meta(ucfg, cfg, data),
+                              build.restart(cfg, follow_inputs))
     log.info("teacher: %d parameters, %d train images %s, %d steps at batch %d",
              count_parameters(net), len(data.train_images), data.image_shape, settings.steps, settings.batch_size)
-    t0 = time.perf_counter()
-    trainer.run()
-    train_seconds = time.perf_counter() - t0
+    train_seconds = run_and_summarise(trainer, "teacher", keep_writer=True).get("seconds", 0.0)
+    writer = trainer.writer  # rank 0's; it also takes the check's scalars
     ema.set_train(False)
     # again whenever the teacher or the check's settings changed; rank 0 (which holds the files) decides and
     # every worker draws its share of the samples
