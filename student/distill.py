@@ -110,10 +110,22 @@ def distill_target(source: Mapping[str, Any]) -> tuple[str, Optional[tuple[float
     return target, dm.check_interval(list(interval), "student.interval")
 
 
-def describe_target(target: str, interval: Optional[tuple[float, float]]) -> str:
-    """The target in words, for logs and the model card."""
+def input_interval(source: Mapping[str, Any]) -> Optional[tuple[float, float]]:
+    """The guidance interval the student's w *input* follows, from the ``student`` config or a student
+    checkpoint's meta, or None (w at every t). With ``target=interval`` and ``interval_input`` (the default) the
+    student is trained and sampled at the interval teacher's effective weight, w inside and 1 outside
+    (:func:`distill.core.diffusion.effective_w`), so the switch at the interval's edges is in its input, not
+    learnt in t. Interval students from before the option (no ``interval_input`` in their meta) took w at
+    every t: they stay sampled that way."""
+    target, interval = distill_target(source)
+    return interval if target == "interval" and bool(source.get("interval_input", False)) else None
+
+
+def describe_target(target: str, interval: Optional[tuple[float, float]], w_input: bool = False) -> str:
+    """The target in words, for logs and the model card (``w_input``: the student takes the effective w)."""
     if target == "interval":
-        return f"CFG inside t in [{interval[0]:g}, {interval[1]:g}], the conditional output outside"
+        return (f"CFG inside t in [{interval[0]:g}, {interval[1]:g}], the conditional output outside"
+                + (" (the student's w input 1 there)" if w_input else ""))
     return "CFG at every t"
 
 
@@ -126,14 +138,16 @@ def check_ws_per_input(ws_per_input: int, batch_size: int) -> None:
 
 def distill_inputs(data: ImageData, batch_size: int, seed: int, start_step: int, schedule: str,
                    w_min: float, w_max: float, power: float = 1.0,
-                   ws_per_input: int = 1, p_null_negative: float = 1.0, share: Optional[tuple[int, int]] = None
-                   ) -> Callable[[int], tuple[np.ndarray, ...]]:
+                   ws_per_input: int = 1, p_null_negative: float = 1.0, share: Optional[tuple[int, int]] = None,
+                   w_interval: Optional[tuple[float, float]] = None) -> Callable[[int], tuple[np.ndarray, ...]]:
     """step -> (z_t, t, y, w, y_neg, alpha, sigma): the inputs of one distillation step, on the host.
 
     With ``ws_per_input`` k > 1 the batch is ``batch_size / k`` noisy inputs (x, y, y_neg, t, noise), each
     repeated in k adjacent rows with its own w: the teacher then runs once per input
     (:func:`teacher_targets`) and the student sees how its target moves with w alone. ``share``: read only
-    this rank's rows of a streamed batch (for a caller that keeps this rank's slice).
+    this rank's rows of a streamed batch (for a caller that keeps this rank's slice). ``w_interval``
+    (:func:`input_interval`): each row's w is its effective w, 1 where its t lies outside that interval (drawn
+    as before, then replaced: the rest of the batch is unchanged).
     """
     check_w_range(w_min, w_max, power)
     check_ws_per_input(ws_per_input, batch_size)
@@ -149,7 +163,7 @@ def distill_inputs(data: ImageData, batch_size: int, seed: int, start_step: int,
         y_neg = sample_negative(rng, y, data.num_classes, p_null_negative)  # drawn last: the rest stays as before
         z, alpha, sigma = dm.noisy_at(schedule, x, eps, t)
         z, t, y, y_neg, alpha, sigma = (np.repeat(a, k, axis=0) for a in (z, t, y, y_neg, alpha, sigma))
-        return z, t, y.astype(np.int32), w, y_neg, alpha, sigma
+        return z, t, y.astype(np.int32), dm.effective_w(w, t, w_interval), y_neg, alpha, sigma
 
     return make
 

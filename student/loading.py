@@ -11,7 +11,7 @@ from distill.core.checkpoint import CHECKPOINT_NAME, read_meta
 from distill.core.data import ImageData
 from distill.core.errors import UserError
 from distill.core.weights import load_ema_weights
-from student.distill import distill_target, w_distribution
+from student.distill import distill_target, input_interval, w_distribution
 from teacher.loading import teacher_checkpoint_path
 from teacher.unet import UNet, UNetConfig
 
@@ -41,6 +41,7 @@ def student_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str
             "w_loss_power": float(s.w_loss_power), "ws_per_input": int(s.ws_per_input),
             "negative": bool(s.negative), "p_null_negative": float(s.p_null_negative),
             "target": target, **({"interval": list(interval)} if interval is not None else {}),
+            **({"interval_input": True} if input_interval(s) is not None else {}),
             "data": str(cfg.data.name), "class_names": list(data.class_names),
             "provenance": provenance.record(cfg, "student", {
                 "data": provenance.data_digest(data),

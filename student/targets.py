@@ -22,7 +22,7 @@ from distill.core import build
 from distill.core.checkpoint import load_checkpoint
 from distill.core.fileio import sha256, write_json
 from distill.core.errors import UserError
-from student.distill import distill_target, negative_draw, w_distribution
+from student.distill import distill_target, input_interval, negative_draw, w_distribution
 from teacher.loading import teacher_checkpoint_path
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,9 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
             # only when set, so shards made before the option existed still match
             **({"ws_per_input": int(s.ws_per_input)} if s.get("ws_per_input", 1) != 1 else {}),
             **({"p_null_negative": negative_draw(s)} if negative_draw(s) < 1.0 else {}),
-            **({"target": target, "interval": list(interval)} if target != "cfg" else {})}
+            **({"target": target, "interval": list(interval)} if target != "cfg" else {}),
+            # only when set, so shards of interval students from before the option still match
+            **({"interval_input": True} if input_interval(s) is not None else {})}
 
 
 def shard_name(start: int, stop: int) -> str:

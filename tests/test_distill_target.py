@@ -12,7 +12,7 @@ from distill.core.data import load_data
 from distill.core.errors import UserError
 from distill.core.provenance import differences, stage_config
 from distill.jobs.evaluate import common_target, model_settings
-from student.distill import distill_inputs, distill_target, teacher_targets
+from student.distill import distill_inputs, distill_target, input_interval, teacher_targets
 from teacher.guidance import ConditionalPrediction, GuidanceBranches, GuidedPrediction
 
 
@@ -60,6 +60,32 @@ def test_teacher_targets_with_an_interval_follow_the_two_pass_teacher() -> None:
     assert np.abs(target[~inside] - cfg_target[~inside]).max() > 1e-3  # it is not the CFG target there
 
 
+def test_the_interval_students_w_input_is_1_outside_the_interval_and_w_inside(tmp_path) -> None:
+    data = load_data({"name": "digits", "max_train": 64})
+    interval = (0.3, 0.7)
+    plain = distill_inputs(data, 32, 0, 0, "cosine", 0.0, 5.0, ws_per_input=2)(1)
+    z, t, y, w, y_neg, alpha, sigma = eff = distill_inputs(data, 32, 0, 0, "cosine", 0.0, 5.0, ws_per_input=2,
+                                                           w_interval=interval)(1)
+    inside = dm.in_interval(t, interval)
+    assert inside.any() and (~inside).any()
+    np.testing.assert_array_equal(w[~inside], 1.0)  # exactly the conditional model's w
+    np.testing.assert_array_equal(w[inside], plain[3][inside])  # the drawn w itself
+    assert (plain[3][~inside] != 1.0).all()
+    for a, b in zip(eff[:3] + eff[4:], plain[:3] + plain[4:]):  # the rest of the batch is unchanged
+        np.testing.assert_array_equal(a, b)
+    # the target is still the interval teacher's: CFG at the effective w, the conditional output itself outside
+    branches = GuidanceBranches(random_teacher())
+    np.testing.assert_array_equal(teacher_targets(branches, eff, 2, interval), teacher_targets(branches, plain, 2,
+                                                                                              interval))
+    # the config's default takes the effective w with target=interval; a checkpoint from before the option does not
+    assert input_interval(compose_cfg(tmp_path, "student.target=interval").student) == (0.17, 0.88)
+    assert input_interval(compose_cfg(tmp_path, "student.target=interval", "student.interval_input=false").student) \
+        is None
+    assert input_interval(compose_cfg(tmp_path).student) is None
+    assert input_interval({"target": "interval", "interval": [0.2, 0.6]}) is None
+    assert input_interval({"target": "interval", "interval": [0.2, 0.6], "interval_input": True}) == (0.2, 0.6)
+
+
 @pytest.mark.slow
 def test_distillation_to_the_interval_target_loss_falls(tmp_path) -> None:
     losses = distillation_losses(tmp_path, (0.17, 0.88))
@@ -102,7 +128,15 @@ def test_default_target_records_still_match_and_the_interval_counts_only_for_its
     assert differences(old, {"config": moved, "inputs": {}}) == []  # the cfg student does not read the interval
     interval = stage_config(compose_cfg(tmp_path, "student.target=interval"), "student")
     assert differences(old, {"config": interval, "inputs": {}}) == [
-        "student.interval (absent) vs [0.17, 0.88]", "student.target (absent) vs interval"]
+        "student.interval (absent) vs [0.17, 0.88]", "student.interval_input (absent) vs True",
+        "student.target (absent) vs interval"]
+    # an interval student recorded before interval_input took w at every t: it matches only interval_input=false
+    before = {"config": {k: v for k, v in interval.items() if k != "student.interval_input"}, "inputs": {}}
+    assert differences(before, {"config": interval, "inputs": {}}) == ["student.interval_input (absent) vs True"]
+    w_at_every_t = stage_config(compose_cfg(tmp_path, "student.target=interval", "student.interval_input=false"),
+                                "student")
+    assert differences(before, {"config": w_at_every_t, "inputs": {}}) == []
+    assert "student.interval_input" not in stage_config(compose_cfg(tmp_path), "student")
     other = stage_config(compose_cfg(tmp_path, "student.target=interval", "eval.interval=[0.3,0.6]"), "student")
     assert differences({"config": interval, "inputs": {}}, {"config": other, "inputs": {}}) == [
         "student.interval [0.17, 0.88] vs [0.3, 0.6]"]

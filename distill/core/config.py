@@ -92,6 +92,7 @@ class StudentConfig:
     ws_per_input: int = MISSING
     target: str = MISSING
     interval: Optional[List[float]] = MISSING
+    interval_input: bool = MISSING
     loss: str = MISSING
     targets: str = MISSING
     targets_dir: Optional[str] = MISSING

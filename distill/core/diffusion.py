@@ -211,6 +211,13 @@ def in_interval(times, interval: Optional[Tuple[float, float]]) -> np.ndarray:
     return (times >= interval[0]) & (times <= interval[1])
 
 
+def effective_w(w, t, interval: Optional[Tuple[float, float]]) -> np.ndarray:
+    """The guidance weight the interval teacher applies per example: ``w`` where its time t lies in ``interval``
+    (:func:`in_interval`, the sampler's rule) and 1 (the conditional model) outside; ``w`` itself without one.
+    ``interval_guided(cond, uncond, w, t, iv)`` is CFG at ``effective_w(w, t, iv)``."""
+    return np.where(in_interval(t, interval), np.asarray(w, np.float32), np.float32(1.0)).astype(np.float32)
+
+
 def interval_guided(cond: np.ndarray, uncond: np.ndarray, w, t, interval: Optional[Tuple[float, float]]
                     ) -> np.ndarray:
     """Guidance-interval output per example: ``uncond + w * (cond - uncond)`` where the example's time t lies in

@@ -39,7 +39,8 @@ NEUTRAL = ("train.log_every", "train.checkpoint_every", "student.targets", "stud
            "publish.dir", "publish.overwrite")
 # Keys that count only while another key has a given value (key -> (that key, value)): the student's guidance
 # interval makes its targets only with student.target=interval.
-ONLY_WHEN: dict[str, tuple[str, Any]] = {"student.interval": ("student.target", "interval")}
+ONLY_WHEN: dict[str, tuple[str, Any]] = {"student.interval": ("student.target", "interval"),
+                                         "student.interval_input": ("student.target", "interval")}
 
 # Keys added to a stage after outputs were recorded without them: a record that lacks one still matches
 # when today's value is the one here, the value that makes what the record's code made (an upgrade that
@@ -49,7 +50,7 @@ ADDED_KEYS: dict[str, Any] = {
     "sampler.classifier_scale": 1.0, "eval.methods": ["cfg"], "eval.cfgpp_lambdas": [0.2, 0.4, 0.6, 0.8, 1.0],
     "eval.interval": [0.17, 0.88], "eval.classifier_scales": [1.0, 2.0, 4.0, 8.0, 16.0], "cpu_threads": None,
     "bench.single_thread_max_batch": None, "student.target": "cfg", "progressive.w0_share": 0.0,
-    "progressive.round_steps": None,
+    "progressive.round_steps": None, "student.interval_input": False,
 }
 
 

@@ -16,8 +16,8 @@ from distill.core.sampling import jit_predictor
 from distill.core.training import CHECKPOINT_NAME
 from distill.jobs.training_run import resumed_trainer, run_and_summarise
 from student.distill import (check_p_null_negative, check_w_loss_power, check_w_range, check_ws_per_input,
-                             describe_target, describe_w, distill_inputs, distill_target, negative_draw,
-                             regression_batch, teacher_targets, w_distribution)
+                             describe_target, describe_w, distill_inputs, distill_target, input_interval,
+                             negative_draw, regression_batch, teacher_targets, w_distribution)
 from student.loading import student_meta
 from student.model import student_from_teacher
 from teacher.guidance import GuidanceBranches
@@ -63,7 +63,7 @@ def online_batches(cfg: DictConfig, data: ImageData, teacher: UNet, batch_size: 
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
         make = distill_inputs(data, batch_size, int(cfg.seed), start, cfg.diffusion.schedule,
-                              *w_distribution(s), s.ws_per_input, p_null_negative, data_share())
+                              *w_distribution(s), s.ws_per_input, p_null_negative, data_share(), input_interval(s))
 
         def batch(step: int) -> tuple[np.ndarray, ...]:
             inputs = shard(make(step), batch_size)  # data parallel: targets for this rank's slice only
@@ -93,7 +93,7 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     trainer = resumed_trainer(cfg, student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out,
                               student_meta(student.config, cfg, data), build.restart(cfg, follow_inputs))
     log.info("distill: %s targets (%s), %s, loss %s x (1 + w)^-%g, %d steps at batch %d (%d inputs x %d w), %s",
-             s.targets, describe_target(*target), describe_w(*w_distribution(s)), s.loss, float(s.w_loss_power),
+             s.targets, describe_target(*target, input_interval(s) is not None), describe_w(*w_distribution(s)), s.loss, float(s.w_loss_power),
              settings.steps, settings.batch_size,
              settings.batch_size // s.ws_per_input, s.ws_per_input,
              f"negative class null with p={negative_draw(s):g}, else another class" if s.negative

@@ -23,7 +23,8 @@ from distill.core.errors import UserError
 from distill.core.fileio import clean_leftovers, sha256
 from distill.core.runtime import broadcast_from_main, current, gather_rows, is_main, my_items
 from distill.core.sampling import jit_predictor
-from student.distill import distill_inputs, distill_target, negative_draw, teacher_targets, w_distribution
+from student.distill import (distill_inputs, distill_target, input_interval, negative_draw, teacher_targets,
+                             w_distribution)
 from student.targets import (FIELDS, MANIFEST, fingerprint, read_manifest, shard_grid, shard_name, shard_ok,
                              targets_dir, write_manifest)
 from teacher.guidance import GuidanceBranches
@@ -77,7 +78,7 @@ def run_targets(cfg: DictConfig) -> Path:
         bar = tqdm(total=sum(b - a for a, b in mine), desc="targets", unit="step", mininterval=2.0)
     for start, stop in mine:
         make = distill_inputs(data, int(s.train.batch_size), int(cfg.seed), start, cfg.diffusion.schedule,
-                              *w_distribution(s), s.ws_per_input, negative_draw(s))
+                              *w_distribution(s), s.ws_per_input, negative_draw(s), w_interval=input_interval(s))
         rows = []
         for step in range(start, stop):
             inputs = make(step)
