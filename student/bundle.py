@@ -117,7 +117,9 @@ class Pretrained:
             eta=float(s["eta"]), schedule=str(d["schedule"]), prediction=str(d["prediction"]),
             w_schedule=str(w_schedule), clip_x0=bool(s["clip_x0"]),
             dynamic_threshold=None if s.get("dynamic_threshold") is None else float(s["dynamic_threshold"]),
-            engine=str(engine))
+            engine=str(engine),
+            # a student trained with w input 1 outside its guidance interval is sampled so (older bundles: none)
+            guidance_interval=tuple(s["guidance_interval"]) if s.get("guidance_interval") else None)
         settings.validate()
         return settings
 
@@ -265,7 +267,8 @@ def variant_config(config: dict[str, Any], variant: Optional[str], listed: set[s
     if entry.get("weights") not in listed:
         raise UserError(f"bundle variant {name!r}: weights {entry.get('weights')!r} are not in manifest.json")
     # a variant's own network (a phase-two student beside progressive rounds without the negative input)
-    config = dict(config, variant=name, sampler=dict(config["sampler"], num_steps=int(entry["num_steps"])),
+    config = dict(config, variant=name, sampler=dict(config["sampler"], num_steps=int(entry["num_steps"]),
+                                                     guidance_interval=entry.get("guidance_interval")),
                   model=entry.get("model", config["model"]))
     return str(entry["weights"]), config
 

@@ -15,6 +15,10 @@ def target_text(training: dict[str, Any]) -> str:
     if training.get("target", "cfg") != "interval":
         return ""
     lo, hi = training["interval"]
+    if training.get("interval_input"):
+        return (f" inside the guidance interval t in [{lo:g}, {hi:g}] and its conditional output outside it (its w "
+                "input is 1 outside the interval; `sample` applies that by itself, config.json "
+                "`sampler.guidance_interval`)")
     return (f" inside the guidance interval t in [{lo:g}, {hi:g}] and its conditional output outside it (sample it "
             "at a constant w: the interval is in the weights)")
 

@@ -114,9 +114,12 @@ def input_interval(source: Mapping[str, Any]) -> Optional[tuple[float, float]]:
     """The guidance interval the student's w *input* follows, from the ``student`` config or a student
     checkpoint's meta, or None (w at every t). With ``target=interval`` and ``interval_input`` (the default) the
     student is trained and sampled at the interval teacher's effective weight, w inside and 1 outside
-    (:func:`distill.core.diffusion.effective_w`), so the switch at the interval's edges is in its input, not
+    (:func:`distill.core.diffusion.interval_w`), so the switch at the interval's edges is in its input, not
     learnt in t. Interval students from before the option (no ``interval_input`` in their meta) took w at
-    every t: they stay sampled that way."""
+    every t: they stay sampled that way. A progressive round records its own (``w_interval``, on its grid:
+    :func:`student.progressive.round_w_intervals`)."""
+    if "w_interval" in source:
+        return None if source["w_interval"] is None else dm.check_interval(list(source["w_interval"]), "w_interval")
     target, interval = distill_target(source)
     return interval if target == "interval" and bool(source.get("interval_input", False)) else None
 
@@ -163,7 +166,7 @@ def distill_inputs(data: ImageData, batch_size: int, seed: int, start_step: int,
         y_neg = sample_negative(rng, y, data.num_classes, p_null_negative)  # drawn last: the rest stays as before
         z, alpha, sigma = dm.noisy_at(schedule, x, eps, t)
         z, t, y, y_neg, alpha, sigma = (np.repeat(a, k, axis=0) for a in (z, t, y, y_neg, alpha, sigma))
-        return z, t, y.astype(np.int32), dm.effective_w(w, t, w_interval), y_neg, alpha, sigma
+        return z, t, y.astype(np.int32), dm.interval_w(w, t, w_interval), y_neg, alpha, sigma
 
     return make
 

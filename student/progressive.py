@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import mindspore as ms
@@ -33,8 +33,8 @@ from distill.core.errors import UserError
 from distill.core.runtime import data_share, shard
 from distill.core.training import CHECKPOINT_NAME
 from distill.core.weights import weights_digest
-from student.distill import (check_w_loss_power, check_w_range, guidance_loss_weight, sample_negative, sample_w,
-                             w_distribution)
+from student.distill import (check_w_loss_power, check_w_range, guidance_loss_weight, input_interval,
+                             sample_negative, sample_w, w_distribution)
 from student.loading import load_student, student_checkpoint_path
 from teacher.loading import teacher_checkpoint_path
 
@@ -91,12 +91,15 @@ def round_checkpoint_path(cfg: DictConfig, num_steps: int) -> Path:
 
 
 def teacher_denoiser(predict: Callable[..., ms.Tensor], y: np.ndarray, w: np.ndarray, y_neg: np.ndarray,
-                     prediction: str, clip_x0: bool) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
-    """``denoise(z, t, alpha, sigma) -> (x0, eps)`` of the teacher for a fixed batch (y, w, negative class)."""
-    y_t, w_t = ms.Tensor(y.astype(np.int32)), ms.Tensor(w.astype(np.float32))
+                     prediction: str, clip_x0: bool, w_interval: Optional[tuple[float, float]] = None
+                     ) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+    """``denoise(z, t, alpha, sigma) -> (x0, eps)`` of the teacher for a fixed batch (y, w, negative class);
+    ``w_interval``: the teacher's w input is 1 at times outside it (an interval student, as it is sampled)."""
+    y_t = ms.Tensor(y.astype(np.int32))
     y_neg_t = ms.Tensor(y_neg.astype(np.int32))
 
     def denoise(z: np.ndarray, t: np.ndarray, alpha: np.ndarray, sigma: np.ndarray):
+        w_t = ms.Tensor(dm.interval_w(w, t, w_interval))
         out = predict(ms.Tensor(z.astype(np.float32)), ms.Tensor(t.astype(np.float32)), y_t, w_t, y_neg_t)
         a, s = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
         x0, eps = dm.x0_eps_from_output(z, out.asnumpy().astype(np.float64), a, s, prediction)
@@ -111,7 +114,8 @@ def teacher_denoiser(predict: Callable[..., ms.Tensor], y: np.ndarray, w: np.nda
 def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_steps: int, round_index: int,
                         batch_size: int, seed: int, schedule: str, prediction: str, loss_space: str,
                         w_min: float, w_max: float, w_power: float, clip_x0: bool, w_loss_power: float = 0.0,
-                        p_null_negative: float = 1.0, w0_share: float = 0.0
+                        p_null_negative: float = 1.0, w0_share: float = 0.0,
+                        w_intervals: tuple[Optional[tuple[float, float]], Optional[tuple[float, float]]] = (None, None)
                         ) -> Callable[[int], Callable[[int], tuple[np.ndarray, ...]]]:
     """start_step -> step -> (z_t, t, y, w, y_neg, target, weight) for :func:`teacher.objective.regression_loss`.
 
@@ -121,8 +125,11 @@ def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_
     Each example's loss is weighted by ``(1 + w) ** -w_loss_power``, and its negative class drawn
     (:func:`student.distill.sample_negative`), as in stage one. With ``w0_share`` > 0 each example's w is
     set to exactly ``w_min`` with that probability (drawn after everything else, so a share of 0 leaves
-    the batches of earlier versions unchanged).
+    the batches of earlier versions unchanged). ``w_intervals``: (the teacher's, the student's) interval of t
+    where their w input is w, 1 elsewhere (an interval student's rounds, :func:`round_w_intervals`); the
+    loss weight follows the student's w input, as in stage one.
     """
+    teacher_interval, student_interval = w_intervals
     check_w_range(w_min, w_max, w_power)
     check_w_loss_power(w_loss_power)
     w0_share = check_w0_share(w0_share)
@@ -143,8 +150,9 @@ def progressive_batches(data: ImageData, predict: Callable[..., ms.Tensor], num_
             times = dm.progressive_times(num_steps, i)
             a_t, s_t = dm.grid_alpha_sigma(schedule, times[0])
             z = dm.noisy(x, eps, a_t, s_t)
-            denoise = teacher_denoiser(predict, y, w, y_neg, prediction, clip_x0)
+            denoise = teacher_denoiser(predict, y, w, y_neg, prediction, clip_x0, teacher_interval)
             target, _, _ = dm.two_step_ddim_target(denoise, z, times, schedule, prediction)
+            w = dm.interval_w(w, times[0], student_interval)
             weight = dm.output_space_weight(loss_space, prediction, a_t, s_t) * guidance_loss_weight(w, w_loss_power)
             return z, times[0], y.astype(np.int32), w, y_neg, target.astype(np.float32), weight
 
@@ -163,11 +171,28 @@ def round_w_settings(p: Mapping[str, Any], source_meta: Mapping[str, Any]) -> tu
     return w_min, w_max, w_power, float(source_meta.get("w_loss_power", 0.0) if w_loss_power is None else w_loss_power)
 
 
+def round_w_intervals(source_meta: Mapping[str, Any], plan: list[int]
+                      ) -> list[tuple[Optional[tuple[float, float]], Optional[tuple[float, float]]]]:
+    """Per round of ``plan``: (its teacher's, its student's) interval of t where their w input is w and 1
+    elsewhere. Round 1's teacher is the stage-one student (:func:`student.distill.input_interval`); each round's
+    student takes w at every step that spans a teacher step taking w (:func:`distill.core.diffusion.round_interval`),
+    and teaches the next round. All None for students that take w at every t."""
+    out, interval = [], input_interval(source_meta)
+    for n in plan:
+        student = dm.round_interval(interval, n)
+        out.append((interval, student))
+        interval = student
+    return out
+
+
 def round_meta(source_meta: dict[str, Any], num_steps: int, round_index: int, teacher_path: Path,
-               source_digest: str, cfg: DictConfig, data: ImageData) -> dict[str, Any]:
+               source_digest: str, cfg: DictConfig, data: ImageData,
+               w_interval: Optional[tuple[float, float]] = None) -> dict[str, Any]:
     """Stage-one metadata (model, w range, schedule, classes) plus what this round is, which stage-one
     student it descends from (``source_digest``: the weights digest of that student) and its provenance
-    (inputs: its teacher's file, that student, the data; round 1 from the CFG teacher: that file too)."""
+    (inputs: its teacher's file, that student, the data; round 1 from the CFG teacher: that file too).
+    A round of a student whose w input follows an interval records its own (``w_interval``, None = w at every
+    step), which :func:`student.distill.input_interval` reads."""
     p = cfg.progressive
     first = str(p.get("first_teacher", "student")) if round_index == 1 else "student"
     inputs = {"teacher": provenance.file_digest(teacher_path), "stage_one": str(source_digest),
@@ -183,6 +208,8 @@ def round_meta(source_meta: dict[str, Any], num_steps: int, round_index: int, te
                  "first_teacher": first, "round_w_power": w_power, "round_w_loss_power": w_loss_power,
                  "round_w0_share": float(p.get("w0_share", 0.0)),
                  "provenance": provenance.record(cfg, "progressive", inputs)})
+    if input_interval(source_meta) is not None:
+        meta["w_interval"] = list(w_interval) if w_interval is not None else None
     return meta
 
 

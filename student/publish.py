@@ -49,7 +49,8 @@ def training_info(cfg: DictConfig, meta: dict[str, Any]) -> dict[str, Any]:
             "weights": "EMA", "progressive": progressive_info(build.run_dir(cfg) / "progressive" / "rounds.json"),
             # a student of another target than plain CFG says so (older bundles: cfg)
             **({"target": meta["target"], "interval": meta.get("interval")} if meta.get("target", "cfg") != "cfg"
-               else {})}
+               else {}),
+            **({"interval_input": True} if meta.get("interval_input") else {})}
 
 
 def progressive_info(path: Path) -> Optional[list[dict[str, Any]]]:
@@ -80,17 +81,21 @@ def variants_entry(stages: list[tuple[int, str]], default_steps: int) -> dict[st
 
 def bundle_config(cfg: DictConfig, net: Any, meta: dict[str, Any], mindir_batch: int,
                   stages: list[tuple[int, str]], stage_one_meta: dict[str, Any],
-                  models: Optional[dict[int, dict[str, Any]]] = None) -> dict[str, Any]:
+                  models: Optional[dict[int, dict[str, Any]]] = None,
+                  w_intervals: Optional[dict[int, Optional[tuple[float, float]]]] = None) -> dict[str, Any]:
     """config.json for a bundle whose default student is ``net`` (``meta``: its checkpoint metadata);
     ``stages``: (sampling steps, stage) of every student in the bundle, the default one among them;
     ``models``: steps -> network config of each student (a variant whose network differs from the default's
-    carries its own ``model``: the phase-two student, which takes negative classes)."""
+    carries its own ``model``: the phase-two student, which takes negative classes); ``w_intervals``: steps ->
+    the interval each student's w input follows (:func:`student.distill.input_interval`), which the bundle's
+    sampler then applies (``guidance_interval``: w inside, 1 outside) for that variant."""
     import mindspore as ms
 
     ucfg = net.config
     own = {n: m for n, m in (models or {}).items() if m != ucfg.to_dict()}
     negative_variants = [variant_name(n) for n, m in own.items() if m.get("guidance_negative")]
     default_steps = int(meta.get("sampling_steps") or cfg.sampler.num_steps)
+    intervals = {n: list(iv) for n, iv in (w_intervals or {}).items() if iv is not None}
     c, h = ucfg.in_channels, ucfg.image_size
     w_min, w_max = float(meta["w_min"]), float(meta["w_max"])
     settings = build.sampler_settings(cfg, default_steps)
@@ -112,10 +117,13 @@ def bundle_config(cfg: DictConfig, net: Any, meta: dict[str, Any], mindir_batch:
         "image": {"channels": c, "height": h, "width": h, "range": [-1.0, 1.0], "layout": "NCHW"},
         "sampler": {"kind": settings.kind, "num_steps": settings.num_steps, "eta": settings.eta, "w": w,
                     "w_schedule": settings.w_schedule, "clip_x0": settings.clip_x0,
-                    "dynamic_threshold": settings.dynamic_threshold, "batch_size": int(cfg.sampler.batch_size)},
+                    "dynamic_threshold": settings.dynamic_threshold, "batch_size": int(cfg.sampler.batch_size),
+                    **({"guidance_interval": intervals[default_steps]} if default_steps in intervals else {})},
         "weights": WEIGHTS,
         "default_variant": variant_name(default_steps),
-        "variants": {name: dict(v, **({"model": own[v["num_steps"]]} if v["num_steps"] in own else {}))
+        "variants": {name: dict(v, **({"model": own[v["num_steps"]]} if v["num_steps"] in own else {}),
+                                **({"guidance_interval": intervals[v["num_steps"]]} if v["num_steps"] in intervals
+                                   else {}))
                      for name, v in variants_entry(stages, default_steps).items()},
         "mindir": {"file": MINDIR, "role": "one network call; the sampling loop is the caller's",
                    "batch_size": b, "dynamic_shapes": False,

@@ -41,9 +41,14 @@ def relative_error(student_x: np.ndarray, cond_x: np.ndarray, uncond_x: np.ndarr
 
 def guidance_response(teacher: Callable[..., tuple[ms.Tensor, ms.Tensor]], student: Callable[..., ms.Tensor],
                       x: np.ndarray, y: np.ndarray, null_class: int, times: np.ndarray, ws: list[float],
-                      schedule: str, prediction: str, seed: int) -> list[dict[str, Any]]:
+                      schedule: str, prediction: str, seed: int,
+                      target_interval: tuple[float, float] | None = None,
+                      w_interval: tuple[float, float] | None = None) -> list[dict[str, Any]]:
     """One row per t: ``{"t", "effective_w": {w: ...}, "relative_error": {w: ...}}``. ``teacher``
-    gives (cond, uncond) (:class:`GuidanceBranches`), ``student`` one prediction; both jitted or not."""
+    gives (cond, uncond) (:class:`GuidanceBranches`), ``student`` one prediction; both jitted or not.
+    ``target_interval``: the student's target guides only there (``student.target=interval``), so the relative
+    error is against w inside and the conditional output outside; ``w_interval``: the student's w input is 1
+    outside that interval, as in its training and sampling (:func:`student.distill.input_interval`)."""
     n = x.shape[0]
     eps = np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32)
     y_t, y_null = ms.Tensor(y.astype(np.int32)), ms.Tensor(np.full(n, null_class, np.int32))
@@ -57,15 +62,18 @@ def guidance_response(teacher: Callable[..., tuple[ms.Tensor, ms.Tensor]], stude
         cond, uncond = (to_x(o) for o in teacher(z_t, t_t, y_t, ms.Tensor(np.ones(n, np.float32)), y_null))
         row: dict[str, Any] = {"t": float(t), "effective_w": {}, "relative_error": {}}
         for w in ws:
-            s = to_x(student(z_t, t_t, y_t, ms.Tensor(np.full(n, w, np.float32)), y_null))
+            s = to_x(student(z_t, t_t, y_t, ms.Tensor(np.full(n, dm.interval_w(w, t, w_interval), np.float32)),
+                             y_null))
             row["effective_w"][w] = effective_w(s, cond, uncond)
-            row["relative_error"][w] = relative_error(s, cond, uncond, w)
+            row["relative_error"][w] = relative_error(s, cond, uncond, float(dm.interval_w(w, t, target_interval)))
         log.info("response: t=%.3f effective w %s", t, " ".join(f"{v:.3f}" for v in row["effective_w"].values()))
         rows.append(row)
     return rows
 
 
-def response_markdown(rows: list[dict[str, Any]], ws: list[float], num_images: int) -> str:
+def response_markdown(rows: list[dict[str, Any]], ws: list[float], num_images: int,
+                      target_interval: tuple[float, float] | None = None,
+                      w_interval: tuple[float, float] | None = None) -> str:
     def table(title: str, key: str) -> list[str]:
         return [f"## {title}\n", markdown_table(["t"] + [f"w={w:g}" for w in ws],
                                                 ([f"{r['t']:.4f}"] + [f"{r[key][w]:.3f}" for w in ws] for r in rows),
@@ -75,6 +83,11 @@ def response_markdown(rows: list[dict[str, Any]], ws: list[float], num_images: i
              f"{num_images} held-out images noised to each sampling time. Effective w: the projection of the "
              "student's x-prediction minus the teacher's unconditional one on the teacher's cond - uncond "
              "(equal to w for a perfect student). Relative error: |student - guided teacher| / |cond - uncond|.\n"]
+    if target_interval is not None:
+        lo, hi = target_interval
+        intro.append(f"The student's target guides only at t in [{lo:g}, {hi:g}] (the conditional output outside, "
+                     "where a perfect student's effective w is 1 and the relative error is against it); its w input "
+                     + ("was 1 outside that interval.\n" if w_interval is not None else "was w at every t.\n"))
     return "\n".join(intro + table("Effective w", "effective_w") + [""]
                      + table("Relative error", "relative_error")) + "\n"
 

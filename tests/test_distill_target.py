@@ -224,3 +224,109 @@ def test_the_model_card_names_an_interval_target_and_only_that() -> None:
     assert target_text({}) == "" and target_text({"target": "cfg"}) == ""
     assert "guidance interval t in [0.17, 0.88] and its conditional output outside" in target_text(
         {"target": "interval", "interval": [0.17, 0.88]})
+
+
+def _w_sensitive_student(seed: int = 0):
+    """A tiny student whose output depends on its w input (the guidance layers perturbed from zero)."""
+    from student.model import student_from_teacher
+
+    student = student_from_teacher(random_teacher(seed), embed_dim=16, w_scale=1000.0)
+    rng = np.random.default_rng(seed)
+    for p in student.trainable_params():
+        if "guidance_" in p.name:
+            p.set_data(ms.Tensor((p.asnumpy() + 0.3 * rng.standard_normal(p.shape)).astype(np.float32)))
+    student.set_train(False)
+    return student
+
+
+def test_round_intervals_hold_exactly_the_steps_that_span_a_teacher_step_taking_w() -> None:
+    assert dm.round_interval(None, 8) is None
+    assert dm.round_interval((0.17, 0.88), 8) == (0.1875, 0.875)  # 16 -> 8: no step straddles an edge
+    assert dm.round_interval((0.1875, 0.875), 4) is None  # 8 -> 4: t = 1 and 0.25 straddle: w at every step
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.choice([1, 2, 3, 4, 8]))
+        lo, hi = np.sort(rng.uniform(0, 1, 2))
+        fine = dm.sampling_times(2 * n)[:-1]
+        want = dm.in_interval(fine[0::2], (lo, hi)) | dm.in_interval(fine[1::2], (lo, hi))
+        if not want.any():
+            with pytest.raises(UserError, match="holds no step"):
+                dm.round_interval((lo, hi), n)
+            continue
+        got = dm.round_interval((lo, hi), n)
+        steps = dm.in_interval(dm.sampling_times(n)[:-1], got)  # the sampler's rule on the round's own grid
+        np.testing.assert_array_equal(steps, want)
+        assert got is None or dm.check_interval(got) == got
+
+
+def test_progressive_rounds_of_an_interval_student_give_w_by_each_ones_interval() -> None:
+    from student.progressive import progressive_batches
+
+    data = load_data({"name": "digits", "max_train": 64})
+    net = ConditionalPrediction(random_teacher())
+    calls = []
+
+    def predict(z, t, y, w, y_neg):  # the round's teacher, recording the (t, w input) of every call
+        calls.append((t.asnumpy(), w.asnumpy()))
+        return net(z, t, y, w, y_neg)
+
+    for intervals in (((0.17, 0.88), None), ((0.3, 0.7), (0.375, 0.75))):  # (the teacher's, the student's)
+        plain = progressive_batches(data, predict, 4, 1, 32, 0, "cosine", "v", "x_snr_trunc", 0.0, 5.0, 1.0, True)(0)
+        w_drawn = plain(1)[3]
+        calls.clear()
+        make = progressive_batches(data, predict, 4, 1, 32, 0, "cosine", "v", "x_snr_trunc", 0.0, 5.0, 1.0, True,
+                                   w_intervals=intervals)(0)
+        z, t, y, w, y_neg, target, weight = make(1)
+        assert len(calls) == 2  # the teacher's two DDIM steps
+        for t_call, w_call in calls:  # the teacher takes w only at its times inside its interval, 1 elsewhere
+            np.testing.assert_array_equal(w_call, dm.interval_w(w_drawn, t_call, intervals[0]))
+        assert any((w_call == 1.0).any() and (w_call != 1.0).any() for _, w_call in calls)
+        np.testing.assert_array_equal(w, dm.interval_w(w_drawn, t, intervals[1]))  # the student: its own interval
+
+
+def test_an_interval_student_is_sampled_with_its_interval_by_evaluate_and_the_bundle(tmp_path) -> None:
+    import dataclasses
+
+    from distill.core.sampling import SamplerSettings, initial_noise, sample
+    from student.bundle import Pretrained, variant_config
+
+    student = _w_sensitive_student()
+    cell = ConditionalPrediction(student)
+    labels = np.arange(4, dtype=np.int32)
+    noise = initial_noise(0, 4, (1, 8, 8))
+    null = np.full(4, 10, np.int32)
+    base = SamplerSettings(num_steps=4, engine="eager")  # steps at t = 1, 0.75, 0.5, 0.25
+
+    def draw(w: float, interval):
+        return sample(cell, noise, labels, w, dataclasses.replace(base, guidance_interval=interval), null)
+
+    # one pass at w inside the interval, at w = 1 (the conditional model) outside
+    np.testing.assert_array_equal(draw(3.0, (0.3, 0.4)), draw(1.0, None))  # holds no step: the w = 1 sampler
+    np.testing.assert_array_equal(draw(3.0, (0.0, 1.0)), draw(3.0, None))  # holds every step: w at every step
+    iv = (0.3, 0.8)  # holds t = 0.75 and 0.5
+    with_iv = draw(3.0, iv)
+    assert min(np.abs(with_iv - draw(3.0, None)).max(), np.abs(with_iv - draw(1.0, None)).max()) > 1e-3
+    # evaluate: the student with its input interval, the teacher with the target's
+    models = {"teacher": (None, 4), "student_4step": (None, 4), "student_2step": (None, 2)}
+    settings = model_settings(compose_cfg(tmp_path, "task=evaluate"), models, ("interval", iv),
+                              {"student_4step": iv, "student_2step": None})
+    assert settings["teacher"].guidance_interval == iv and settings["student_4step"].guidance_interval == iv
+    assert settings["student_2step"].guidance_interval is None  # a round that takes w at every step
+    # the bundle: config.json's sampler.guidance_interval (each variant's own) is what sample applies
+    config = {"sampler": {"kind": "ddim", "num_steps": 4, "eta": 0.0, "clip_x0": True, "dynamic_threshold": None,
+                          "batch_size": 4, "guidance_interval": list(iv)},
+              "diffusion": {"schedule": "cosine", "prediction": "v"}, "guidance": {"w_min": 0.0, "w_max": 5.0},
+              "classes": {"names": [str(i) for i in range(10)], "null_class": 10},
+              "image": {"channels": 1, "height": 8, "width": 8}, "model": student.config.to_dict(),
+              "variants": {"4step": {"weights": "a", "num_steps": 4, "guidance_interval": list(iv)},
+                           "2step": {"weights": "b", "num_steps": 2}}, "default_variant": "4step"}
+    model = Pretrained(student, config)
+    assert model.settings().guidance_interval == iv
+    np.testing.assert_allclose(model.sample(labels, 3.0, noise=noise, engine="eager", use_jit=False), with_iv,
+                               atol=1e-6)
+    np.testing.assert_allclose(model.sample(labels, 3.0, noise=noise), with_iv, atol=1e-4)  # compiled step engine
+    np.testing.assert_allclose(model.sample(labels, 3.0, noise=noise, engine="loop"), with_iv, atol=1e-4)
+    assert variant_config(config, "2step", {"a", "b"})[1]["sampler"]["guidance_interval"] is None
+    assert variant_config(config, None, {"a", "b"})[1]["sampler"]["guidance_interval"] == list(iv)
+    before = dict(config, sampler={k: v for k, v in config["sampler"].items() if k != "guidance_interval"})
+    assert Pretrained(student, before).settings().guidance_interval is None  # bundles from before: no interval

@@ -211,11 +211,33 @@ def in_interval(times, interval: Optional[Tuple[float, float]]) -> np.ndarray:
     return (times >= interval[0]) & (times <= interval[1])
 
 
-def effective_w(w, t, interval: Optional[Tuple[float, float]]) -> np.ndarray:
+def interval_w(w: Any, t: Any, interval: Optional[Tuple[float, float]]) -> np.ndarray:
     """The guidance weight the interval teacher applies per example: ``w`` where its time t lies in ``interval``
     (:func:`in_interval`, the sampler's rule) and 1 (the conditional model) outside; ``w`` itself without one.
-    ``interval_guided(cond, uncond, w, t, iv)`` is CFG at ``effective_w(w, t, iv)``."""
+    ``interval_guided(cond, uncond, w, t, iv)`` is CFG at ``interval_w(w, t, iv)``."""
     return np.where(in_interval(t, interval), np.asarray(w, np.float32), np.float32(1.0)).astype(np.float32)
+
+
+def round_interval(interval: Optional[Tuple[float, float]], num_steps: int) -> Optional[Tuple[float, float]]:
+    """The interval of t where a progressive round's ``num_steps``-step student takes w (1 elsewhere), when its
+    teacher samples twice the steps taking w only in ``interval`` (the sampler's rule, :func:`in_interval`).
+
+    The student's step from t spans the teacher's steps at t and t - 1/(2N): where either takes w, the target
+    depends on w, so the student must take it too; where neither does, it takes 1. Returned as [t_lo, t_hi] =
+    [the lowest such step's t - 1/(2N), the highest such t], which holds exactly those steps of the N-step grid;
+    None when every step takes w (no interval) or without an interval."""
+    if interval is None:
+        return None
+    n = int(num_steps)
+    fine = sampling_times(2 * n)
+    guided = in_interval(fine[0:2 * n:2], interval) | in_interval(fine[1:2 * n:2], interval)
+    if guided.all():
+        return None
+    if not guided.any():
+        raise UserError(f"progressive: the guidance interval {list(interval)} holds no step of the {2 * n}-step "
+                        f"grid the round's teacher samples")
+    steps = np.flatnonzero(guided)
+    return float(fine[2 * steps[-1] + 1]), float(fine[2 * steps[0]])
 
 
 def interval_guided(cond: np.ndarray, uncond: np.ndarray, w, t, interval: Optional[Tuple[float, float]]

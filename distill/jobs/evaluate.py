@@ -37,7 +37,7 @@ from distill.core.sampling import Predictor, SamplerSettings, jit_predictor, net
 from distill.jobs.common import evaluation_classifier, guided_samples, teacher_prediction
 from distill.jobs.methods import eval_methods, evaluate_methods, sample_methods_share
 from distill.jobs.negatives import NegativePlan, evaluate_negatives, negative_plan, sample_negative_share
-from student.distill import describe_target, distill_target
+from student.distill import describe_target, distill_target, input_interval
 from student.loading import load_student, serving_student_path
 from student.progressive import verified_rounds
 from teacher.guidance import ConditionalPrediction, GuidedPrediction
@@ -127,19 +127,22 @@ def evaluate_provenance(cfg: DictConfig, data: ImageData,
 
 
 def evaluation_models(cfg: DictConfig, data: ImageData, specs: list[tuple[str, Path | None, int | None]]
-                      ) -> tuple[dict[str, tuple[Any, int]], tuple[str, tuple[float, float] | None]]:
+                      ) -> tuple[dict[str, tuple[Any, int]], tuple[str, tuple[float, float] | None],
+                                 dict[str, tuple[float, float] | None]]:
     """(name -> (prediction cell, sampling steps): the two-pass teacher, then the one-pass students of ``specs``;
-    the (target, interval) the students were distilled to, :func:`common_target`)."""
+    the (target, interval) the students were distilled to, :func:`common_target`; each student's
+    :func:`student.distill.input_interval`, the interval its w input follows)."""
     teacher_steps = cfg.eval.get("teacher_steps")
     models = {"teacher": (GuidedPrediction(load_teacher(cfg, data)),
                           int(cfg.sampler.num_steps if teacher_steps is None else teacher_steps))}
-    targets = {}
+    targets, w_intervals = {}, {}
     for name, path, steps in specs:
         student, meta = load_student(cfg, data, path or serving_student_path(cfg))
         models[name] = (ConditionalPrediction(student),
                         int(steps or meta.get("sampling_steps") or cfg.sampler.num_steps))
         targets[name] = distill_target(meta)
-    return models, common_target(targets)
+        w_intervals[name] = input_interval(meta)
+    return models, common_target(targets), w_intervals
 
 
 def common_target(targets: dict[str, tuple[str, tuple[float, float] | None]]
@@ -155,10 +158,13 @@ def common_target(targets: dict[str, tuple[str, tuple[float, float] | None]]
 
 
 def model_settings(cfg: DictConfig, models: dict[str, tuple[Any, int]],
-                   target: tuple[str, tuple[float, float] | None]) -> dict[str, SamplerSettings]:
+                   target: tuple[str, tuple[float, float] | None],
+                   w_intervals: dict[str, tuple[float, float] | None] | None = None) -> dict[str, SamplerSettings]:
     """Each model's sampler settings. Students distilled with ``target=interval`` are compared with the teacher
-    guided only inside their interval, and are themselves sampled without one (their weights hold it: one pass
-    at the same w every step); ``sampler.guidance_interval``, if set, must then be that interval."""
+    guided only inside their interval, and are themselves sampled with the interval their w input follows
+    (``w_intervals``, :func:`student.distill.input_interval`: w inside, 1 outside, as they were trained), or
+    without one when they took w at every t (interval students from before ``interval_input``: one pass at the
+    same w every step); ``sampler.guidance_interval``, if set, must then be that interval."""
     settings = {name: build.sampler_settings(cfg, steps) for name, (_, steps) in models.items()}
     interval = target[1]
     if interval is None:
@@ -168,7 +174,8 @@ def model_settings(cfg: DictConfig, models: dict[str, tuple[Any, int]],
         raise UserError(f"evaluate: sampler.guidance_interval={list(asked)} is not the interval the students were "
                         f"distilled with ({list(interval)}); set sampler.guidance_interval=null or "
                         f"{list(interval)}")
-    return {name: dataclasses.replace(s, guidance_interval=interval if name == "teacher" else None)
+    w_intervals = w_intervals or {}
+    return {name: dataclasses.replace(s, guidance_interval=interval if name == "teacher" else w_intervals.get(name))
             for name, s in settings.items()}
 
 
@@ -183,13 +190,13 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     data = load_data(cfg.data)
     out = build.run_dir(cfg) / "evaluate"
     specs = student_specs(cfg, data)  # bad entries and missing rounds fail before the classifier is trained
-    models, target = evaluation_models(cfg, data, specs)  # so do unreadable or non-finite checkpoints
+    models, target, w_intervals = evaluation_models(cfg, data, specs)  # so do unreadable or non-finite checkpoints
     negatives = negative_plan(cfg, data.num_classes, models)  # and bad negative-class pairs
     methods = eval_methods(cfg)  # and a bad guidance-method grid
     guided = (jit_predictor(teacher_prediction(cfg, data, models["teacher"][0].net, "classifier"), bool(cfg.jit))
               if "classifier" in methods else None)  # and a missing or mismatched noise-aware classifier
     clf = evaluation_classifier(cfg, data) if is_main() else None
-    predictors, settings = warmed_predictors(cfg, data, models, model_settings(cfg, models, target))
+    predictors, settings = warmed_predictors(cfg, data, models, model_settings(cfg, models, target, w_intervals))
     # the methods comparison starts from the configured sampler; the teacher's CFG samples are reused there
     # unless they were drawn with the students' interval
     method_base = build.sampler_settings(cfg, settings["teacher"].num_steps)
@@ -205,7 +212,9 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         "classifier_heldout_accuracy": float(getattr(clf, "heldout_accuracy", float("nan"))),
         "real_vs_real_fd": real_floor(real_feats, seed), "num_heldout": int(len(data.test_images)),
         "student_target": {"target": target[0], "interval": list(target[1]) if target[1] else None,
-                           "teacher_interval": list(settings["teacher"].guidance_interval or ()) or None},
+                           "teacher_interval": list(settings["teacher"].guidance_interval or ()) or None,
+                           "student_intervals": {name: list(settings[name].guidance_interval or ()) or None
+                                                 for name in models if name != "teacher"}},
         "models": {name: {"passes": int(cell.passes), "steps": steps, "per_w": {}}
                    for name, (cell, steps) in models.items()},
         "agreement": {},  # of the first student (the only one by default); every student has its own in per_w

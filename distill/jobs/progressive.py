@@ -21,8 +21,8 @@ from distill.core.weights import copy_weights, weights_digest
 from student.distill import check_w_loss_power, check_w_range, describe_w, negative_draw
 from student.loading import load_student
 from student.progressive import (check_w0_share, finished_round, progressive_batches, progressive_dir,
-                                 round_checkpoint_path, round_meta, round_plan, round_steps, round_w_settings,
-                                 source_checkpoint)
+                                 round_checkpoint_path, round_meta, round_plan, round_steps, round_w_intervals,
+                                 round_w_settings, source_checkpoint)
 from teacher.guidance import ConditionalPrediction, GuidedPrediction
 from teacher.loading import load_teacher
 from distill.jobs.training_run import resumed_trainer, run_and_summarise
@@ -65,11 +65,12 @@ def run_progressive(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     restart = build.restart(cfg, follow_inputs)
     rounds: list[dict[str, Any]] = []
     teacher_path = source
-    for round_index, (num_steps, settings) in enumerate(zip(plan, per_round), start=1):
+    intervals = round_w_intervals(source_meta, plan)
+    for round_index, (num_steps, settings, w_intervals) in enumerate(zip(plan, per_round, intervals), start=1):
         path = round_checkpoint_path(cfg, num_steps)
         entry: dict[str, Any] = {"round": round_index, "steps": num_steps, "teacher_steps": 2 * num_steps,
                                  "teacher": str(teacher_path), "checkpoint": str(path)}
-        meta = round_meta(source_meta, num_steps, round_index, teacher_path, source_digest, cfg, data)
+        meta = round_meta(source_meta, num_steps, round_index, teacher_path, source_digest, cfg, data, w_intervals[1])
         if finished_round(path, settings.steps, meta, restart):
             log.info("progressive: round %d (%d -> %d steps) already done in %s, skipped",
                      round_index, 2 * num_steps, num_steps, path)
@@ -77,7 +78,7 @@ def run_progressive(cfg: DictConfig, follow_inputs: bool = False) -> Path:
             teacher_path = path
             continue
         entry.update(train_round(cfg, data, teacher_path, source_meta, meta, num_steps, round_index, settings,
-                                 restart))
+                                 restart, w_intervals))
         rounds.append(entry)
         teacher_path = path
     out = progressive_dir(cfg)
@@ -97,9 +98,10 @@ def first_teacher(p: DictConfig) -> str:
 
 
 def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_meta: dict[str, Any],
-                meta: dict[str, Any], num_steps: int, round_index: int, settings: Any, restart: Restart
-                ) -> dict[str, Any]:
-    """One round: a copy of the teacher learns two teacher DDIM steps as one, on the N-step grid."""
+                meta: dict[str, Any], num_steps: int, round_index: int, settings: Any, restart: Restart,
+                w_intervals: tuple[Any, Any] = (None, None)) -> dict[str, Any]:
+    """One round: a copy of the teacher learns two teacher DDIM steps as one, on the N-step grid (``w_intervals``:
+    the teacher's and the student's w-input intervals, :func:`student.progressive.round_w_intervals`)."""
     p = cfg.progressive
     teacher, _ = load_student(cfg, data, teacher_path)
     student, ema = UNet(teacher.config), UNet(teacher.config)
@@ -113,12 +115,13 @@ def train_round(cfg: DictConfig, data: ImageData, teacher_path: Path, source_met
     factory = progressive_batches(
         data, predict, num_steps, round_index, settings.batch_size, settings.seed, str(cfg.diffusion.schedule),
         str(cfg.diffusion.prediction), str(p.loss), w_min, w_max, w_power, bool(p.clip_x0), w_loss_power,
-        negative_draw(source_meta), check_w0_share(p.get("w0_share", 0.0)))
+        negative_draw(source_meta), check_w0_share(p.get("w0_share", 0.0)), w_intervals)
     out = round_checkpoint_path(cfg, num_steps).parent
     trainer = resumed_trainer(cfg, student, ema, regression_loss, factory, settings, out, meta, restart,
                               tb_name=f"progressive_steps_{num_steps}")
-    log.info("progressive: round %d, %d -> %d sampling steps, from step %d of %d", round_index, 2 * num_steps,
-             num_steps, trainer.step, settings.steps)
+    log.info("progressive: round %d, %d -> %d sampling steps, from step %d of %d%s", round_index, 2 * num_steps,
+             num_steps, trainer.step, settings.steps, "" if "w_interval" not in meta else
+             f" (w input 1 outside t in {meta['w_interval']})" if meta["w_interval"] else " (w input w at every step)")
     summary = run_and_summarise(trainer, f"progressive: round {round_index}")
     # rounds.json's "steps" are the round's sampling steps, not the training steps of the summary
     return {"status": "trained", **{k: v for k, v in summary.items() if k not in ("provenance", "steps")}}

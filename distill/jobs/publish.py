@@ -14,6 +14,7 @@ from distill.core.fileio import json_text, staged_folder
 from distill.core.weights import save_weights
 from student.bundle import (CARD, CONFIG, GRID, MINDIR, NEGATIVE_GRID, WEIGHTS, Pretrained, build_net, variant_config,
                             write_manifest)
+from student.distill import input_interval
 from student.loading import load_student, serving_student_path
 from student.progressive import verified_rounds
 from student.publish import (bundle_config, bundle_dir, export_mindir, export_sampler_mindir, read_report,
@@ -65,7 +66,8 @@ def run_publish(cfg: DictConfig, replace: bool = False) -> Path:
     default_steps, net, meta = students[-1]
     stages = [(n, m.get("stage", "distill")) for n, _, m in students]
     config = bundle_config(cfg, net, meta, int(p.mindir_batch), stages, students[0][2],
-                           {n: student.config.to_dict() for n, student, _ in students})
+                           {n: student.config.to_dict() for n, student, _ in students},
+                           {n: input_interval(m) for n, _, m in students})
     config["provenance"] = publish_provenance(cfg, data)
     card_ws = [float(w) for w in p.card_ws]
     lo, hi = config["guidance"]["w_min"], config["guidance"]["w_max"]
