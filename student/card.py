@@ -17,7 +17,8 @@ def target_text(training: dict[str, Any]) -> str:
     lo, hi = training["interval"]
     if training.get("interval_input"):
         return (f" inside the guidance interval t in [{lo:g}, {hi:g}] and its conditional output outside it (its w "
-                "input is 1 outside the interval; `sample` applies that by itself, config.json "
+                "input is 1 at steps outside the interval: `sample` and `sampler.mindir` do that by themselves; a "
+                "sampling loop of your own around `model.mindir` passes w = 1 there, config.json "
                 "`sampler.guidance_interval`)")
     return (f" inside the guidance interval t in [{lo:g}, {hi:g}] and its conditional output outside it (sample it "
             "at a constant w: the interval is in the weights)")

@@ -197,8 +197,8 @@ def test_interval_targets_from_shards_equal_online_targets_and_the_student_recor
                                     "student.interval=[0.2,0.7]"), data, None)
     run_distill(cfg)
     meta = read_meta(run / "student" / "checkpoint.safetensors")
-    assert (meta["target"], meta["interval"]) == ("interval", [0.3, 0.7])
-    assert distill_target(meta) == ("interval", (0.3, 0.7))
+    assert (meta["target"], meta["interval"], meta["interval_input"]) == ("interval", [0.3, 0.7], True)
+    assert distill_target(meta) == ("interval", (0.3, 0.7)) and input_interval(meta) == (0.3, 0.7)
     # its evaluation: the teacher guided in the student's interval (4 steps at t = 1, .75, .5, .25: one guided),
     # the same samples as the interval method's; plain CFG drawn on its own for the methods table (this tiny teacher's
     # CFG and interval samples are too alike to tell apart by FD)
@@ -208,7 +208,8 @@ def test_interval_targets_from_shards_equal_online_targets_and_the_student_recor
                                       "eval.num_samples=20",
                                       "eval.progressive=false", "eval.negative_classes=[]",
                                       "eval.methods=[cfg,interval]", "eval.interval=[0.3,0.7]"))
-    assert report["student_target"] == {"target": "interval", "interval": [0.3, 0.7], "teacher_interval": [0.3, 0.7]}
+    assert report["student_target"] == {"target": "interval", "interval": [0.3, 0.7], "teacher_interval": [0.3, 0.7],
+                                        "student_intervals": {"student_4step": [0.3, 0.7]}}
     models, methods = report["models"], report["methods"]["methods"]
     assert models["teacher"]["speed"]["network_evals_per_image"] == 5
     assert models["student_4step"]["speed"]["network_evals_per_image"] == 4
@@ -216,6 +217,41 @@ def test_interval_targets_from_shards_equal_online_targets_and_the_student_recor
         assert methods["interval"]["per_scale"][w]["fd"] == pytest.approx(models["teacher"]["per_w"][w]["fd"], rel=1e-4)
     assert (methods["cfg"]["network_calls_per_image"], methods["interval"]["network_calls_per_image"]) == (8, 5)
     assert "distilled with `student.target=interval`" in (run / "evaluate" / "report.md").read_text()
+    assert "its w input w inside the interval and 1 outside" in (run / "evaluate" / "report.md").read_text()
+    # the student's samples there are the sampler's with its interval (w = 1 outside), on the evaluation's noise
+    from distill.core.build import sampler_settings
+    from distill.core.images import load_samples_npz, to_uint8
+    from distill.core.sampling import jit_predictor, sample_in_batches
+    from distill.jobs.common import guided_samples
+    from student.loading import load_student
+
+    ecfg = compose_cfg(run, *target, "sampler.guidance_interval=[0.3,0.7]")
+    student, _ = load_student(ecfg, data)
+    imgs, _ = guided_samples(jit_predictor(ConditionalPrediction(student)), data, ecfg, 2.0, 20, int(ecfg.seed),
+                             sampler_settings(ecfg, 4))
+    saved = load_samples_npz(run / "evaluate" / "samples" / "student_4step_w2.npz")["images"]
+    assert np.abs(saved.astype(int) - to_uint8(imgs).astype(int)).max() <= 1
+    # a progressive round records its own interval (4 -> 2 steps at t = 1, 0.5: only 0.5 spans a guided step, 0.5)
+    from distill.jobs.progressive import run_progressive
+    from distill.jobs.publish import run_publish
+    from student import from_pretrained
+
+    run_progressive(cfg)
+    round_meta = read_meta(run / "progressive" / "steps_2" / "checkpoint.safetensors")
+    assert round_meta["w_interval"] == list(dm.round_interval((0.3, 0.7), 2)) == [0.25, 0.5]
+    # the bundle samples each variant with its own interval, as the sampler called with it does
+    run_publish(compose_cfg(run, *target, "negative_phase.enabled=false", "publish.overwrite=true"))
+    config = from_pretrained(run / "bundle").config
+    assert config["sampler"]["guidance_interval"] == [0.25, 0.5]
+    assert config["variants"]["4step"]["guidance_interval"] == [0.3, 0.7]
+    assert config["training"]["interval_input"] is True
+    stage_one = from_pretrained(run / "bundle", "4step")
+    labels = np.arange(4)
+    noise = stage_one.noise(4, 0)
+    by_hand = sample_in_batches(jit_predictor(ConditionalPrediction(student)), noise, labels.astype(np.int32), 2.0,
+                                stage_one.settings(), np.full(4, 10, np.int32), 4)
+    assert stage_one.settings().guidance_interval == (0.3, 0.7)
+    np.testing.assert_allclose(stage_one.sample(labels, 2.0, noise=noise), by_hand, atol=1e-5)
 
 
 def test_the_model_card_names_an_interval_target_and_only_that() -> None:
@@ -224,6 +260,8 @@ def test_the_model_card_names_an_interval_target_and_only_that() -> None:
     assert target_text({}) == "" and target_text({"target": "cfg"}) == ""
     assert "guidance interval t in [0.17, 0.88] and its conditional output outside" in target_text(
         {"target": "interval", "interval": [0.17, 0.88]})
+    assert "the interval is in the weights" in target_text({"target": "interval", "interval": [0.17, 0.88]})
+    assert "passes w = 1 there" in target_text({"target": "interval", "interval": [0.17, 0.88], "interval_input": True})
 
 
 def _w_sensitive_student(seed: int = 0):
