@@ -109,6 +109,22 @@ def random_teacher(seed: int = 0, attention: bool = False) -> UNet:
     return teacher
 
 
+def w_sensitive_student(seed: int = 0) -> UNet:
+    """A tiny student of :func:`random_teacher` whose output depends on its w input: the guidance layers, which
+    start at zero, perturbed."""
+    import mindspore as ms
+    import numpy as np
+    from student.model import student_from_teacher
+
+    student = student_from_teacher(random_teacher(seed), embed_dim=16, w_scale=1000.0)
+    rng = np.random.default_rng(seed)
+    for p in student.trainable_params():
+        if "guidance_" in p.name:
+            p.set_data(ms.Tensor((p.asnumpy() + 0.3 * rng.standard_normal(p.shape)).astype(np.float32)))
+    student.set_train(False)
+    return student
+
+
 def distillation_losses(out: Path, interval: tuple[float, float] | None = None) -> list[float]:
     """The losses of 40 steps distilling a tiny student from :func:`random_teacher` on 64 digits, towards the
     CFG target (or, with ``interval``, the guidance-interval target)."""

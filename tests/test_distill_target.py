@@ -6,7 +6,7 @@ import numpy as np
 import mindspore as ms
 import pytest
 
-from conftest import compose_cfg, distillation_losses, random_teacher
+from conftest import compose_cfg, distillation_losses, random_teacher, w_sensitive_student
 from distill.core import diffusion as dm
 from distill.core.data import load_data
 from distill.core.errors import UserError
@@ -264,19 +264,6 @@ def test_the_model_card_names_an_interval_target_and_only_that() -> None:
     assert "passes w = 1 there" in target_text({"target": "interval", "interval": [0.17, 0.88], "interval_input": True})
 
 
-def _w_sensitive_student(seed: int = 0):
-    """A tiny student whose output depends on its w input (the guidance layers perturbed from zero)."""
-    from student.model import student_from_teacher
-
-    student = student_from_teacher(random_teacher(seed), embed_dim=16, w_scale=1000.0)
-    rng = np.random.default_rng(seed)
-    for p in student.trainable_params():
-        if "guidance_" in p.name:
-            p.set_data(ms.Tensor((p.asnumpy() + 0.3 * rng.standard_normal(p.shape)).astype(np.float32)))
-    student.set_train(False)
-    return student
-
-
 def test_round_intervals_hold_exactly_the_steps_that_span_a_teacher_step_taking_w() -> None:
     assert dm.round_interval(None, 8) is None
     assert dm.round_interval((0.17, 0.88), 8) == (0.1875, 0.875)  # 16 -> 8: no step straddles an edge
@@ -328,7 +315,7 @@ def test_an_interval_student_is_sampled_with_its_interval_by_evaluate_and_the_bu
     from distill.core.sampling import SamplerSettings, initial_noise, sample
     from student.bundle import Pretrained, variant_config
 
-    student = _w_sensitive_student()
+    student = w_sensitive_student()
     cell = ConditionalPrediction(student)
     labels = np.arange(4, dtype=np.int32)
     noise = initial_noise(0, 4, (1, 8, 8))

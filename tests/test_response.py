@@ -7,7 +7,7 @@ import numpy as np
 import mindspore as ms
 import pytest
 
-from conftest import compose_cfg
+from conftest import compose_cfg, random_teacher, w_sensitive_student
 from distill.core.errors import UserError
 from distill.core import diffusion as dm
 from student.model import student_from_teacher
@@ -46,6 +46,28 @@ def test_untrained_student_responds_as_the_conditional_model_at_every_w() -> Non
     for r in rows:
         assert all(v == pytest.approx(1.0, abs=1e-4) for v in r["effective_w"].values())
         assert r["relative_error"][1.0] < 1e-4 and r["relative_error"][3.0] == pytest.approx(2.0, abs=1e-3)
+
+
+def test_an_interval_students_response_takes_w_inside_and_1_outside_its_interval() -> None:
+    """The untrained student is the conditional model at any w input, so the interval target's error is 0 at
+    t outside the interval (target: the conditional output) and w - 1 times |cond - uncond| inside; a student
+    with perturbed guidance layers answers the same at every w outside the interval (its input is 1 there)."""
+    teacher = random_teacher()
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 12)
+    times, iv = dm.sampling_times(4)[:-1], (0.3, 0.8)  # guides t = 0.75 and 0.5 of 1, 0.75, 0.5, 0.25
+    untrained = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0)
+    rows = guidance_response(GuidanceBranches(teacher), ConditionalPrediction(untrained), x, y, 10, times,
+                             [0.0, 3.0], "cosine", "v", 0, iv, iv)
+    for r in rows:
+        inside = bool(dm.in_interval(r["t"], iv))
+        assert r["relative_error"][3.0] == pytest.approx(2.0 if inside else 0.0, abs=1e-3)
+    rows = guidance_response(GuidanceBranches(teacher), ConditionalPrediction(w_sensitive_student()), x, y, 10,
+                             times, [0.0, 3.0], "cosine", "v", 0, iv, iv)
+    for r in rows:
+        same = r["effective_w"][0.0] == r["effective_w"][3.0]
+        assert same != bool(dm.in_interval(r["t"], iv))
 
 
 def test_response_job_writes_a_report(tiny_run) -> None:
