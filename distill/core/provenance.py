@@ -38,7 +38,7 @@ NEUTRAL = ("train.log_every", "train.checkpoint_every", "student.targets", "stud
            "student.targets_per_shard", "progressive.student", "progressive.start_steps", "progressive.min_steps",
            "publish.dir", "publish.overwrite")
 # Keys that count only while another key has a given value (key -> (that key, value)): the student's guidance
-# interval makes its targets only with student.target=interval.
+# interval makes its targets, and interval_input its w input, only with student.target=interval.
 ONLY_WHEN: dict[str, tuple[str, Any]] = {"student.interval": ("student.target", "interval"),
                                          "student.interval_input": ("student.target", "interval")}
 

@@ -92,12 +92,15 @@ def target_lines(report: dict[str, Any]) -> list[str]:
     if t.get("target", "cfg") == "cfg":
         return []
     lo, hi = t["interval"]
-    with_interval = sorted(name for name, iv in (t.get("student_intervals") or {}).items() if iv)
-    students = ("each student takes one pass per step, its w input w inside the interval and 1 outside (as it was "
-                "trained)" if with_interval and len(with_interval) == len(t["student_intervals"]) else
-                "each student takes one pass at the same w every step" if not with_interval else
-                f"one pass per step each; {', '.join(with_interval)} with w input 1 outside the interval (as trained), "
-                "the others at the same w every step")
+    sampled = t.get("student_intervals") or {}  # reports from before: every student at the same w every step
+    with_interval = sorted(name for name, iv in sampled.items() if iv)
+    if not with_interval:
+        students = "each student takes one pass at the same w every step"
+    elif len(with_interval) == len(sampled):
+        students = "each student takes one pass per step, its w input w inside the interval and 1 outside (as trained)"
+    else:
+        students = (f"each student takes one pass per step, {', '.join(with_interval)} with w input 1 outside the "
+                    "interval (as trained), the others at the same w every step")
     return [f"The students were distilled with `student.target={t['target']}` (the teacher's CFG output at t in "
             f"[{lo:g}, {hi:g}], its conditional output elsewhere): the teacher here is guided only inside that "
             f"interval (the conditional pass alone outside it), {students}.", ""]

@@ -93,7 +93,8 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     trainer = resumed_trainer(cfg, student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out,
                               student_meta(student.config, cfg, data), build.restart(cfg, follow_inputs))
     log.info("distill: %s targets (%s), %s, loss %s x (1 + w)^-%g, %d steps at batch %d (%d inputs x %d w), %s",
-             s.targets, describe_target(*target, input_interval(s) is not None), describe_w(*w_distribution(s)), s.loss, float(s.w_loss_power),
+             s.targets, describe_target(*target, input_interval(s) is not None), describe_w(*w_distribution(s)),
+             s.loss, float(s.w_loss_power),
              settings.steps, settings.batch_size,
              settings.batch_size // s.ws_per_input, s.ws_per_input,
              f"negative class null with p={negative_draw(s):g}, else another class" if s.negative
