@@ -20,7 +20,9 @@ block's film factor, all multiplied by ``(w - 1) * [y_neg != null]`` (the teache
 null-class one by (1 - w) (out(neg) - out(null))). With the null negative every term is an exact zero,
 so the net is the stage-one student bit for bit; at init (and at w = 1) it is that student for every
 negative. With the guidance MLPs' last layers and f at zero the student is exactly the teacher's
-conditional model until it is trained.
+conditional model until it is trained. A CFG++ student (``guidance_uncond_head``) has twice the output
+channels in its last convolution: its guided output at w = lambda, then its unconditional output, the
+two halves starting as copies of the teacher's last convolution (student.model.student_from_teacher).
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class UNetConfig:
     guidance_film: bool = False     # student: each block also scales its features by 1 + f(embedding), f zero at init
     guidance_negative: bool = False  # student: the class gate's offset is a negative class input (null = the default)
     guidance_negative_path: bool = False  # phase-two student: a negative-class path, exactly zero for the null class
+    guidance_uncond_head: bool = False  # CFG++ student: the last conv's output doubles, (guided at w = lambda, uncond)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
@@ -76,7 +79,7 @@ class UNetConfig:
         # Written only when on, so a config without it equals the stored dicts of older
         # checkpoints, which resume and the teacher check compare as plain dicts.
         for flag in ("guidance_class_gate", "guidance_film", "guidance_negative", "guidance_negative_path",
-                     "scale_shift_norm", "attention_resolutions"):
+                     "guidance_uncond_head", "scale_shift_norm", "attention_resolutions"):
             if not d[flag]:
                 del d[flag]
         return d
@@ -102,7 +105,14 @@ class UNetConfig:
             raise UserError("student: a negative-class input needs the class gate (student.class_gate=true)")
         if self.guidance_negative_path and not self.guidance_negative:
             raise UserError("student: a negative-class path needs the negative-class input (guidance_negative)")
+        if self.guidance_uncond_head and not self.guidance_embed_dim > 0:
+            raise UserError("model: an unconditional output head (guidance_uncond_head) is for a student only")
 
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the network's output: the image's, twice for a CFG++ student (guided, then unconditional)."""
+        return self.in_channels * (2 if self.guidance_uncond_head else 1)
 
     def feature_sizes(self) -> list[int]:
         """The feature-map size (pixels a side) at each level, finest first."""
@@ -346,7 +356,7 @@ class UNet(nn.Cell):
         self.is_resblock_up = [isinstance(c, ResBlock) for c in up]
         self.norm_out = nn.GroupNorm(groups, cur)
         self.act = nn.SiLU()
-        self.conv_out = zero_(conv3x3(cur, config.in_channels))
+        self.conv_out = zero_(conv3x3(cur, config.out_channels))
 
     def embed(self, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_neg: Optional[ms.Tensor] = None) -> ms.Tensor:
         """The one conditioning vector: time + class (+ guidance for the student).

@@ -250,6 +250,31 @@ def interval_guided(cond: np.ndarray, uncond: np.ndarray, w, t, interval: Option
     return np.where(inside, guided, cond)
 
 
+def check_lambda_range(bounds: Any, where: str = "student.lambda_range") -> Tuple[float, float]:
+    """A range [lo, hi] of CFG++ scales lambda, inside [0, 1] (the student's training range for target=cfgpp)."""
+    try:
+        lo, hi = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}={bounds!r} must be two numbers [lo, hi]") from None
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise UserError(f"{where}=[{lo:g}, {hi:g}] must satisfy 0 <= lo <= hi <= 1 (CFG++ lambda lies in [0, 1])")
+    return lo, hi
+
+
+def cfgpp_heads(cond: np.ndarray, uncond: np.ndarray, lam) -> np.ndarray:
+    """The two-head target of a CFG++ student, (B, 2C, ...): the guided output ``uncond + lam (cond - uncond)``
+    (the x0 CFG++ takes) in the first C channels, ``uncond`` (the noise it re-noises with) in the last C;
+    ``lam`` one per example or a scalar."""
+    guided = cfg_combine(cond, uncond, np.asarray(lam, np.float32).reshape(-1, *([1] * (np.ndim(cond) - 1))))
+    return np.concatenate([guided, uncond], axis=1)
+
+
+def split_heads(out: Array) -> Tuple[Array, Array]:
+    """(guided, uncond) halves of a two-head output (B, 2C, ...) along the channel axis."""
+    c = out.shape[1] // 2
+    return out[:, :c], out[:, c:]
+
+
 def _clamp(x: Array, lo: float, hi: float) -> Array:
     return np.clip(x, lo, hi) if isinstance(x, np.ndarray) else ops.clamp(x, lo, hi)
 
