@@ -33,7 +33,7 @@ class SamplerSettings:
     clip_x0: bool = True
     dynamic_threshold: Optional[float] = None  # percentile, e.g. 0.995; None = plain clip
     engine: str = "step"               # step | loop (compiled, see SamplerStep / SamplerLoop) | eager (reference)
-    guidance: str = "cfg"              # cfg | cfgpp (two-pass cells only; the scale w is then CFG++'s lambda) |
+    guidance: str = "cfg"              # cfg | cfgpp (two-pass cells and CFG++ students; w is then CFG++'s lambda) |
                                        # classifier (a cell with a noise-aware classifier; w is the scale s)
     guidance_interval: Optional[Tuple[float, float]] = None  # guide only at steps with t_lo <= t <= t_hi
 
@@ -100,10 +100,11 @@ def classifier_calls_per_image(settings: SamplerSettings) -> int:
     return settings.num_steps if settings.guidance == "classifier" else 0
 
 
-def check_guidance_for(settings: SamplerSettings, passes: int, w: float, has_classifier: bool = False) -> None:
-    """CFG++ needs both outputs of a two-pass cell, and its scale (``w``) is lambda in [0, 1]; classifier
-    guidance needs a cell with a noise-aware classifier (and such a cell samples with nothing else), its
-    scale s >= 0."""
+def check_guidance_for(settings: SamplerSettings, passes: int, w: float, has_classifier: bool = False,
+                       cfgpp_heads: bool = False) -> None:
+    """CFG++ needs both outputs of a two-pass cell, or a CFG++ student's two heads (``cfgpp_heads``; such a cell
+    samples with nothing else), and its scale (``w``) is lambda in [0, 1]; classifier guidance needs a cell with a
+    noise-aware classifier (and such a cell samples with nothing else), its scale s >= 0."""
     if (settings.guidance == "classifier") != has_classifier:
         if has_classifier:
             raise UserError(f"sampler: a classifier-guided prediction samples with guidance=classifier, "
@@ -112,11 +113,16 @@ def check_guidance_for(settings: SamplerSettings, passes: int, w: float, has_cla
                         "(teacher.guidance.ClassifierGuidedPrediction); a one-pass student or a CFG teacher has none")
     if settings.guidance == "classifier":
         dm.check_classifier_scale(w, "sampler")
+    if cfgpp_heads and settings.guidance != "cfgpp":
+        raise UserError(f"sampler: a CFG++ student (student.target=cfgpp) samples with guidance=cfgpp only (its w "
+                        f"input is CFG++'s lambda), not guidance={settings.guidance}")
     if settings.guidance != "cfgpp":
         return
-    if passes < 2:
-        raise UserError("sampler: guidance=cfgpp needs the two-pass teacher (the guided x0 and the unconditional "
-                        "noise); a one-pass student has one output: sample it with guidance=cfg")
+    if passes < 2 and not cfgpp_heads:
+        raise UserError("sampler: guidance=cfgpp needs the two-pass teacher or a CFG++ student (the guided x0 and "
+                        "the unconditional noise); a one-pass CFG student has one output: sample it with guidance=cfg")
+    if cfgpp_heads and settings.guidance_interval is not None:
+        raise UserError("sampler: a CFG++ student guides at every step; sample it with guidance_interval=null")
     dm.check_cfgpp_lambda(w, "sampler")
 
 
@@ -166,8 +172,8 @@ class SamplerStep(nn.Cell):
     sampler computed for all steps before the first one. The step's coefficients come in as a tensor
     (a row of :func:`step_coefficients`), so one compiled graph serves every step of every step count.
     Returns ``(z_s, x0)``; the last step of a sampler keeps ``x0``. With ``guidance=cfgpp`` the cell's
-    ``predict_branches`` gives (cond, uncond) and the update re-noises with the unconditional noise
-    (:func:`distill.core.diffusion.step_x0_eps`). With ``guidance=classifier`` the cell's ``predict_and_grad``
+    ``predict_branches`` gives (cond, uncond) (a CFG++ student's ``predict_heads``: (guided, uncond) from its one
+    pass) and the update re-noises with the unconditional noise (:func:`distill.core.diffusion.step_x0_eps`). With ``guidance=classifier`` the cell's ``predict_and_grad``
     gives the unconditional output and grad_z log p(y | z, t) (autodiff inside this graph), and ``w`` is the
     scale s of :func:`distill.core.diffusion.classifier_guided_output`.
     """
@@ -181,15 +187,19 @@ class SamplerStep(nn.Cell):
         self.ddpm = settings.kind == "ddpm"
         self.stochastic = settings.stochastic
         self.cfgpp = settings.guidance == "cfgpp"
+        self.heads = bool(getattr(cell, "cfgpp_heads", False))  # a CFG++ student: its one pass is already guided
         self.classifier = settings.guidance == "classifier"
 
     def construct(self, z, cond, w, coef, noise):
         a_t = coef[0]
         s_t = coef[1]
         if self.cfgpp:
-            cond_out, uncond_out = self.cell.predict_branches(z, cond)
-            x0, eps = dm.step_x0_eps(z, dm.cfg_combine(cond_out, uncond_out, w.reshape(-1, 1, 1, 1)), a_t, s_t,
-                                     self.prediction, self.clip, self.threshold, uncond_out)
+            if self.heads:
+                guided, uncond_out = self.cell.predict_heads(z, cond)
+            else:
+                cond_out, uncond_out = self.cell.predict_branches(z, cond)
+                guided = dm.cfg_combine(cond_out, uncond_out, w.reshape(-1, 1, 1, 1))
+            x0, eps = dm.step_x0_eps(z, guided, a_t, s_t, self.prediction, self.clip, self.threshold, uncond_out)
             z_t = dm.q_sample(x0, eps, a_t, s_t)  # DDPM: the posterior from the point CFG++ re-noises
         else:
             if self.classifier:
@@ -300,6 +310,16 @@ class Predictor:
         return self._method("branches")(z, t, y, w, y_uncond)
 
     @property
+    def cfgpp_heads(self) -> bool:
+        """Whether the cell is a CFG++ student: one pass gives (guided, uncond) (:meth:`heads`)."""
+        return bool(getattr(self.cell, "cfgpp_heads", False))
+
+    def heads(self, z: ms.Tensor, t: ms.Tensor, y: ms.Tensor, w: ms.Tensor, y_uncond: ms.Tensor
+              ) -> tuple[ms.Tensor, ms.Tensor]:
+        """A CFG++ student's (guided, uncond) outputs from its one call (eager CFG++)."""
+        return self._method("heads")(z, t, y, w, y_uncond)
+
+    @property
     def has_classifier(self) -> bool:
         return bool(getattr(self.cell, "has_classifier", False))
 
@@ -391,7 +411,8 @@ def sample(
     settings.validate()
     if noise.ndim < 2 or noise.shape[0] < 1:
         raise UserError(f"sampler: noise of shape {noise.shape} holds no image (batch must be >= 1)")
-    check_guidance_for(settings, int(getattr(predict, "passes", 1)), w, bool(getattr(predict, "has_classifier", False)))
+    check_guidance_for(settings, int(getattr(predict, "passes", 1)), w, bool(getattr(predict, "has_classifier", False)),
+                       bool(getattr(predict, "cfgpp_heads", False)))
     if settings.engine == "eager" or not isinstance(predict, Predictor):
         return _sample_eager(predict, noise, labels, w, settings, uncond_labels, seed)
     b = noise.shape[0]
@@ -442,9 +463,12 @@ def _sample_eager(predict, noise, labels, w, settings, uncond_labels, seed) -> n
         t_vec = ms.Tensor(np.full(b, t, np.float32))
         w_vec = ms.Tensor(np.full(b, ws[i], np.float32))
         if guided[i] and settings.guidance == "cfgpp":
-            cond, uncond = predict.branches(z, t_vec, y, w_vec, y_uncond)
-            x0, eps = dm.step_x0_eps(z, dm.cfg_combine(cond, uncond, w_vec.reshape(-1, 1, 1, 1)), a_t, s_t, *x0_opts,
-                                     uncond)
+            if getattr(predict, "cfgpp_heads", False):
+                out, uncond = predict.heads(z, t_vec, y, w_vec, y_uncond)
+            else:
+                cond, uncond = predict.branches(z, t_vec, y, w_vec, y_uncond)
+                out = dm.cfg_combine(cond, uncond, w_vec.reshape(-1, 1, 1, 1))
+            x0, eps = dm.step_x0_eps(z, out, a_t, s_t, *x0_opts, uncond)
             z_t = dm.q_sample(x0, eps, a_t, s_t)  # DDPM: the posterior from the point CFG++ re-noises
         elif settings.guidance == "classifier":
             uncond, grad = predict.output_and_grad(z, t_vec, y, w_vec, y_uncond)
