@@ -55,8 +55,13 @@ def guidance_loss_weight(w: np.ndarray, power: float) -> np.ndarray:
 
 def w_distribution(source: Mapping[str, Any]) -> tuple[float, float, float]:
     """(w_min, w_max, w_power) from the ``student`` config or a student checkpoint's meta
-    (students from before w_power drew w uniformly: power 1)."""
-    return float(source["w_min"]), float(source["w_max"]), float(source.get("w_power", 1.0))
+    (students from before w_power drew w uniformly: power 1). With ``target=cfgpp`` the student's w input is
+    CFG++'s lambda: the config's ``lambda_range`` (inside [0, 1]) replaces [w_min, w_max] (a checkpoint's meta
+    records that range as its w_min, w_max)."""
+    power = float(source.get("w_power", 1.0))
+    if str(source.get("target", "cfg")) == "cfgpp" and source.get("lambda_range") is not None:
+        return (*dm.check_lambda_range(list(source["lambda_range"])), power)
+    return float(source["w_min"]), float(source["w_max"]), power
 
 
 def describe_w(w_min: float, w_max: float, power: float) -> str:
@@ -94,15 +99,13 @@ TARGETS = ("cfg", "interval", "cfgpp")
 def distill_target(source: Mapping[str, Any]) -> tuple[str, Optional[tuple[float, float]]]:
     """(target, guidance interval or None) the student is distilled to, from the ``student`` config or a student
     checkpoint's meta (students from before the option: ``cfg``). ``interval``: the teacher's guided output at
-    times t in [t_lo, t_hi] (the sampler's ``guidance_interval`` rule), its conditional output elsewhere."""
+    times t in [t_lo, t_hi] (the sampler's ``guidance_interval`` rule), its conditional output elsewhere.
+    ``cfgpp``: two output heads, the teacher's guided output at w = lambda and its unconditional output
+    (:func:`distill.core.diffusion.cfgpp_heads`), what a CFG++ sampler step takes from the two passes."""
     target = str(source.get("target", "cfg"))
     if target not in TARGETS:
-        raise UserError(f"student: unknown target '{target}' (choose cfg or interval; cfgpp is not supported yet)")
-    if target == "cfgpp":
-        raise UserError("student.target=cfgpp is not supported yet: CFG++ needs two outputs per step (the guided x0 "
-                        "and the unconditional noise) and the student has one; use cfg or interval (design: "
-                        "docs/sampling.md)")
-    if target == "cfg":
+        raise UserError(f"student: unknown target '{target}' (choose {', '.join(TARGETS)})")
+    if target in ("cfg", "cfgpp"):
         return target, None
     interval = source.get("interval")
     if interval is None:
@@ -129,6 +132,8 @@ def describe_target(target: str, interval: Optional[tuple[float, float]], w_inpu
     if target == "interval":
         return (f"CFG inside t in [{interval[0]:g}, {interval[1]:g}], the conditional output outside"
                 + (" (the student's w input 1 there)" if w_input else ""))
+    if target == "cfgpp":
+        return "CFG++: the guided output at w = lambda and the unconditional output, two heads"
     return "CFG at every t"
 
 
@@ -173,19 +178,23 @@ def distill_inputs(data: ImageData, batch_size: int, seed: int, start_step: int,
 
 def teacher_targets(teacher_branches: Callable[..., tuple[ms.Tensor, ms.Tensor]],
                     inputs: tuple[np.ndarray, ...], ws_per_input: int = 1,
-                    interval: Optional[tuple[float, float]] = None) -> np.ndarray:
+                    interval: Optional[tuple[float, float]] = None, target: str = "cfg") -> np.ndarray:
     """The two-pass guided teacher output ``out(neg) + w (out(y) - out(neg))`` (neg = each row's
     negative class, the null class for plain CFG) for one batch of distillation inputs;
     ``teacher_branches`` gives (cond, uncond) (:class:`GuidanceBranches`).
     With ``ws_per_input`` k the teacher runs on every k-th row only (the rows in between repeat it).
     With a guidance ``interval`` (``student.target=interval``) a row whose t lies outside it gets the
-    conditional output ``out(y)`` instead (:func:`distill.core.diffusion.interval_guided`)."""
+    conditional output ``out(y)`` instead (:func:`distill.core.diffusion.interval_guided`). With ``target=cfgpp``
+    the target has twice the channels: the guided output at w (lambda), then ``out(neg)``
+    (:func:`distill.core.diffusion.cfgpp_heads`)."""
     z, t, y, w, y_neg, _, _ = inputs
     t_rows, k = t, ws_per_input
     z, t, y, y_neg = z[::k], t[::k], y[::k], y_neg[::k]
     cond, uncond = teacher_branches(ms.Tensor(z), ms.Tensor(t), ms.Tensor(y), ms.Tensor(w[::k]),
                                     ms.Tensor(y_neg.astype(np.int32)))
     cond, uncond = (np.repeat(a.asnumpy(), k, axis=0) for a in (cond, uncond))
+    if target == "cfgpp":
+        return dm.cfgpp_heads(cond, uncond, w).astype(np.float32)
     if interval is not None:
         return dm.interval_guided(cond, uncond, w, t_rows, interval).astype(np.float32)
     return dm.cfg_combine(cond, uncond, w.reshape(-1, 1, 1, 1)).astype(np.float32)

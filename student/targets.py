@@ -51,7 +51,8 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
             # only when set, so shards made before the option existed still match
             **({"ws_per_input": int(s.ws_per_input)} if s.get("ws_per_input", 1) != 1 else {}),
             **({"p_null_negative": negative_draw(s)} if negative_draw(s) < 1.0 else {}),
-            **({"target": target, "interval": list(interval)} if target != "cfg" else {}),
+            **({"target": target} if target != "cfg" else {}),
+            **({"interval": list(interval)} if interval is not None else {}),
             # only when set, so shards of interval students from before the option still match
             **({"interval_input": True} if input_interval(s) is not None else {})}
 

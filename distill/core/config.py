@@ -93,6 +93,7 @@ class StudentConfig:
     target: str = MISSING
     interval: Optional[List[float]] = MISSING
     interval_input: bool = MISSING
+    lambda_range: List[float] = MISSING
     loss: str = MISSING
     targets: str = MISSING
     targets_dir: Optional[str] = MISSING

@@ -38,9 +38,11 @@ NEUTRAL = ("train.log_every", "train.checkpoint_every", "student.targets", "stud
            "student.targets_per_shard", "progressive.student", "progressive.start_steps", "progressive.min_steps",
            "publish.dir", "publish.overwrite")
 # Keys that count only while another key has a given value (key -> (that key, value)): the student's guidance
-# interval makes its targets, and interval_input its w input, only with student.target=interval.
+# interval makes its targets, and interval_input its w input, only with student.target=interval; its lambda range
+# counts only with student.target=cfgpp.
 ONLY_WHEN: dict[str, tuple[str, Any]] = {"student.interval": ("student.target", "interval"),
-                                         "student.interval_input": ("student.target", "interval")}
+                                         "student.interval_input": ("student.target", "interval"),
+                                         "student.lambda_range": ("student.target", "cfgpp")}
 
 # Keys added to a stage after outputs were recorded without them: a record that lacks one still matches
 # when today's value is the one here, the value that makes what the record's code made (an upgrade that

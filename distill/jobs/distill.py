@@ -59,7 +59,7 @@ def online_batches(cfg: DictConfig, data: ImageData, teacher: UNet, batch_size: 
     s = cfg.student
     loss_space, prediction, w_loss_power = str(s.loss), str(cfg.diffusion.prediction), float(s.w_loss_power)
     branches = jit_predictor(GuidanceBranches(teacher), bool(cfg.jit))
-    _, interval = distill_target(s)
+    target, interval = distill_target(s)
 
     def factory(start: int) -> Callable[[int], tuple[np.ndarray, ...]]:
         make = distill_inputs(data, batch_size, int(cfg.seed), start, cfg.diffusion.schedule,
@@ -67,8 +67,8 @@ def online_batches(cfg: DictConfig, data: ImageData, teacher: UNet, batch_size: 
 
         def batch(step: int) -> tuple[np.ndarray, ...]:
             inputs = shard(make(step), batch_size)  # data parallel: targets for this rank's slice only
-            target = teacher_targets(branches, inputs, s.ws_per_input, interval)
-            return regression_batch(inputs, target, loss_space, prediction, w_loss_power)
+            out = teacher_targets(branches, inputs, s.ws_per_input, interval, target)
+            return regression_batch(inputs, out, loss_space, prediction, w_loss_power)
         return batch
 
     return factory
@@ -87,7 +87,7 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     teacher = load_teacher(cfg, data)
     out = build.run_dir(cfg) / "student"
     student = student_from_teacher(teacher, int(s.embed_dim), float(s.w_scale), bool(s.class_gate), bool(s.film),
-                                   bool(s.negative))
+                                   bool(s.negative), uncond_head=target[0] == "cfgpp")
     ema = UNet(student.config)
     settings = build.train_settings(s.train, int(cfg.seed), bool(cfg.jit))
     trainer = resumed_trainer(cfg, student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out,

@@ -64,7 +64,7 @@ def run_targets(cfg: DictConfig) -> Path:
     steps, per_shard = int(s.train.steps), int(s.targets_per_shard)
     if per_shard < 1:
         raise UserError(f"student: targets_per_shard {per_shard} must be >= 1")
-    _, interval = distill_target(s)
+    target, interval = distill_target(s)
     fp = fingerprint(cfg)
     grid, sums, missing = check_folder(folder, fp, steps, per_shard) if is_main() else ([], {}, [])
     grid, missing = agree_on_missing(grid, missing, per_shard)
@@ -82,7 +82,7 @@ def run_targets(cfg: DictConfig) -> Path:
         rows = []
         for step in range(start, stop):
             inputs = make(step)
-            rows.append(inputs + (teacher_targets(branches, inputs, s.ws_per_input, interval),))
+            rows.append(inputs + (teacher_targets(branches, inputs, s.ws_per_input, interval, target),))
             bar.update(1)
         shard = {name: np.stack([r[i] for r in rows]) for i, name in enumerate(FIELDS)}
         path = folder / shard_name(start, stop)
