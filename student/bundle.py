@@ -77,6 +77,8 @@ def build_net(config: dict[str, Any], weights: Path) -> Any:
     ucfg = UNetConfig.from_dict(config["model"])
     if ucfg.guidance_embed_dim <= 0:
         raise UserError("bundle config describes a network without a guidance embedding: not a student")
+    if ucfg.guidance_uncond_head:  # publish refuses them: sample() and the MINDIR sampler run CFG
+        raise UserError("bundle config describes a CFG++ student (two output heads): bundles hold CFG students only")
     net = UNet(ucfg)
     load_weights(net, weights)
     net.set_train(False)

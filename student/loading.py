@@ -27,8 +27,10 @@ def negative_phase_checkpoint_path(cfg: DictConfig) -> Path:
 
 def serving_student_path(cfg: DictConfig) -> Path:
     """The one-pass student that evaluate and publish use at the sampler's steps: the phase-two student when
-    ``negative_phase.enabled`` (with the null class it is the stage-one student bit for bit), else stage one."""
-    return negative_phase_checkpoint_path(cfg) if bool(cfg.negative_phase.enabled) else student_checkpoint_path(cfg)
+    ``negative_phase.enabled`` (with the null class it is the stage-one student bit for bit), else stage one (always
+    for ``student.target=cfgpp``: the negative phase is for CFG students)."""
+    phase_two = bool(cfg.negative_phase.enabled) and str(cfg.student.get("target", "cfg")) != "cfgpp"
+    return negative_phase_checkpoint_path(cfg) if phase_two else student_checkpoint_path(cfg)
 
 
 def student_meta(ucfg: UNetConfig, cfg: DictConfig, data: ImageData) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def metrics_table(report: dict[str, Any]) -> str:
             rows.append([f"{w:g}", f"{t['fd']:.3f}", f"{s['fd']:.3f}", f"{ratio:.2f}", f"{t['accuracy']:.3f}",
                          f"{s['accuracy']:.3f}", f"{100 * (s['accuracy'] - t['accuracy']):+.1f}", f"{psnr:.1f}",
                          _label(name, report["models"][name])])
-    return markdown_table(["w", "teacher FD", "student FD", "FD ratio", "teacher acc", "student acc",
+    return markdown_table([report.get("scale", "w"), "teacher FD", "student FD", "FD ratio", "teacher acc", "student acc",
                            "acc diff (pts)", "PSNR s-vs-t (dB)", "student (steps)"], rows)
 
 
@@ -91,6 +91,11 @@ def target_lines(report: dict[str, Any]) -> list[str]:
     t = report.get("student_target") or {}
     if t.get("target", "cfg") == "cfg":
         return []
+    if t["target"] == "cfgpp":
+        return ["The students were distilled with `student.target=cfgpp` (two heads: the teacher's guided output at "
+                "w = lambda and its unconditional output): the teacher here samples with CFG++ (two passes per step), "
+                "each student with CFG++ from its one pass; the scale is CFG++'s lambda (`eval.cfgpp_lambdas`), not w.",
+                ""]
     lo, hi = t["interval"]
     sampled = t.get("student_intervals") or {}  # reports from before: every student at the same w every step
     with_interval = sorted(name for name, iv in sampled.items() if iv)
@@ -248,7 +253,7 @@ def plot_metrics(report: dict[str, Any], path: Path) -> Path:
             axes[2].plot(ws, [m["per_w"][str(w)]["psnr"] for w in ws], marker="o", label=name)
     axes[0].axhline(report["real_vs_real_fd"], color="gray", ls="--", label="real vs real")
     for ax, title in zip(axes, ("Frechet distance (lower is better)", "class accuracy", "student vs teacher PSNR (dB)")):
-        ax.set_xlabel("guidance weight w")
+        ax.set_xlabel("CFG++ lambda" if report.get("scale") == "lambda" else "guidance weight w")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()

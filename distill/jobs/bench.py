@@ -115,6 +115,7 @@ def bench_provenance(cfg: DictConfig, data: ImageData) -> dict[str, Any]:
 def bench_models(cfg: DictConfig, data: ImageData) -> list[BenchModel]:
     """The models of :func:`bench_checkpoints`, ready to time."""
     from student.loading import load_student
+    from student.model import check_one_head
     from teacher.guidance import ConditionalPrediction, GuidedPrediction
     from teacher.loading import load_teacher
 
@@ -123,6 +124,8 @@ def bench_models(cfg: DictConfig, data: ImageData) -> list[BenchModel]:
     models = []
     for name, path, steps in bench_checkpoints(cfg, data):
         net = load_teacher(cfg, data) if name == "teacher" else load_student(cfg, data, path)[0]
+        if name != "teacher":
+            check_one_head(net, "task=bench")
         cell = GuidedPrediction(net) if name == "teacher" else ConditionalPrediction(net)
         models.append(BenchModel(name, jit_predictor(cell, use_jit), int(cell.passes),
                                  forward_flops(net, *args)["total"], str(path), steps=steps))

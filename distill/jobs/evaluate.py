@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from distill.core import build, provenance
+from distill.core import diffusion as dm
 from distill.core.classifier import features_and_predictions
 from distill.core.data import ImageData, load_data
 from distill.core.errors import UserError
@@ -40,7 +41,8 @@ from distill.jobs.negatives import NegativePlan, evaluate_negatives, negative_pl
 from student.distill import describe_target, distill_target, input_interval
 from student.loading import load_student, serving_student_path
 from student.progressive import verified_rounds
-from teacher.guidance import ConditionalPrediction, GuidedPrediction
+from student.model import student_prediction
+from teacher.guidance import GuidedPrediction
 from teacher.loading import classifier_checkpoint_path, load_teacher, teacher_checkpoint_path
 
 log = logging.getLogger(__name__)
@@ -138,7 +140,7 @@ def evaluation_models(cfg: DictConfig, data: ImageData, specs: list[tuple[str, P
     targets, w_intervals = {}, {}
     for name, path, steps in specs:
         student, meta = load_student(cfg, data, path or serving_student_path(cfg))
-        models[name] = (ConditionalPrediction(student),
+        models[name] = (student_prediction(student),
                         int(steps or meta.get("sampling_steps") or cfg.sampler.num_steps))
         targets[name] = distill_target(meta)
         w_intervals[name] = input_interval(meta)
@@ -164,8 +166,15 @@ def model_settings(cfg: DictConfig, models: dict[str, tuple[Any, int]],
     guided only inside their interval, and are themselves sampled with the interval their w input follows
     (``w_intervals``, :func:`student.distill.input_interval`: w inside, 1 outside, as they were trained), or
     without one when they took w at every t (interval students from before ``interval_input``: one pass at the
-    same w every step); ``sampler.guidance_interval``, if set, must then be that interval."""
+    same w every step); ``sampler.guidance_interval``, if set, must then be that interval. Students
+    distilled with ``target=cfgpp`` and the teacher all sample with CFG++ (the teacher in two passes, a student
+    from its two heads in one)."""
     settings = {name: build.sampler_settings(cfg, steps) for name, (_, steps) in models.items()}
+    if target[0] == "cfgpp":
+        if settings["teacher"].guidance_interval is not None:
+            raise UserError("evaluate: a CFG++ student (target=cfgpp) guides every step; set "
+                            "sampler.guidance_interval=null")
+        return {name: dataclasses.replace(s, guidance="cfgpp") for name, s in settings.items()}
     interval = target[1]
     if interval is None:
         return settings
@@ -177,6 +186,14 @@ def model_settings(cfg: DictConfig, models: dict[str, tuple[Any, int]],
     w_intervals = w_intervals or {}
     return {name: dataclasses.replace(s, guidance_interval=interval if name == "teacher" else w_intervals.get(name))
             for name, s in settings.items()}
+
+
+def evaluation_scales(cfg: DictConfig, target: str) -> tuple[str, list[float]]:
+    """(name, grid) of the guidance scales the models are compared at: CFG's ``eval.ws``, or for CFG++ students
+    CFG++'s lambda over ``eval.cfgpp_lambdas``."""
+    if target == "cfgpp":
+        return "lambda", [dm.check_cfgpp_lambda(float(x), "eval.cfgpp_lambdas") for x in cfg.eval.cfgpp_lambdas]
+    return "w", [float(w) for w in cfg.eval.ws]
 
 
 def sample_stem(name: str, steps: int) -> str:
@@ -202,13 +219,14 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     method_base = build.sampler_settings(cfg, settings["teacher"].num_steps)
     reuse_cfg = settings["teacher"] == method_base
     if not is_main():  # the other workers only draw their share of the samples
-        return _sample_share(cfg, data, negatives, predictors, settings, guided, method_base, reuse_cfg)
+        return _sample_share(cfg, data, negatives, predictors, settings, guided, method_base, reuse_cfg, target[0])
     students = [name for name in models if name != "teacher"]
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
-    ws = [float(w) for w in cfg.eval.ws]
+    scale, ws = evaluation_scales(cfg, target[0])
     real_feats, _ = features_and_predictions(clf, data.test_images)
     report: dict[str, Any] = {
-        "provenance": evaluate_provenance(cfg, data, specs), "num_samples": n, "sampler": build.plain(cfg.sampler), "ws": ws,
+        "provenance": evaluate_provenance(cfg, data, specs), "num_samples": n, "sampler": build.plain(cfg.sampler),
+        "ws": ws, "scale": scale,
         "classifier_heldout_accuracy": float(getattr(clf, "heldout_accuracy", float("nan"))),
         "real_vs_real_fd": real_floor(real_feats, seed), "num_heldout": int(len(data.test_images)),
         "student_target": {"target": target[0], "interval": list(target[1]) if target[1] else None,
@@ -236,14 +254,14 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
                 metrics.update(psnr=mean_psnr(imgs, images["teacher"]), mse=float(mse(imgs, images["teacher"]).mean()))
             report["models"][name]["per_w"][str(w)] = metrics
             steps = settings[name].num_steps
-            save_samples_npz(samples_dir / f"{sample_stem(name, steps)}_w{w:g}.npz", imgs, labels, w=w, model=name,
-                             steps=steps)
+            save_samples_npz(samples_dir / f"{sample_stem(name, steps)}_{scale}{w:g}.npz", imgs, labels, w=w,
+                             model=name, steps=steps)
             grid_rows.append((f"{name} ({steps} steps)", imgs[: 2 * data.num_classes]))
-            rows.append((f"{name} ({steps} steps) w={w:g}", imgs[: 2 * data.num_classes]))
-        save_side_by_side_png(grid_rows, out / f"grid_w{w:g}.png")  # the models side by side on the same noise
+            rows.append((f"{name} ({steps} steps) {scale}={w:g}", imgs[: 2 * data.num_classes]))
+        save_side_by_side_png(grid_rows, out / f"grid_{scale}{w:g}.png")  # the models side by side on the same noise
         first = report["models"][students[0]]["per_w"][str(w)]
         report["agreement"][str(w)] = {"psnr": first["psnr"], "mse": first["mse"]}
-        log.info("evaluate: w=%g %s", w, "  ".join(
+        log.info("evaluate: %s=%g %s", scale, w, "  ".join(
             f"{m} fd={r['fd']:.2f} acc={r['accuracy']:.3f}" + (f" psnr={r['psnr']:.1f}dB" if "psnr" in r else "")
             for m, r in ((m, report["models"][m]["per_w"][str(w)]) for m in predictors)))
     total = n * len(ws)
@@ -298,11 +316,11 @@ def _method_draw(cfg: DictConfig, data: ImageData, across_ranks: bool) -> Any:
 
 def _sample_share(cfg: DictConfig, data: ImageData, negatives: NegativePlan | None,
                   predictors: dict[str, Predictor], settings: dict[str, SamplerSettings],
-                  guided: Predictor | None, method_base: SamplerSettings, reuse_cfg: bool) -> None:
+                  guided: Predictor | None, method_base: SamplerSettings, reuse_cfg: bool, target: str) -> None:
     """A worker other than rank 0: the sampler calls of rank 0 in the same order (w by w, model by
     model), drawing its own share of each; rank 0 judges and writes."""
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
-    for w in [float(w) for w in cfg.eval.ws]:
+    for w in evaluation_scales(cfg, target)[1]:
         for name, predict in predictors.items():
             guided_samples(predict, data, cfg, w, n, seed, settings[name], across_ranks=True)
     sample_methods_share(cfg, predictors["teacher"], method_base, _method_draw(cfg, data, True), guided, reuse_cfg)

@@ -19,7 +19,9 @@ from distill.core.sampling import Predictor, SamplerSettings, classifier_calls_p
 log = logging.getLogger(__name__)
 
 METHODS = ("cfg", "cfgpp", "interval", "classifier")
-# Tasks that sample a one-pass student with the config's sampler: CFG++ and classifier guidance cannot run there.
+# Tasks that sample a one-pass student with the config's sampler: CFG++ and classifier guidance cannot run there
+# (CFG++ can in task=evaluate for a student distilled with student.target=cfgpp: its second head is the
+# unconditional output).
 STUDENT_SAMPLING_TASKS = ("evaluate", "bench", "publish", "sample", "pipeline")
 
 
@@ -51,11 +53,12 @@ def _check_grid(values: Any, key: str, check: Callable[[float, str], float], exa
 
 def check_sampler_guidance(cfg: DictConfig) -> None:
     """``sampler.guidance`` and its scales; CFG++ and classifier guidance refused where a one-pass student would
-    be sampled."""
+    be sampled (CFG++ is allowed for the evaluation of a ``student.target=cfgpp`` student)."""
     dm.check_cfgpp_lambda(float(cfg.sampler.guidance_lambda), "sampler.guidance_lambda")
     dm.check_classifier_scale(float(cfg.sampler.classifier_scale), "sampler.classifier_scale")
     guidance, task = str(cfg.sampler.guidance), str(cfg.task)
-    if guidance == "cfgpp" and task in STUDENT_SAMPLING_TASKS:
+    cfgpp_student = str(cfg.student.get("target", "cfg")) == "cfgpp"
+    if guidance == "cfgpp" and task in STUDENT_SAMPLING_TASKS and not (cfgpp_student and task == "evaluate"):
         raise UserError(f"sampler.guidance=cfgpp cannot sample the one-pass student (task={task}): it has one "
                         f"output, CFG++ needs the guided x0 and the unconditional noise; compare CFG++ on the teacher "
                         f"with task=evaluate eval.methods=[cfg,cfgpp]")

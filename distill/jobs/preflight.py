@@ -26,6 +26,11 @@ from teacher.noisy_classifier import check_classifier_shape
 from teacher.objective import check_p_uncond
 
 
+# Tasks that take a CFG (or interval) student only: a student.target=cfgpp student runs task=distill, targets and
+# evaluate (progressive rounds, the negative phase, the bench, response and the bundle read one output head).
+CFG_STUDENT_TASKS = ("negative_phase", "progressive", "bench", "publish", "response", "pipeline")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise a one-line UserError for the first bad value of ``cfg``."""
     check_known_keys(cfg)
@@ -54,6 +59,15 @@ def check_config(cfg: DictConfig) -> None:
         check_ws_per_input(s.ws_per_input, int(cfg.negative_phase.train.batch_size))
     check_targets(str(s.targets))
     target, _ = distill_target(s)
+    if target == "cfgpp" and str(cfg.task) in CFG_STUDENT_TASKS:
+        raise UserError(f"student.target=cfgpp: task={cfg.task} is not built for the CFG++ student's two heads; "
+                        f"run task=distill, then task=evaluate eval.progressive=false (docs/sampling.md)")
+    if target == "cfgpp" and str(cfg.task) == "evaluate" and bool(cfg.eval.progressive) \
+            and not (cfg.eval.get("student") or cfg.eval.get("students")):
+        raise UserError("student.target=cfgpp has no progressive rounds (not built for two heads): set "
+                        "eval.progressive=false")
+    if target == "cfgpp" and bool(s.negative):
+        raise UserError("student.target=cfgpp takes no negative class: set student.negative=false")
     p = cfg.progressive
     round_plan(int(p.start_steps), int(p.min_steps))
     if first_teacher(p) == "cfg" and target != "cfg":

@@ -20,6 +20,7 @@ from distill.core.sampling import jit_predictor
 from distill.core.weights import copy_weights, weights_digest
 from student.distill import check_w_loss_power, check_w_range, describe_w, negative_draw
 from student.loading import load_student
+from student.model import check_one_head
 from student.progressive import (check_w0_share, finished_round, progressive_batches, progressive_dir,
                                  round_checkpoint_path, round_meta, round_plan, round_steps, round_w_intervals,
                                  round_w_settings, source_checkpoint)
@@ -44,6 +45,7 @@ def run_progressive(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     data = load_data(cfg.data)
     source = source_checkpoint(cfg)
     source_net, source_meta = load_student(cfg, data, source)
+    check_one_head(source_net, "progressive distillation")
     source_digest = weights_digest(source_net)
     for key, want in (("schedule", schedule), ("prediction", prediction)):
         if source_meta.get(key, want) != want:

@@ -16,6 +16,7 @@ from student.bundle import (CARD, CONFIG, GRID, MINDIR, NEGATIVE_GRID, WEIGHTS, 
                             write_manifest)
 from student.distill import input_interval
 from student.loading import load_student, serving_student_path
+from student.model import check_one_head
 from student.progressive import verified_rounds
 from student.publish import (bundle_config, bundle_dir, export_mindir, export_sampler_mindir, read_report,
                              variant_weights, write_negative_grid, write_sample_grid)
@@ -28,6 +29,7 @@ def bundle_students(cfg: DictConfig, data: ImageData, few_step: bool) -> list[tu
     """(sampling steps, net, metadata) of the students to publish, the bundle's default last: the stage-one
     student (the phase-two one with ``negative_phase.enabled``), then (``few_step``) every progressive round, each checked to descend from it."""
     net, meta = load_student(cfg, data, serving_student_path(cfg))
+    check_one_head(net, "task=publish")
     stage = "distill + negative_phase" if meta.get("stage") == "negative_phase" else "distill"
     students = [(int(cfg.sampler.num_steps), net, dict(meta, stage=stage))]
     if few_step:

@@ -16,6 +16,7 @@ from distill.core.sampling import jit_predictor
 from distill.jobs.common import check_w
 from student.distill import distill_target, input_interval
 from student.loading import load_student
+from student.model import check_one_head
 from student.response import guidance_response, response_markdown
 from teacher.guidance import ConditionalPrediction, GuidanceBranches
 from teacher.loading import load_teacher
@@ -26,7 +27,9 @@ log = logging.getLogger(__name__)
 
 def _student(cfg: DictConfig, data: ImageData) -> tuple[UNet, dict[str, Any]]:
     path = cfg.response.student
-    return load_student(cfg, data, Path(str(path)) if path else None)
+    net, meta = load_student(cfg, data, Path(str(path)) if path else None)
+    check_one_head(net, "task=response")
+    return net, meta
 
 
 def run_response(cfg: DictConfig) -> dict[str, Any]:
