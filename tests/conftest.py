@@ -128,6 +128,13 @@ def w_sensitive_student(seed: int = 0) -> UNet:
 def distillation_losses(out: Path, interval: tuple[float, float] | None = None) -> list[float]:
     """The losses of 40 steps distilling a tiny student from :func:`random_teacher` on 64 digits, towards the
     CFG target (or, with ``interval``, the guidance-interval target)."""
+    return distillation_run(out, interval)[0]
+
+
+def distillation_run(out: Path, interval: tuple[float, float] | None = None, target: str = "cfg",
+                     w_range: tuple[float, float] = (0.0, 5.0)) -> tuple[list[float], UNet, UNet]:
+    """(losses, trained student, teacher) of 40 steps distilling a tiny student from :func:`random_teacher` on 64
+    digits towards ``target`` (cfg, interval with ``interval``, or cfgpp: the two-head student), w in ``w_range``."""
     from distill.core.data import load_data
     from distill.core.sampling import jit_predictor
     from distill.core.training import Trainer, TrainSettings
@@ -140,18 +147,19 @@ def distillation_losses(out: Path, interval: tuple[float, float] | None = None) 
     data = load_data({"name": "digits", "max_train": 64})
     teacher = random_teacher()
     predict = jit_predictor(GuidanceBranches(teacher))
-    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0)
+    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0, uncond_head=target == "cfgpp")
 
     def batches(start: int):
-        make = distill_inputs(data, 32, 0, start, "cosine", 0.0, 5.0)
+        make = distill_inputs(data, 32, 0, start, "cosine", *w_range)
 
         def batch(step: int):
             inputs = make(step)
-            return regression_batch(inputs, teacher_targets(predict, inputs, 1, interval), "x_snr_trunc", "v")
+            return regression_batch(inputs, teacher_targets(predict, inputs, 1, interval, target), "x_snr_trunc", "v")
         return batch
 
     settings = TrainSettings(steps=40, batch_size=32, lr=3e-3, ema_decay=0.9, checkpoint_every=40, log_every=10)
-    return Trainer(student, UNet(student.config), regression_loss, batches, settings, out, {"kind": "student"}).run()
+    losses = Trainer(student, UNet(student.config), regression_loss, batches, settings, out, {"kind": "student"}).run()
+    return losses, student, teacher
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

@@ -1,12 +1,13 @@
-"""student.target: the guidance-interval target (CFG inside [t_lo, t_hi], conditional outside), its shards,
-provenance and evaluation settings; CFG++ and bad values refused in one line."""
+"""student.target: the guidance-interval target (CFG inside [t_lo, t_hi], conditional outside) and the CFG++
+target (two output heads: guided at lambda, unconditional), their shards, provenance, sampling and evaluation
+settings; bad values refused in one line."""
 from __future__ import annotations
 
 import numpy as np
 import mindspore as ms
 import pytest
 
-from conftest import compose_cfg, distillation_losses, random_teacher, w_sensitive_student
+from conftest import compose_cfg, distillation_losses, distillation_run, random_teacher, w_sensitive_student
 from distill.core import diffusion as dm
 from distill.core.data import load_data
 from distill.core.errors import UserError
@@ -103,8 +104,12 @@ def test_target_from_config_and_meta(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["student.target=cfgx"], r"^student: unknown target 'cfgx' \(choose cfg or interval"),
-    (["student.target=cfgpp"], r"^student.target=cfgpp is not supported yet: CFG\+\+ needs two outputs per step"),
+    (["student.target=cfgx"], r"^student: unknown target 'cfgx' \(choose cfg, interval, cfgpp\)$"),
+    (["student.target=cfgpp", "student.lambda_range=[0.0,2.0]"],
+     r"^student.lambda_range=\[0, 2\] must satisfy 0 <= lo <= hi <= 1 \(CFG\+\+ lambda lies in \[0, 1\]\)$"),
+    (["student.target=cfgpp", "student.lambda_range=[0.8,0.2]"], r"^student.lambda_range=\[0.8, 0.2\] must satisfy"),
+    (["student.target=cfgpp", "student.negative=true", "negative_phase.enabled=false"],
+     r"^student.target=cfgpp takes no negative class: set student.negative=false$"),
     (["student.target=interval", "student.interval=[0.8,0.2]"],
      r"^student.interval: \[0.8, 0.2\] must be \[t_lo, t_hi\] with 0 <= t_lo < t_hi <= 1"),
     (["student.target=interval", "student.interval=[0.2,1.5]"], r"^student.interval: \[0.2, 1.5\] must be"),
@@ -355,3 +360,265 @@ def test_an_interval_student_is_sampled_with_its_interval_by_evaluate_and_the_bu
     assert variant_config(config, None, {"a", "b"})[1]["sampler"]["guidance_interval"] == list(iv)
     before = dict(config, sampler={k: v for k, v in config["sampler"].items() if k != "guidance_interval"})
     assert Pretrained(student, before).settings().guidance_interval is None  # bundles from before: no interval
+
+
+# ----------------------------------------------------------------------------- student.target=cfgpp
+def test_cfgpp_heads_are_the_guided_and_the_unconditional_output() -> None:
+    cond = np.array([[[[1.0, 2.0]]], [[[0.0, -1.0]]]], np.float32)  # (B=2, C=1, 1, 2)
+    uncond = np.array([[[[3.0, 0.0]]], [[[1.0, 1.0]]]], np.float32)
+    out = dm.cfgpp_heads(cond, uncond, np.array([0.25, 1.0], np.float32))
+    assert out.shape == (2, 2, 1, 2)
+    # row 0: 3 + 0.25 (1 - 3) = 2.5, 0 + 0.25 (2 - 0) = 0.5; row 1 at lambda = 1: cond itself
+    np.testing.assert_array_equal(out[:, :1], np.array([[[[2.5, 0.5]]], [[[0.0, -1.0]]]], np.float32))
+    np.testing.assert_array_equal(out[:, 1:], uncond)
+    np.testing.assert_array_equal(dm.cfgpp_heads(cond, uncond, 0.0)[:, :1], uncond)  # lambda 0: unconditional
+    guided, unc = dm.split_heads(out)
+    np.testing.assert_array_equal(guided, out[:, :1])
+    np.testing.assert_array_equal(unc, uncond)
+
+
+def _student_inputs(b: int = 4, seed: int = 0) -> tuple[ms.Tensor, ...]:
+    rng = np.random.default_rng(seed)
+    return (ms.Tensor(rng.standard_normal((b, 1, 8, 8)).astype(np.float32)),
+            ms.Tensor(rng.uniform(0.1, 0.9, b).astype(np.float32)), ms.Tensor(np.arange(b, dtype=np.int32) % 10),
+            ms.Tensor(rng.uniform(0, 1, b).astype(np.float32)), ms.Tensor(np.full(b, 10, np.int32)))
+
+
+def test_the_untrained_cfgpp_student_returns_the_teachers_conditional_output_twice() -> None:
+    from student.model import CFGppStudentPrediction, student_from_teacher, student_prediction
+
+    teacher = random_teacher()
+    student = student_from_teacher(teacher, 16, 1000.0, class_gate=True, film=True, uncond_head=True)
+    assert student.config.guidance_uncond_head and student.config.to_dict()["guidance_uncond_head"] is True
+    z, t, y, w, y_neg = _student_inputs()
+    cond = teacher(z, t, y, w).asnumpy()
+    out = student(z, t, y, w, y_neg).asnumpy()
+    assert out.shape == (4, 2, 8, 8) and np.abs(cond).max() > 0.1
+    np.testing.assert_array_equal(out[:, :1], out[:, 1:])  # the two heads bit for bit
+    # the teacher's conditional output, to the rounding of a convolution with twice the output channels
+    np.testing.assert_allclose(out[:, :1], cond, atol=1e-6, rtol=0)
+    cell = student_prediction(student)
+    assert isinstance(cell, CFGppStudentPrediction) and cell.passes == 1
+    guided, uncond = cell.heads(z, t, y, w, y_neg)
+    np.testing.assert_array_equal(guided.asnumpy(), out[:, :1])
+    np.testing.assert_array_equal(uncond.asnumpy(), out[:, 1:])
+    np.testing.assert_array_equal(cell(z, t, y, w, y_neg).asnumpy(), out[:, :1])  # a plain call: the guided head
+    again = student(z, t, y, ms.Tensor(np.full(4, 0.9, np.float32)), y_neg).asnumpy()
+    np.testing.assert_array_equal(again, out)  # untrained, w (lambda) changes nothing
+    assert not isinstance(student_prediction(student_from_teacher(teacher, 16, 1000.0)), CFGppStudentPrediction)
+
+
+def test_cfgpp_teacher_targets_are_the_guided_output_and_the_unconditional_branch() -> None:
+    data = load_data({"name": "digits", "max_train": 64})
+    teacher = random_teacher()
+    branches = GuidanceBranches(teacher)
+    z, t, y, w, y_neg, _, _ = inputs = distill_inputs(data, 32, 0, 0, "cosine", 0.0, 1.0, ws_per_input=2)(1)
+    target = teacher_targets(branches, inputs, 2, None, "cfgpp")
+    assert target.shape == (32, 2, 8, 8)
+    np.testing.assert_array_equal(target[:, :1], teacher_targets(branches, inputs, 2))  # the CFG target at w
+    _, uncond = branches(*(ms.Tensor(a) for a in (z, t, y, w, y_neg)))
+    np.testing.assert_allclose(target[:, 1:], uncond.asnumpy(), atol=1e-5)
+    assert np.abs(target[:, 1:] - target[:, :1]).max() > 1e-2  # the heads differ (w < 1), so the test can fail
+
+
+@pytest.mark.slow
+def test_distilling_the_cfgpp_target_moves_the_unconditional_head_to_the_teachers(tmp_path) -> None:
+    from teacher.guidance import GuidanceBranches as Branches
+
+    losses, student, teacher = distillation_run(tmp_path, target="cfgpp", w_range=(0.0, 1.0))
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+    z, t, y, w, y_neg = _student_inputs(16, seed=3)  # inputs the training never saw
+    cond, uncond = (o.asnumpy() for o in Branches(teacher)(z, t, y, w, y_neg))
+    out = student(z, t, y, w, y_neg).asnumpy()
+    before = np.mean((cond - uncond) ** 2)  # the untrained head is the conditional output
+    after = np.mean((out[:, 1:] - uncond) ** 2)
+    assert after < 0.6 * before, (after, before)
+    guided = dm.cfg_combine(cond, uncond, w.asnumpy().reshape(-1, 1, 1, 1))
+    assert np.mean((out[:, :1] - guided) ** 2) < np.mean((cond - guided) ** 2)  # the guided head moved to its target
+
+
+@pytest.fixture(scope="module")
+def cfgpp_student():
+    """A CFG++ student whose heads differ (random guidance layers and a perturbed unconditional half of the last
+    convolution), as a compiled predictor, and the plain CFG student."""
+    from distill.core.sampling import jit_predictor
+    from student.model import student_from_teacher, student_prediction
+
+    teacher = random_teacher()
+    nets = {}
+    for heads in (True, False):
+        net = student_from_teacher(teacher, 8, 1000.0, class_gate=True, film=True, uncond_head=heads)
+        rng = np.random.default_rng(1)
+        for name, p in net.parameters_and_names():
+            if "guidance" in name or (heads and name.startswith("conv_out")):
+                p.set_data(ms.Tensor((p.asnumpy() + 0.05 * rng.standard_normal(p.shape)).astype(np.float32)))
+        net.set_train(False)
+        nets[heads] = jit_predictor(student_prediction(net))
+    return nets[True], nets[False]
+
+
+def test_cfgpp_sampling_of_the_student_is_one_call_per_step_and_matches_the_hand_written_update(cfgpp_student) -> None:
+    import dataclasses
+    from distill.core.sampling import SamplerSettings, network_calls_per_image, sample, step_times
+
+    student, _ = cfgpp_student
+    rng = np.random.default_rng(5)
+    noise, labels, unc = rng.standard_normal((3, 1, 8, 8)).astype(np.float32), np.arange(3, dtype=np.int32), \
+        np.full(3, 10, np.int32)
+    lam = 0.4
+    settings = SamplerSettings(num_steps=3, clip_x0=False, guidance="cfgpp")
+    z = noise.astype(np.float64)  # by hand (v prediction): x0 from the guided head, eps from the unconditional one
+    for t, _, a_t, s_t, a_s, s_s in step_times(settings):
+        args = (ms.Tensor(np.full(3, t, np.float32)), ms.Tensor(labels), ms.Tensor(np.full(3, lam, np.float32)),
+                ms.Tensor(unc))
+        guided, uncond = (o.asnumpy().astype(np.float64) for o in student.heads(ms.Tensor(z.astype(np.float32)), *args))
+        x0 = a_t * z - s_t * guided
+        z = a_s * x0 + s_s * (s_t * z + a_t * uncond)
+    expected = np.clip(z, -1, 1)
+    assert np.mean(np.abs(expected) < 1) > 0.3
+    for engine in ("eager", "step", "loop"):
+        got = sample(student, noise, labels, lam, dataclasses.replace(settings, engine=engine), unc)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    # the unconditional head matters: DDIM on the guided head alone (its own eps) gives other images
+    net = student.cell.net
+    plain = sample(lambda z_, t_, y_, w_, u_: dm.split_heads(net(z_, t_, y_, w_, u_))[0], noise, labels, lam,
+                   dataclasses.replace(settings, guidance="cfg", engine="eager"), unc)
+    assert np.abs(plain - expected).max() > 1e-3
+    assert network_calls_per_image(settings, student.passes) == 3  # one pass per step
+
+
+@pytest.mark.parametrize("name", ["ddim-v-clip", "ddpm-eps-threshold", "ddim-eta"])
+def test_compiled_cfgpp_student_engines_equal_the_eager_reference(cfgpp_student, name: str) -> None:
+    import dataclasses
+    from distill.core.sampling import SamplerSettings, sample
+
+    settings = {"ddim-v-clip": SamplerSettings(num_steps=3, guidance="cfgpp"),
+                "ddpm-eps-threshold": SamplerSettings(num_steps=3, kind="ddpm", prediction="eps", guidance="cfgpp",
+                                                      dynamic_threshold=0.9),
+                "ddim-eta": SamplerSettings(num_steps=2, eta=0.5, guidance="cfgpp", w_schedule="linear")}[name]
+    student, _ = cfgpp_student
+    rng = np.random.default_rng(6)
+    noise, labels, unc = rng.standard_normal((3, 1, 8, 8)).astype(np.float32), np.arange(3, dtype=np.int32), \
+        np.full(3, 10, np.int32)
+    eager = sample(student, noise, labels, 0.7, dataclasses.replace(settings, engine="eager"), unc, seed=2)
+    for engine in ("step", "loop"):
+        got = sample(student, noise, labels, 0.7, dataclasses.replace(settings, engine=engine), unc, seed=2)
+        np.testing.assert_allclose(got, eager, atol=1e-5, rtol=0)
+
+
+def test_a_cfgpp_student_samples_with_cfgpp_only_and_a_cfg_student_not_with_it(cfgpp_student) -> None:
+    from distill.core.sampling import SamplerSettings, sample
+
+    student, cfg_student = cfgpp_student
+    noise, labels, unc = np.zeros((2, 1, 8, 8), np.float32), np.arange(2, dtype=np.int32), np.full(2, 10, np.int32)
+    for engine in ("step", "eager"):
+        with pytest.raises(UserError, match=r"^sampler: a CFG\+\+ student \(student.target=cfgpp\) samples with "
+                                            r"guidance=cfgpp only \(its w input is CFG\+\+'s lambda\), not guidance=cfg$"):
+            sample(student, noise, labels, 0.5, SamplerSettings(num_steps=2, engine=engine), unc)
+        with pytest.raises(UserError, match=r"^sampler: guidance=cfgpp needs the two-pass teacher or a CFG\+\+ student"):
+            sample(cfg_student, noise, labels, 0.5, SamplerSettings(num_steps=2, guidance="cfgpp", engine=engine), unc)
+    with pytest.raises(UserError, match=r"^sampler: CFG\+\+ lambda 1.5 must be a number in \[0, 1\]$"):
+        sample(student, noise, labels, 1.5, SamplerSettings(num_steps=2, guidance="cfgpp"), unc)
+    with pytest.raises(UserError, match=r"^sampler: a CFG\+\+ student guides at every step; sample it with "
+                                        r"guidance_interval=null$"):
+        sample(student, noise, labels, 0.5, SamplerSettings(num_steps=2, guidance="cfgpp",
+                                                            guidance_interval=(0.2, 0.8)), unc)
+
+
+@pytest.mark.parametrize("task,message", [
+    ("progressive", r"^student.target=cfgpp: task=progressive is not built for the CFG\+\+ student's two heads; "
+                    r"run task=distill, then task=evaluate eval.progressive=false"),
+    ("publish", r"^student.target=cfgpp: task=publish is not built for"),
+    ("pipeline", r"^student.target=cfgpp: task=pipeline is not built for"),
+    ("evaluate", r"^student.target=cfgpp has no progressive rounds \(not built for two heads\): set "
+                 r"eval.progressive=false$"),
+])
+def test_tasks_without_cfgpp_students_refuse_the_target_before_any_work(tmp_path, task: str, message: str) -> None:
+    from distill.jobs.preflight import check_config
+
+    with pytest.raises(UserError, match=message):
+        check_config(compose_cfg(tmp_path, f"task={task}", "student.target=cfgpp"))
+
+
+def test_the_cfgpp_target_trains_lambda_in_its_range_and_its_evaluation_samples_with_cfgpp(tmp_path) -> None:
+    from distill.jobs.evaluate import evaluation_scales
+    from distill.jobs.preflight import check_config
+    from student.distill import w_distribution
+
+    cfg = compose_cfg(tmp_path, "task=evaluate", "student.target=cfgpp", "eval.progressive=false",
+                      "sampler.guidance=cfgpp")
+    check_config(cfg)  # CFG++ sampling is allowed for the evaluation of a CFG++ student
+    assert distill_target(cfg.student) == ("cfgpp", None)
+    assert w_distribution(cfg.student) == (0.0, 1.0, float(cfg.student.w_power))  # lambda_range, not [0, 5]
+    assert w_distribution({"target": "cfgpp", "w_min": 0.2, "w_max": 0.9}) == (0.2, 0.9, 1.0)  # a checkpoint's meta
+    with pytest.raises(UserError, match=r"^sampler.guidance=cfgpp cannot sample the one-pass student \(task=evaluate\)"):
+        check_config(compose_cfg(tmp_path, "task=evaluate", "sampler.guidance=cfgpp"))  # a CFG student's evaluation
+    models = {"teacher": (None, 4), "student_4step": (None, 4)}
+    settings = model_settings(cfg, models, ("cfgpp", None))
+    assert all(s.guidance == "cfgpp" and s.guidance_interval is None for s in settings.values())
+    assert evaluation_scales(cfg, "cfgpp") == ("lambda", [float(x) for x in cfg.eval.cfgpp_lambdas])
+    assert evaluation_scales(cfg, "cfg") == ("w", [float(x) for x in cfg.eval.ws])
+    with pytest.raises(UserError, match=r"^evaluate: a CFG\+\+ student \(target=cfgpp\) guides every step"):
+        model_settings(compose_cfg(tmp_path, "task=evaluate", "sampler.guidance_interval=[0.2,0.8]"), models,
+                       ("cfgpp", None))
+
+
+def test_the_lambda_range_counts_only_for_the_cfgpp_target(tmp_path) -> None:
+    now = stage_config(compose_cfg(tmp_path), "student")
+    assert "student.lambda_range" not in now
+    assert stage_config(compose_cfg(tmp_path, "student.lambda_range=[0.0,0.5]"), "student") == now
+    cfgpp = stage_config(compose_cfg(tmp_path, "student.target=cfgpp"), "student")
+    narrow = stage_config(compose_cfg(tmp_path, "student.target=cfgpp", "student.lambda_range=[0.0,0.5]"), "student")
+    assert differences({"config": cfgpp, "inputs": {}}, {"config": narrow, "inputs": {}}) == [
+        "student.lambda_range [0.0, 1.0] vs [0.0, 0.5]"]
+    assert "student.interval" not in cfgpp
+
+
+def test_a_cfgpp_student_is_refused_where_one_output_is_read() -> None:
+    from student.model import check_one_head, negative_phase_student, student_from_teacher
+
+    student = student_from_teacher(random_teacher(), 8, 1000.0, class_gate=True, film=True, uncond_head=True)
+    with pytest.raises(UserError, match=r"^task=bench takes a CFG student; this one was distilled with "
+                                        r"student.target=cfgpp \(two output heads\)"):
+        check_one_head(student, "task=bench")
+    with pytest.raises(UserError, match=r"^the negative phase takes a CFG student"):
+        negative_phase_student(student)
+
+
+@pytest.mark.slow
+def test_cfgpp_targets_from_shards_equal_online_and_the_student_is_evaluated_with_cfgpp(tiny_run, tmp_path) -> None:
+    from conftest import copy_run
+    from distill.core.checkpoint import read_meta
+    from distill.jobs.distill import distill_batches, run_distill
+    from distill.jobs.evaluate import run_evaluate
+    from distill.jobs.targets import run_targets
+    from teacher.loading import load_teacher
+
+    run = copy_run(tiny_run, tmp_path / "run", ("teacher",))
+    target = ("student.target=cfgpp", "student.lambda_range=[0.0,0.8]")
+    cfg = compose_cfg(run, *target, "student.targets=shards")
+    run_targets(cfg)
+    data = load_data(cfg.data)
+    online = distill_batches(compose_cfg(run, *target), data, load_teacher(cfg, data))(0)
+    from_shards = distill_batches(cfg, data, None)(0)
+    for step in range(int(cfg.student.train.steps)):
+        a, b = online(step), from_shards(step)
+        assert a[5].shape[1] == 2 and a[3].max() <= 0.8  # two heads; lambda in its range
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+    with pytest.raises(UserError, match="made for another teacher or config"):  # CFG shards are not CFG++ shards
+        distill_batches(compose_cfg(run, "student.targets=shards"), data, None)
+    run_distill(cfg)
+    meta = read_meta(run / "student" / "checkpoint.safetensors")
+    assert (meta["target"], meta["w_min"], meta["w_max"]) == ("cfgpp", 0.0, 0.8)
+    assert meta["model"]["guidance_uncond_head"] is True
+    report = run_evaluate(compose_cfg(run, *target, "eval.cfgpp_lambdas=[0.0,0.6]", "eval.num_samples=20",
+                                      "eval.progressive=false", "eval.negative_classes=[]"))
+    assert report["student_target"]["target"] == "cfgpp" and report["scale"] == "lambda"
+    assert report["ws"] == [0.0, 0.6]
+    models = report["models"]
+    assert models["teacher"]["speed"]["network_evals_per_image"] == 8
+    assert models["student_4step"]["speed"]["network_evals_per_image"] == 4
+    assert set(models["student_4step"]["per_w"]) == {"0.0", "0.6"}
+    assert (run / "evaluate" / "samples" / "student_4step_lambda0.6.npz").is_file()
+    assert "distilled with `student.target=cfgpp`" in (run / "evaluate" / "report.md").read_text()
