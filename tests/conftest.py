@@ -8,7 +8,7 @@ import signal
 import shutil
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 
@@ -132,9 +132,11 @@ def distillation_losses(out: Path, interval: tuple[float, float] | None = None) 
 
 
 def distillation_run(out: Path, interval: tuple[float, float] | None = None, target: str = "cfg",
-                     w_range: tuple[float, float] = (0.0, 5.0)) -> tuple[list[float], UNet, UNet]:
-    """(losses, trained student, teacher) of 40 steps distilling a tiny student from :func:`random_teacher` on 64
-    digits towards ``target`` (cfg, interval with ``interval``, or cfgpp: the two-head student), w in ``w_range``."""
+                     w_range: tuple[float, float] = (0.0, 5.0), teacher: UNet | None = None,
+                     only: Callable[[str], bool] | None = None) -> tuple[list[float], UNet, UNet]:
+    """(losses, trained student, teacher) of 40 steps distilling a tiny student from ``teacher`` (default
+    :func:`random_teacher`) on 64 digits towards ``target`` (cfg, interval with ``interval``, or cfgpp: the
+    two-head student), w in ``w_range``; ``only``: train just the parameters whose names it accepts."""
     from distill.core.data import load_data
     from distill.core.sampling import jit_predictor
     from distill.core.training import Trainer, TrainSettings
@@ -145,7 +147,7 @@ def distillation_run(out: Path, interval: tuple[float, float] | None = None, tar
     from teacher.unet import UNet
 
     data = load_data({"name": "digits", "max_train": 64})
-    teacher = random_teacher()
+    teacher = random_teacher() if teacher is None else teacher
     predict = jit_predictor(GuidanceBranches(teacher))
     student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0, uncond_head=target == "cfgpp")
 
@@ -158,7 +160,8 @@ def distillation_run(out: Path, interval: tuple[float, float] | None = None, tar
         return batch
 
     settings = TrainSettings(steps=40, batch_size=32, lr=3e-3, ema_decay=0.9, checkpoint_every=40, log_every=10)
-    losses = Trainer(student, UNet(student.config), regression_loss, batches, settings, out, {"kind": "student"}).run()
+    losses = Trainer(student, UNet(student.config), regression_loss, batches, settings, out, {"kind": "student"},
+                     only=only).run()
     return losses, student, teacher
 
 

@@ -423,18 +423,34 @@ def test_cfgpp_teacher_targets_are_the_guided_output_and_the_unconditional_branc
 
 @pytest.mark.slow
 def test_distilling_the_cfgpp_target_moves_the_unconditional_head_to_the_teachers(tmp_path) -> None:
+    """Trained alone (the last convolution, the trunk frozen: Adam's first steps on a student that starts at the
+    teacher otherwise move the whole net more than 40 steps can learn), each head's error against its own target
+    falls on inputs the training never saw: the unconditional head's from the teacher's cond - uncond gap."""
+    from distill.core.data import load_data
     from teacher.guidance import GuidanceBranches as Branches
 
-    losses, student, teacher = distillation_run(tmp_path, target="cfgpp", w_range=(0.0, 1.0))
-    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
-    z, t, y, w, y_neg = _student_inputs(16, seed=3)  # inputs the training never saw
-    cond, uncond = (o.asnumpy() for o in Branches(teacher)(z, t, y, w, y_neg))
-    out = student(z, t, y, w, y_neg).asnumpy()
-    before = np.mean((cond - uncond) ** 2)  # the untrained head is the conditional output
-    after = np.mean((out[:, 1:] - uncond) ** 2)
-    assert after < 0.6 * before, (after, before)
-    guided = dm.cfg_combine(cond, uncond, w.asnumpy().reshape(-1, 1, 1, 1))
-    assert np.mean((out[:, :1] - guided) ** 2) < np.mean((cond - guided) ** 2)  # the guided head moved to its target
+    teacher = random_teacher()
+    table = teacher.class_embed.embedding_table  # a null class far from the others: a clear cond - uncond gap
+    rows = table.asnumpy()
+    rows[10] += 2.0 * np.random.default_rng(0).standard_normal(rows.shape[1]).astype(np.float32)
+    table.set_data(ms.Tensor(rows))
+    losses, student, teacher = distillation_run(tmp_path, target="cfgpp", w_range=(0.0, 1.0), teacher=teacher,
+                                                only=lambda name: name.startswith("conv_out"))
+    assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:5])
+    data = load_data({"name": "digits", "max_train": 64})
+    z, t, y, w, y_neg, alpha, sigma = distill_inputs(data, 256, 1, 500, "cosine", 0.0, 1.0)(500)
+    weight = dm.output_space_weight("x_snr_trunc", "v", alpha, sigma).reshape(-1)
+    tensors = [ms.Tensor(a) for a in (z, t, y, w, y_neg)]
+    cond, uncond = (o.asnumpy() for o in Branches(teacher)(*tensors))
+    guided = dm.cfg_combine(cond, uncond, w.reshape(-1, 1, 1, 1))
+    out = student(*tensors).asnumpy()
+
+    def err(a: np.ndarray, b: np.ndarray) -> float:  # the training loss's per-example weighting
+        return float(np.mean(((a - b) ** 2).mean(axis=(1, 2, 3)) * weight))
+
+    before = err(cond, uncond)  # the untrained unconditional head is the conditional output
+    assert err(out[:, 1:], uncond) < 0.8 * before, (err(out[:, 1:], uncond), before)
+    assert err(out[:, :1], guided) < 0.9 * err(cond, guided)  # and the guided head moved to its target
 
 
 @pytest.fixture(scope="module")
