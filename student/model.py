@@ -24,7 +24,7 @@ def student_config(teacher_config: UNetConfig, embed_dim: int, w_scale: float,
                                guidance_negative=bool(negative), guidance_uncond_head=bool(uncond_head))
 
 
-OUTPUT_CONV = ("conv_out.weight", "conv_out.bias")  # the last convolution, whose output channels a CFG++ student doubles
+OUTPUT_CONV = ("conv_out.weight", "conv_out.bias")  # the last conv: a CFG++ student doubles its output channels
 
 
 def student_from_teacher(teacher: UNet, embed_dim: int, w_scale: float, class_gate: bool = False,

@@ -60,8 +60,8 @@ def metrics_table(report: dict[str, Any]) -> str:
             rows.append([f"{w:g}", f"{t['fd']:.3f}", f"{s['fd']:.3f}", f"{ratio:.2f}", f"{t['accuracy']:.3f}",
                          f"{s['accuracy']:.3f}", f"{100 * (s['accuracy'] - t['accuracy']):+.1f}", f"{psnr:.1f}",
                          _label(name, report["models"][name])])
-    return markdown_table([report.get("scale", "w"), "teacher FD", "student FD", "FD ratio", "teacher acc", "student acc",
-                           "acc diff (pts)", "PSNR s-vs-t (dB)", "student (steps)"], rows)
+    return markdown_table([report.get("scale", "w"), "teacher FD", "student FD", "FD ratio", "teacher acc",
+                           "student acc", "acc diff (pts)", "PSNR s-vs-t (dB)", "student (steps)"], rows)
 
 
 def speed_table(report: dict[str, Any]) -> str:
@@ -116,7 +116,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join([
         "# Student vs teacher",
         "",
-        f"{report['num_samples']} class-balanced samples per model and w, the same noise and classes for all models; "
+        f"{report['num_samples']} class-balanced samples per model and {report.get('scale', 'w')}, the same noise and classes for all models; "
         f"{s['kind'].upper()}, batch {s['batch_size']}; the two-pass teacher at {_steps(report['models']['teacher'])} "
         "steps, each one-pass student at the steps in brackets. Guidance convention: "
         "`uncond + w * (cond - uncond)` (w = 0 unconditional, w = 1 conditional).",

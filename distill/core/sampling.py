@@ -173,7 +173,8 @@ class SamplerStep(nn.Cell):
     (a row of :func:`step_coefficients`), so one compiled graph serves every step of every step count.
     Returns ``(z_s, x0)``; the last step of a sampler keeps ``x0``. With ``guidance=cfgpp`` the cell's
     ``predict_branches`` gives (cond, uncond) (a CFG++ student's ``predict_heads``: (guided, uncond) from its one
-    pass) and the update re-noises with the unconditional noise (:func:`distill.core.diffusion.step_x0_eps`). With ``guidance=classifier`` the cell's ``predict_and_grad``
+    pass) and the update re-noises with the unconditional noise (:func:`distill.core.diffusion.step_x0_eps`).
+    With ``guidance=classifier`` the cell's ``predict_and_grad``
     gives the unconditional output and grad_z log p(y | z, t) (autodiff inside this graph), and ``w`` is the
     scale s of :func:`distill.core.diffusion.classifier_guided_output`.
     """
