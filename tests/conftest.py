@@ -92,6 +92,18 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def published_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of ``tiny_run``'s checkpoints with the bundle ``task=publish`` makes of them in ``bundle/``
+    (publishing exports two MINDIR graphs: done once for every test that only reads the bundle or copies it)."""
+    from distill.jobs.publish import run_publish
+
+    run = copy_run(tiny_run, tmp_path_factory.mktemp("published"))
+    dest = run / "bundle"
+    assert run_publish(compose_cfg(run, *TINY_RUN, f"publish.dir={dest}")) == dest
+    return run
+
+
 def random_teacher(seed: int = 0, attention: bool = False) -> UNet:
     """A tiny CFG teacher with random weights throughout: a new UNet's output layer starts at zero, which
     would make its conditional and unconditional outputs agree and guidance meaningless. MindSpore's

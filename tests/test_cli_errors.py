@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, TINY_RUN, compose_cfg, copy_run
+from conftest import TINY, TINY_RUN
 from distill.core.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -182,12 +182,9 @@ class Outcome:
 
 
 @pytest.fixture(scope="module")
-def outcomes(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
-    from distill.jobs.publish import run_publish
-
+def outcomes(published_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
     root = tmp_path_factory.mktemp("cli_errors")
-    trained = copy_run(tiny_run, root / "trained")
-    run_publish(compose_cfg(trained, *TINY_RUN))  # -> trained/bundle
+    trained = Path(shutil.copytree(published_run, root / "trained"))  # the tiny run with its bundle in trained/bundle
     files = root / "files"
     (files / "bad_mnist").mkdir(parents=True)
     (files / "bad_mnist" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01" + bytes(60))

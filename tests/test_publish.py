@@ -13,7 +13,7 @@ import mindspore as ms
 import pytest
 from mindspore import nn
 
-from conftest import TINY_RUN, compose_cfg, copy_run
+from conftest import TINY_RUN, compose_cfg
 from distill.app import resolve_task
 from distill.core.data import load_data
 from distill.core.errors import UserError
@@ -32,12 +32,10 @@ FILES = {"config.json", "model.safetensors", "model_4step.safetensors", "model.m
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Published from a private copy of the run's checkpoints (other tests add an evaluation to tiny_run)."""
-    run = copy_run(tiny_run, tmp_path_factory.mktemp("published"))
-    dest = run / "bundle"
-    assert publish.run_publish(compose_cfg(run, *TINY_RUN, f"publish.dir={dest}")) == dest
-    return dest
+def bundle(published_run: Path) -> Path:
+    """Published from a private copy of the run's checkpoints (other tests add an evaluation to tiny_run); the
+    tests here only read it or work on copies of it."""
+    return published_run / "bundle"
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
