@@ -7,7 +7,8 @@ import numpy as np
 import mindspore as ms
 import pytest
 
-from conftest import compose_cfg, distillation_losses, distillation_run, random_teacher, w_sensitive_student
+from conftest import (compose_cfg, distillation_run, gap_teacher, guidance_errors, random_teacher,
+                      w_sensitive_student)
 from distill.core import diffusion as dm
 from distill.core.data import load_data
 from distill.core.errors import UserError
@@ -88,9 +89,9 @@ def test_the_interval_students_w_input_is_1_outside_the_interval_and_w_inside(tm
 
 
 @pytest.mark.slow
-def test_distillation_to_the_interval_target_loss_falls(tmp_path) -> None:
-    losses = distillation_losses(tmp_path, (0.17, 0.88))
-    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+def test_distillation_brings_the_student_closer_to_the_interval_target_on_unseen_inputs(tmp_path) -> None:
+    untrained, trained = guidance_errors(tmp_path, (0.17, 0.88))
+    assert trained < 0.93 * untrained, (trained, untrained)
 
 
 def test_target_from_config_and_meta(tmp_path) -> None:
@@ -429,12 +430,7 @@ def test_distilling_the_cfgpp_target_moves_the_unconditional_head_to_the_teacher
     from distill.core.data import load_data
     from teacher.guidance import GuidanceBranches as Branches
 
-    teacher = random_teacher()
-    table = teacher.class_embed.embedding_table  # a null class far from the others: a clear cond - uncond gap
-    rows = table.asnumpy()
-    rows[10] += 2.0 * np.random.default_rng(0).standard_normal(rows.shape[1]).astype(np.float32)
-    table.set_data(ms.Tensor(rows))
-    losses, student, teacher = distillation_run(tmp_path, target="cfgpp", w_range=(0.0, 1.0), teacher=teacher,
+    losses, student, teacher = distillation_run(tmp_path, target="cfgpp", w_range=(0.0, 1.0), teacher=gap_teacher(),
                                                 only=lambda name: name.startswith("conv_out"))
     assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:5])
     data = load_data({"name": "digits", "max_train": 64})
