@@ -62,7 +62,8 @@ def test_two_workers_match_one_process_and_write_once(tmp_path: Path) -> None:
     # rank 0 alone wrote: one checkpoint, one report, one TensorBoard file, one Hydra config copy
     files = sorted(str(p.relative_to(dist_run)) for p in dist_run.rglob("*") if p.is_file())
     assert [f for f in files if f.startswith("teacher/")] == [
-        "teacher/checkpoint.safetensors", "teacher/report.json", "teacher/samples_w1.npz", "teacher/samples_w1.png"]
+        "teacher/checkpoint.safetensors", "teacher/report.json", "teacher/samples_w1.npz", "teacher/samples_w1.png",
+        "teacher/train_summary.json"]
     assert len([f for f in files if f.startswith("tb/")]) == 1, files
     assert not [p for p in tmp_path.rglob("*") if re.search(r"rank_?\d|\.tmp$", p.name)]
     assert len(list((tmp_path / "d").rglob("config.yaml"))) == 1
