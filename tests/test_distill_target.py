@@ -175,26 +175,39 @@ def test_an_interval_student_is_evaluated_against_the_teacher_guided_in_its_inte
         common_target({"a": ("interval", (0.2, 0.8)), "b": ("cfg", None)})
 
 
-@pytest.mark.slow
-def test_interval_targets_from_shards_equal_online_targets_and_the_student_records_them(tiny_run, tmp_path) -> None:
+def shard_and_online_batches(tiny_run, tmp_path, *target: str) -> tuple:
+    """A copy of the tiny run's teacher with ``task=targets`` shards made for ``target`` (overrides); asserts
+    every training step's batch read from the shards equals the one made online, and returns (run, the
+    shards' cfg, data, the online batches)."""
     from conftest import copy_run
-    from distill.core.checkpoint import read_meta
-    from distill.jobs.distill import distill_batches, run_distill
+    from distill.jobs.distill import distill_batches
     from distill.jobs.targets import run_targets
     from teacher.loading import load_teacher
 
     run = copy_run(tiny_run, tmp_path / "run", ("teacher",))
-    target = ("student.target=interval", "student.interval=[0.3,0.7]")
     cfg = compose_cfg(run, *target, "student.targets=shards")
     run_targets(cfg)
     data = load_data(cfg.data)
     online = distill_batches(compose_cfg(run, *target), data, load_teacher(cfg, data))(0)
-    cfg_online = distill_batches(compose_cfg(run), data, load_teacher(cfg, data))(0)
     from_shards = distill_batches(cfg, data, None)(0)
-    for step in range(int(cfg.student.train.steps)):
-        a, b, c = online(step), from_shards(step), cfg_online(step)
-        for x, y in zip(a, b):
+    batches = [online(step) for step in range(int(cfg.student.train.steps))]
+    for step, a in enumerate(batches):
+        for x, y in zip(a, from_shards(step)):
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+    return run, cfg, data, batches
+
+
+@pytest.mark.slow
+def test_interval_targets_from_shards_equal_online_targets_and_the_student_records_them(tiny_run, tmp_path) -> None:
+    from distill.core.checkpoint import read_meta
+    from distill.jobs.distill import distill_batches, run_distill
+    from teacher.loading import load_teacher
+
+    target = ("student.target=interval", "student.interval=[0.3,0.7]")
+    run, cfg, data, batches = shard_and_online_batches(tiny_run, tmp_path, *target)
+    cfg_online = distill_batches(compose_cfg(run), data, load_teacher(cfg, data))(0)
+    for step, a in enumerate(batches):
+        c = cfg_online(step)
         inside = dm.in_interval(a[1], (0.3, 0.7))
         np.testing.assert_allclose(a[5][inside], c[5][inside], atol=1e-6)  # the CFG target inside
     # shards of the CFG target are not read for the interval target
@@ -599,25 +612,14 @@ def test_a_cfgpp_student_is_refused_where_one_output_is_read() -> None:
 
 @pytest.mark.slow
 def test_cfgpp_targets_from_shards_equal_online_and_the_student_is_evaluated_with_cfgpp(tiny_run, tmp_path) -> None:
-    from conftest import copy_run
     from distill.core.checkpoint import read_meta
     from distill.jobs.distill import distill_batches, run_distill
     from distill.jobs.evaluate import run_evaluate
-    from distill.jobs.targets import run_targets
-    from teacher.loading import load_teacher
 
-    run = copy_run(tiny_run, tmp_path / "run", ("teacher",))
     target = ("student.target=cfgpp", "student.lambda_range=[0.0,0.8]")
-    cfg = compose_cfg(run, *target, "student.targets=shards")
-    run_targets(cfg)
-    data = load_data(cfg.data)
-    online = distill_batches(compose_cfg(run, *target), data, load_teacher(cfg, data))(0)
-    from_shards = distill_batches(cfg, data, None)(0)
-    for step in range(int(cfg.student.train.steps)):
-        a, b = online(step), from_shards(step)
+    run, cfg, data, batches = shard_and_online_batches(tiny_run, tmp_path, *target)
+    for a in batches:
         assert a[5].shape[1] == 2 and a[3].max() <= 0.8  # two heads; lambda in its range
-        for x, y in zip(a, b):
-            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
     with pytest.raises(UserError, match="made for another teacher or config"):  # CFG shards are not CFG++ shards
         distill_batches(compose_cfg(run, "student.targets=shards"), data, None)
     run_distill(cfg)
