@@ -296,3 +296,35 @@ def test_the_verdict_names_the_bar_and_the_ws_a_student_misses() -> None:
                                                                         negative_probability_ratio=1.0)},
                                                   **verdict}}}}
     assert negative_lines(report)[-2].endswith("at every w <= 4): outside for FD ratio at w = 3; P(neg) at w = 1, 3")
+
+
+def test_the_comparisons_null_class_samples_are_the_main_evaluations_from_the_same_noise(tmp_path: Path) -> None:
+    """With DDIM the null-class half of the comparison is taken from the main evaluation's samples, which must be
+    what drawing it from the pairs' noise gives; a stochastic sampler or too few samples per class draws it."""
+    from distill.core import build
+    from distill.core.sampling import jit_predictor
+    from distill.jobs.common import guided_samples
+    from distill.jobs.negatives import draw_negative_samples, negative_inputs, null_pool
+
+    data = load_data({"name": "digits", "max_train": 64})
+    cfg = compose_cfg(tmp_path, "eval.num_samples=40", "eval.negative_samples=3", "sampler.batch_size=16")
+    settings = {"teacher": build.sampler_settings(cfg)}
+    plan = ([(3, 8), (7, 1), (3, 5)], ["teacher"])
+    predict = {"teacher": jit_predictor(GuidedPrediction(random_teacher(attention=True)))}
+    pool = null_pool(cfg, plan, settings, "w", data.num_classes)
+    assert pool == {}
+    pool[("teacher", 2.0)], labels = guided_samples(predict["teacher"], data, cfg, 2.0, 40, int(cfg.seed),
+                                                    settings["teacher"])
+    inputs = negative_inputs(plan[0], 3, data.image_shape, int(cfg.seed), data.num_classes)
+    np.testing.assert_array_equal(labels[inputs[3]], inputs[1])  # the rows are the pairs' target classes
+    reused = draw_negative_samples(cfg, data, inputs, ["teacher"], predict, settings, 2.0, pool=pool)
+    drawn = draw_negative_samples(cfg, data, inputs, ["teacher"], predict, settings, 2.0)
+    np.testing.assert_allclose(reused[("teacher", "null")], drawn[("teacher", "null")], atol=1e-5)
+    np.testing.assert_array_equal(reused[("teacher", "negative")], drawn[("teacher", "negative")])
+    assert not np.allclose(drawn[("teacher", "null")], drawn[("teacher", "negative")], atol=1e-3)
+    ddpm = {"teacher": build.sampler_settings(compose_cfg(tmp_path, "sampler.kind=ddpm"))}
+    assert null_pool(cfg, plan, ddpm, "w", data.num_classes) is None
+    few = compose_cfg(tmp_path, "eval.num_samples=20", "eval.negative_samples=3")  # 2 samples of each class
+    assert null_pool(few, plan, settings, "w", data.num_classes) is None
+    assert null_pool(compose_cfg(tmp_path, "eval.num_samples=40", "sampler.negative_class=2"), plan, settings, "w",
+                     data.num_classes) is None

@@ -37,7 +37,8 @@ from distill.core.runtime import current, is_main, my_items
 from distill.core.sampling import Predictor, SamplerSettings, jit_predictor, network_calls_per_image
 from distill.jobs.common import evaluation_classifier, guided_samples, teacher_prediction
 from distill.jobs.methods import eval_methods, evaluate_methods, sample_methods_share
-from distill.jobs.negatives import NegativePlan, evaluate_negatives, negative_plan, sample_negative_share
+from distill.jobs.negatives import (NegativePlan, NullPool, evaluate_negatives, negative_plan, null_pool,
+                                    sample_negative_share)
 from student.distill import describe_target, distill_target, input_interval
 from student.loading import load_student, serving_student_path
 from student.progressive import verified_rounds
@@ -218,11 +219,12 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     # unless they were drawn with the students' interval
     method_base = build.sampler_settings(cfg, settings["teacher"].num_steps)
     reuse_cfg = settings["teacher"] == method_base
+    scale, ws = evaluation_scales(cfg, target[0])
+    pool = null_pool(cfg, negatives, settings, scale, data.num_classes)  # the negative comparison's null-class samples
     if not is_main():  # the other workers only draw their share of the samples
-        return _sample_share(cfg, data, negatives, predictors, settings, guided, method_base, reuse_cfg, target[0])
+        return _sample_share(cfg, data, negatives, predictors, settings, guided, method_base, reuse_cfg, ws, pool)
     students = [name for name in models if name != "teacher"]
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
-    scale, ws = evaluation_scales(cfg, target[0])
     real_feats, _ = features_and_predictions(clf, data.test_images)
     report: dict[str, Any] = {
         "provenance": evaluate_provenance(cfg, data, specs), "num_samples": n, "sampler": build.plain(cfg.sampler),
@@ -249,6 +251,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
                                                               across_ranks=workers > 1))
             seconds[name] += dt
             images[name] = imgs
+            keep_for_negatives(pool, negatives, name, w, imgs)
             metrics = judge(clf, imgs, labels, real_feats)
             if name != "teacher":  # student-vs-teacher agreement on the same noise
                 metrics.update(psnr=mean_psnr(imgs, images["teacher"]), mse=float(mse(imgs, images["teacher"]).mean()))
@@ -281,7 +284,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         report["methods"] = methods
     if negatives is not None:
         report["negative"] = evaluate_negatives(cfg, data, clf, negatives, predictors, settings, out, sample_stem,
-                                                workers > 1)
+                                                workers > 1, pool)
     grid = save_side_by_side_png(rows, out / "samples_side_by_side.png")
     with SummaryWriter(str(build.run_dir(cfg) / "tb")) as writer:
         write_evaluation_report(report, out, writer)
@@ -307,6 +310,14 @@ def warmed_predictors(cfg: DictConfig, data: ImageData, models: dict[str, tuple[
     return predictors, settings
 
 
+def keep_for_negatives(pool: NullPool | None, plan: NegativePlan | None, name: str, w: float,
+                       imgs: np.ndarray) -> None:
+    """Keep a model's samples at ``w`` in ``pool`` (:func:`distill.jobs.negatives.null_pool`) if the
+    negative-class comparison takes its null-class samples from them."""
+    if pool is not None and plan is not None and name in plan[1]:
+        pool[(name, w)] = imgs
+
+
 def _method_draw(cfg: DictConfig, data: ImageData, across_ranks: bool) -> Any:
     """(predict, settings, scale) -> (images, labels) on the evaluation's noise and classes."""
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
@@ -316,16 +327,18 @@ def _method_draw(cfg: DictConfig, data: ImageData, across_ranks: bool) -> Any:
 
 def _sample_share(cfg: DictConfig, data: ImageData, negatives: NegativePlan | None,
                   predictors: dict[str, Predictor], settings: dict[str, SamplerSettings],
-                  guided: Predictor | None, method_base: SamplerSettings, reuse_cfg: bool, target: str) -> None:
+                  guided: Predictor | None, method_base: SamplerSettings, reuse_cfg: bool, ws: list[float],
+                  pool: NullPool | None) -> None:
     """A worker other than rank 0: the sampler calls of rank 0 in the same order (w by w, model by
     model), drawing its own share of each; rank 0 judges and writes."""
     n, seed = int(cfg.eval.num_samples), int(cfg.seed)
-    for w in evaluation_scales(cfg, target)[1]:
+    for w in ws:
         for name, predict in predictors.items():
-            guided_samples(predict, data, cfg, w, n, seed, settings[name], across_ranks=True)
+            imgs, _ = guided_samples(predict, data, cfg, w, n, seed, settings[name], across_ranks=True)
+            keep_for_negatives(pool, negatives, name, w, imgs)
     sample_methods_share(cfg, predictors["teacher"], method_base, _method_draw(cfg, data, True), guided, reuse_cfg)
     if negatives is not None:
-        sample_negative_share(cfg, data, negatives, predictors, settings)
+        sample_negative_share(cfg, data, negatives, predictors, settings, pool)
     chunks = -(-n // int(cfg.sampler.batch_size))
     log.info("evaluate: rank %d drew %d of %d sample chunks per model and w", current().rank,
              len(my_items(chunks)), chunks)

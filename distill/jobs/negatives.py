@@ -3,7 +3,9 @@ teacher against each one-pass student that takes a negative class, on the same n
 
 Each pair (target y, negative K) of ``eval.negative_classes`` gets ``eval.negative_samples`` samples
 at every w, drawn twice per model from the same noise: once guided away from K, once with the null
-class (plain CFG). Judged by the evaluation classifier: the Frechet distance of the pooled samples to
+class (plain CFG). The noise is that of the main evaluation's first samples of class y, so with a
+deterministic sampler the null-class samples are the main evaluation's own and are not drawn again
+(:func:`null_pool`). Judged by the evaluation classifier: the Frechet distance of the pooled samples to
 the held-out images of the target classes, the target-class accuracy, and the mean probability of
 the negative class K, which negative guidance should lower against the null-class samples.
 """
@@ -22,6 +24,7 @@ from distill.core.errors import UserError
 from distill.core.images import save_samples_npz, save_side_by_side_png
 from distill.core.metrics import accuracy, frechet_distance
 from distill.core.sampling import Predictor, SamplerSettings, initial_noise, sample_in_batches
+from distill.jobs.common import balanced_labels
 
 log = logging.getLogger(__name__)
 KINDS = ("null", "negative")  # the same samples guided with the null class, then with the pair's negative class
@@ -44,12 +47,20 @@ def negative_pairs(cfg: DictConfig, num_classes: int) -> list[tuple[int, int]]:
     return pairs
 
 
-def negative_inputs(pairs: list[tuple[int, int]], per_pair: int, shape: tuple[int, ...], seed: int
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(noise, target labels, negative labels) of every sample, pair by pair."""
+NegativeInputs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # noise, labels, negatives, rows
+
+
+def negative_inputs(pairs: list[tuple[int, int]], per_pair: int, shape: tuple[int, ...], seed: int,
+                    num_classes: int) -> NegativeInputs:
+    """(noise, target labels, negative labels, rows) of every sample, pair by pair. A pair's samples start from
+    the noise of the main evaluation's first ``per_pair`` samples of its target class (sample i there is of class
+    i mod C, from row i of ``initial_noise(seed, ...)``, :func:`distill.jobs.common.guided_samples`); ``rows``
+    are those samples' indices."""
+    total = per_pair * num_classes  # rows enough for per_pair samples of every class
+    rows = np.concatenate([np.flatnonzero(balanced_labels(total, num_classes) == y)[:per_pair] for y, _ in pairs])
     labels = np.repeat([y for y, _ in pairs], per_pair).astype(np.int32)
     negatives = np.repeat([k for _, k in pairs], per_pair).astype(np.int32)
-    return initial_noise(seed + 1, len(labels), shape), labels, negatives
+    return initial_noise(seed, total, shape)[rows], labels, negatives, rows
 
 
 def negative_models(models: dict[str, Any]) -> list[str]:
@@ -72,16 +83,37 @@ def negative_plan(cfg: DictConfig, num_classes: int, models: dict[str, Any]) -> 
     return negative_pairs(cfg, num_classes), names
 
 
-def draw_negative_samples(cfg: DictConfig, data: ImageData, inputs: tuple[np.ndarray, np.ndarray, np.ndarray],
-                          names: list[str], predictors: dict[str, Predictor], settings: dict[str, SamplerSettings],
-                          w: float, across_ranks: bool = False) -> dict[tuple[str, str], np.ndarray]:
-    """(model, kind) -> images at ``w`` from ``inputs`` (:func:`negative_inputs`); every data-parallel worker
-    calls it in the same order."""
-    noise, labels, negatives = inputs
+NullPool = dict[tuple[str, float], np.ndarray]  # (model, w) -> the main evaluation's samples
+
+
+def null_pool(cfg: DictConfig, plan: NegativePlan | None, settings: dict[str, SamplerSettings], scale: str,
+              num_classes: int) -> NullPool | None:
+    """An empty pool for the main evaluation's samples of the plan's models when the comparison's null-class
+    samples are among them: the main evaluation guided with the null class over ``eval.ws`` with a
+    deterministic sampler (DDIM, eta 0), and at least ``eval.negative_samples`` samples of every class; else
+    None (the null-class samples are drawn). Every data-parallel worker decides alike."""
+    if plan is None or scale != "w" or cfg.sampler.get("negative_class") is not None:
+        return None
+    if any(settings[name].kind != "ddim" or settings[name].eta != 0 for name in plan[1]):
+        return None
+    rows = negative_inputs(plan[0], int(cfg.eval.negative_samples), (1,), int(cfg.seed), num_classes)[3]
+    return {} if int(rows.max()) < int(cfg.eval.num_samples) else None
+
+
+def draw_negative_samples(cfg: DictConfig, data: ImageData, inputs: NegativeInputs, names: list[str],
+                          predictors: dict[str, Predictor], settings: dict[str, SamplerSettings], w: float,
+                          across_ranks: bool = False, pool: NullPool | None = None
+                          ) -> dict[tuple[str, str], np.ndarray]:
+    """(model, kind) -> images at ``w`` from ``inputs`` (:func:`negative_inputs`), the null-class ones taken from
+    ``pool`` (:func:`null_pool`) when given; every data-parallel worker calls it in the same order."""
+    noise, labels, negatives, rows = inputs
     null = np.full_like(labels, data.num_classes)
     out = {}
     for name in names:
         for kind, uncond in zip(KINDS, (null, negatives)):
+            if kind == "null" and pool is not None:
+                out[(name, kind)] = pool[(name, w)][rows]
+                continue
             out[(name, kind)] = sample_in_batches(predictors[name], noise, labels, w, settings[name], uncond,
                                                   int(cfg.sampler.batch_size), seed=int(cfg.seed) + 1,
                                                   across_ranks=across_ranks)
@@ -106,20 +138,22 @@ def guidance_push(entry: dict[str, dict[str, float]]) -> float:
 
 def evaluate_negatives(cfg: DictConfig, data: ImageData, clf: EvalClassifier, plan: NegativePlan,
                        predictors: dict[str, Predictor], settings: dict[str, SamplerSettings], out: Path,
-                       stem: Any, across_ranks: bool = False) -> dict[str, Any]:
+                       stem: Any, across_ranks: bool = False, pool: NullPool | None = None) -> dict[str, Any]:
     """The report's ``negative`` section for ``plan`` (:func:`negative_plan`); writes
-    ``samples/<model>_neg<K>_w<w>.npz`` and ``negative_w<w>.png``. ``stem(name, steps)`` names files."""
+    ``samples/<model>_neg<K>_w<w>.npz`` and ``negative_w<w>.png``. ``stem(name, steps)`` names files.
+    ``pool``: the main evaluation's samples (:func:`null_pool`), the null-class samples of the comparison."""
     pairs, names = plan
     per_pair = int(cfg.eval.negative_samples)
-    inputs = negative_inputs(pairs, per_pair, data.image_shape, int(cfg.seed))
-    _, labels, negatives = inputs
+    inputs = negative_inputs(pairs, per_pair, data.image_shape, int(cfg.seed), data.num_classes)
+    _, labels, negatives, _ = inputs
     targets = sorted({y for y, _ in pairs})
     real_feats, _ = features_and_probabilities(clf, data.test_images[np.isin(data.test_labels, targets)])
     section: dict[str, Any] = {"pairs": [list(p) for p in pairs], "samples_per_pair": per_pair,
                                "bars": {"fd_ratio": FD_BAR, "negative_probability_rel": PROB_BAR, "max_w": MAX_BAR_W},
+                          "null_samples": "main evaluation" if pool is not None else "drawn",
                                "models": {n: {"per_w": {}} for n in names}}
     for w in [float(w) for w in cfg.eval.ws]:
-        images = draw_negative_samples(cfg, data, inputs, names, predictors, settings, w, across_ranks)
+        images = draw_negative_samples(cfg, data, inputs, names, predictors, settings, w, across_ranks, pool)
         rows = []
         for name in names:
             steps = settings[name].num_steps
@@ -165,9 +199,10 @@ def student_vs_teacher(student: dict[str, float], teacher: dict[str, float]) -> 
 
 
 def sample_negative_share(cfg: DictConfig, data: ImageData, plan: NegativePlan, predictors: dict[str, Predictor],
-                          settings: dict[str, SamplerSettings]) -> None:
+                          settings: dict[str, SamplerSettings], pool: NullPool | None = None) -> None:
     """A worker other than rank 0: the sampler calls of :func:`evaluate_negatives` in the same order."""
     pairs, names = plan
-    inputs = negative_inputs(pairs, int(cfg.eval.negative_samples), data.image_shape, int(cfg.seed))
+    inputs = negative_inputs(pairs, int(cfg.eval.negative_samples), data.image_shape, int(cfg.seed),
+                             data.num_classes)
     for w in [float(w) for w in cfg.eval.ws]:
-        draw_negative_samples(cfg, data, inputs, names, predictors, settings, w, across_ranks=True)
+        draw_negative_samples(cfg, data, inputs, names, predictors, settings, w, True, pool)
