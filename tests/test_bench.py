@@ -5,13 +5,16 @@ No test asserts a timing threshold: speed claims come from `distill task=bench`,
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import compose_cfg, copy_run, tensorboard_scalars
-from distill.core.speed import busy_warning, flop_rate, speedup, spread, summarize
+from distill.core.speed import busy_warning, cpu_clock, flop_rate, other_cores, speedup, spread, summarize
 from distill.jobs.bench import run_bench
 from teacher.flops import forward_flops
 from distill.core.errors import UserError
@@ -77,6 +80,38 @@ def test_busy_warning_only_above_the_core_count() -> None:
     assert msg and "3.5" in msg and "2 cores" in msg
 
 
+def test_busy_warning_from_other_processes_cpu_use() -> None:
+    """Other processes busy while timing warn even at a low load average; a high load average that was this job's
+    own threads says so."""
+    quiet = {"cpu_count": 2, "load_average_1_5_15": [0.5, 1, 1], "load_average_after": [1.0, 1, 1]}
+    assert busy_warning({**quiet, "other_cores": 0.1}) is None
+    msg = busy_warning({**quiet, "other_cores": 0.8})
+    assert msg and "0.80 of 2 cores" in msg
+    msg = busy_warning({**quiet, "load_average_after": [2.6, 1, 1], "other_cores": 0.05})
+    assert msg and "2.6" in msg and "only 0.05" in msg
+
+
+def test_other_cores_counts_what_other_processes_ran_and_not_this_ones() -> None:
+    start = {"busy_seconds": 100.0, "own_seconds": 5.0, "wall_seconds": 10.0}
+    end = {"busy_seconds": 106.0, "own_seconds": 8.0, "wall_seconds": 12.0}
+    assert other_cores(start, end) == pytest.approx(1.5)  # 6 busy seconds, 3 of them ours, over 2 s
+    assert other_cores(None, end) is None and other_cores(end, start) is None
+    if cpu_clock() is None:
+        pytest.skip("no /proc/stat here")
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    clock = cpu_clock()
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.4:  # this process's own work is read as its own, so not "other"
+        pass
+    assert cpu_clock()["own_seconds"] - clock["own_seconds"] >= 0.38
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    clock = cpu_clock()
+    time.sleep(0.9)  # read before waiting for it: a process this one has not waited for counts as other
+    busy = other_cores(clock, cpu_clock())
+    child.wait()
+    assert busy > 0.35, busy
+
+
 def test_tiny_bench_writes_reports(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = tensorboard_scalars(tiny_run / "tb")
     path = run_bench(compose_cfg(tiny_run, *TINY_BENCH))
@@ -86,7 +121,9 @@ def test_tiny_bench_writes_reports(tiny_run: Path, capsys: pytest.CaptureFixture
         assert (out / name).stat().st_size > 0
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads(path.read_text())
-    assert {"platform", "cpu_count", "mindspore", "device", "load_average_after"} <= set(report["machine"])
+    assert {"platform", "cpu_count", "mindspore", "device", "load_average_after", "other_cores"} <= set(report["machine"])
+    assert report["machine"]["other_cores"] is None or report["machine"]["other_cores"] >= 0
+    assert "other processes kept" in (out / "bench.md").read_text() or report["machine"]["other_cores"] is None
     assert report["peak_gflops"]["numpy_matmul"] > 0 and report["peak_gflops"]["mindspore_matmul"] > 0
     flops = {m["name"]: m["forward_flops_per_image"] for m in report["models"]}
     assert flops["student"] > flops["teacher"] > 0  # same backbone, plus the guidance embedding

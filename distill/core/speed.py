@@ -1,5 +1,6 @@
 """Speed measurement: timing statistics, speed-ups, achieved GFLOP/s against a matmul peak measured on
-the same machine, and what the machine was doing (load average) while it was measured.
+the same machine, and what the machine was doing (load average, other processes' CPU use) while it
+was measured.
 
 Pure functions of timings except :func:`matmul_peak` and the machine readers; ``task=bench`` uses them.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -80,11 +82,47 @@ def machine_info(device: str) -> dict[str, Any]:
             "load_average_1_5_15": load_average()}
 
 
+def cpu_clock() -> dict[str, float] | None:
+    """Now: the CPU seconds every process on the machine has kept busy since boot (``/proc/stat``: all but
+    idle and iowait; a virtual machine's steal counts as busy), this process's own with its waited-for
+    children, and a monotonic wall clock. None where ``/proc/stat`` cannot be read (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    own = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for field in ("ru_utime", "ru_stime"))
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return {"busy_seconds": busy, "own_seconds": own, "wall_seconds": time.monotonic()}
+
+
+def other_cores(start: dict[str, float] | None, end: dict[str, float] | None) -> float | None:
+    """How many cores, on average, processes other than this one (and its children) kept busy between two
+    :func:`cpu_clock` readings; None without both readings."""
+    if not start or not end or end["wall_seconds"] <= start["wall_seconds"]:
+        return None
+    others = (end["busy_seconds"] - start["busy_seconds"]) - (end["own_seconds"] - start["own_seconds"])
+    return max(0.0, others / (end["wall_seconds"] - start["wall_seconds"]))
+
+
+OTHER_CORES_BUSY = 0.25  # other processes using more than this many cores on average make the timings suspect
+
+
 def busy_warning(machine: dict[str, Any]) -> Optional[str]:
-    """A warning when the 1-minute load average before or after exceeded the core count."""
+    """A warning when the 1-minute load average before or after exceeded the core count, or when other
+    processes kept more than OTHER_CORES_BUSY cores busy while the timings ran (``other_cores``, measured
+    directly: the load average also counts this job's own kernel threads and what ran just before it)."""
     cores = machine.get("cpu_count") or 1
     loads = [la[0] for la in (machine.get("load_average_1_5_15"), machine.get("load_average_after")) if la]
-    if loads and max(loads) > cores:
-        return (f"the machine was busy (1-minute load average up to {max(loads):.1f} on {cores} cores): "
+    others = machine.get("other_cores")
+    high_load = bool(loads) and max(loads) > cores
+    if others is not None and others > OTHER_CORES_BUSY:
+        return (f"the machine was busy (other processes kept {others:.2f} of {cores} cores busy on average while "
+                f"the timings ran): absolute timings are pessimistic, ratios of interleaved runs less so")
+    if high_load:
+        seen = "" if others is None else (f", though other processes kept only {others:.2f} of them busy while "
+                                          f"the timings ran (the load counts this job's own threads too)")
+        return (f"the machine was busy (1-minute load average up to {max(loads):.1f} on {cores} cores{seen}): "
                 f"absolute timings are pessimistic, ratios of interleaved runs less so")
     return None

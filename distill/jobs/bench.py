@@ -26,8 +26,8 @@ from distill.core.errors import UserError
 from distill.core.fileio import write_json, write_text
 from distill.core.runtime import current
 from distill.core.sampling import Predictor, SamplerSettings, jit_predictor, sample
-from distill.core.speed import (busy_warning, flop_rate, load_average, machine_info, matmul_peak, speedup, summarize,
-                                timed)
+from distill.core.speed import (busy_warning, cpu_clock, flop_rate, load_average, machine_info, matmul_peak,
+                                other_cores, speedup, summarize, timed)
 from distill.jobs.bench_report import markdown_report, plot, write_tensorboard
 from teacher.flops import forward_flops
 
@@ -166,11 +166,13 @@ def run_bench(cfg: DictConfig) -> Path:
     machine = machine_info(str(cfg.device))
     base = build.sampler_settings(cfg)
     own = current().cpu_threads
+    clock = cpu_clock()
     groups = [time_grid(cfg, data, opts, opts["batch_sizes"], own)]
     small = [b for b in opts["batch_sizes"] if opts["single_thread_max_batch"] and b <= opts["single_thread_max_batch"]]
     if small and own != 1:
         groups.append(time_grid_in_child(cfg, opts, small, 1))
     machine["load_average_after"] = load_average()
+    machine["other_cores"] = other_cores(clock, cpu_clock())
     warning = busy_warning(machine)
     if warning:
         log.warning("bench: %s", warning)

@@ -9,6 +9,12 @@ import numpy as np
 from distill.core.report import pyplot, save_figure
 
 
+def other_cpu(machine: dict[str, Any]) -> str:
+    """", other processes: N cores busy on average while timing" where it was measured."""
+    others = machine.get("other_cores")
+    return "" if others is None else f"; other processes kept {others:.2f} cores busy on average while the timings ran"
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     m, o = report["machine"], report["options"]
     flops = {x["name"]: x["forward_flops_per_image"] for x in report["models"]}
@@ -17,7 +23,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines = ["# Sampling speed: two-pass CFG teacher, one-pass student, few-step student\n",
              f"{m['device']} / {m['platform']} / {m['cpu_count']} CPUs / MindSpore {m['mindspore']} / oneDNN ISA cap "
              f"{m['onednn_max_cpu_isa']}; load average {m['load_average_1_5_15']} before, {m['load_average_after']} "
-             f"after. Medians of {o['repeats']} interleaved runs after {o['warmup']} warm-up runs (quartiles in "
+             f"after{other_cpu(m)}. Medians of {o['repeats']} interleaved runs after {o['warmup']} warm-up runs (quartiles in "
              f"brackets; all repeats in bench.json); compile = first call minus a warm call. Threads: MindSpore's "
              f"CPU kernel threads (`cpu_threads`; default = MindSpore's own), one process per thread count.\n",
              "Forward pass per image: " + ", ".join(f"{k} {v / 1e6:.1f} MFLOP" for k, v in flops.items())
