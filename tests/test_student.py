@@ -185,23 +185,33 @@ def test_the_lr_schedule_reaches_the_distillation_step(tiny_run, tmp_path) -> No
     import shutil
     import subprocess
     import sys
+    from pathlib import Path
 
     from conftest import TINY
     from distill.core.weights import net_state
 
-    def moved(name: str, *overrides: str) -> float:
+    def start(name: str, *overrides: str) -> tuple[subprocess.Popen, Path, list[str]]:
         run = tmp_path / name
         shutil.copytree(tiny_run / "teacher", run / "teacher")
         args = [*TINY, f"run_dir={run}", "student.train.steps=2", "student.train.ema_decay=0", *overrides]
-        proc = subprocess.run([sys.executable, "-m", "distill", "task=distill", *args], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        cwd = tmp_path / f"{name}_cwd"  # each job its own working dir, so Hydra's outputs/ are not shared
+        cwd.mkdir()
+        with open(tmp_path / f"{name}.stderr", "w") as err:  # a file, not a pipe: neither job waits on a reader
+            proc = subprocess.Popen([sys.executable, "-m", "distill", "task=distill", *args], cwd=cwd,
+                                    stdout=subprocess.DEVNULL, stderr=err)
+        return proc, run, args
+
+    def moved(proc: subprocess.Popen, run: Path, args: list[str]) -> float:
+        assert proc.wait(timeout=300) == 0, (run.parent / f"{run.name}.stderr").read_text()[-2000:]
         cfg = compose_cfg(run, *args[len(TINY):])  # ema_decay=0: the EMA weights load_student reads = the net
         data = load_data(cfg.data)
         before = net_state(load_teacher(cfg, data))
         after = net_state(load_student(cfg, data)[0])
         return max(float(np.abs(after[k] - v).max()) for k, v in before.items())
 
-    plain, warm = moved("plain"), moved("warm", "student.train.warmup_steps=1000")
+    # the two jobs run side by side (separate run dirs): on 2 cores that is one job's wall time, not two
+    jobs = start("plain"), start("warm", "student.train.warmup_steps=1000")
+    plain, warm = (moved(*job) for job in jobs)
     assert plain > 0 and plain / warm > 100
 
 
