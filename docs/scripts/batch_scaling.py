@@ -7,53 +7,23 @@ the sampler does around the network (docs/sampling.md). One process per thread s
     python docs/scripts/batch_scaling.py outputs/digits 1
 """
 import sys
-import time
 
-import numpy as np
-from hydra import compose, initialize_config_module
-
-from distill.core import build, sampling
-from distill.core.config import register
-from distill.core.data import load_data
-from distill.core.runtime import setup_from_config
-from student.loading import load_student
-from teacher.guidance import ConditionalPrediction, GuidedPrediction
-from teacher.loading import load_teacher
+from run_timing import ms_per_step, open_run, run_nets, sampler_call, student_predictor, teacher_predictor, warm
 
 BATCHES = (16, 64)
 
 
 def main(run: str, threads: str, repeats: int = 11) -> None:
-    register()
-    with initialize_config_module("distill.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"run_dir={run}", f"cpu_threads={'null' if threads == 'default' else threads}"])
-    setup_from_config(cfg)
-    data = load_data(cfg.data)
-    settings = build.sampler_settings(cfg)
-    student, _ = load_student(cfg, data)
-    student_step = sampling.jit_predictor(ConditionalPrediction(student.set_train(False)))
-    teacher_step = sampling.jit_predictor(GuidedPrediction(load_teacher(cfg, data).set_train(False)))
-
-    def call(predict, batch):
-        noise = sampling.initial_noise(0, batch, data.image_shape)
-        labels = np.arange(batch) % data.num_classes
-        return lambda: sampling.sample(predict, noise, labels, 2.0, settings, np.full(batch, data.num_classes))
-
+    cfg, data, settings = open_run(run, threads)
+    student, teacher = run_nets(cfg, data)
+    student_step, teacher_step = student_predictor(student), teacher_predictor(teacher)
     calls = {}
     for b in BATCHES:
-        calls[f"student_b{b}"], calls[f"student_b{2 * b}"] = call(student_step, b), call(student_step, 2 * b)
-        calls[f"teacher_b{b}"] = call(teacher_step, b)
-    for _ in range(2):  # compile and warm
-        for fn in calls.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    keys = list(calls)
-    for r in range(repeats):  # interleaved, the order rotating
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            t0 = time.perf_counter()
-            calls[k]()
-            times[k].append(time.perf_counter() - t0)
-    ms = {k: 1000 * float(np.median(v)) / settings.num_steps for k, v in times.items()}
+        calls[f"student_b{b}"] = sampler_call(student_step, b, data, settings)
+        calls[f"student_b{2 * b}"] = sampler_call(student_step, 2 * b, data, settings)
+        calls[f"teacher_b{b}"] = sampler_call(teacher_step, b, data, settings)
+    warm(calls, 2)  # compile and warm
+    ms = ms_per_step(calls, repeats, settings.num_steps)
     for b in BATCHES:
         print(f"threads {threads} batch {b}: student {ms[f'student_b{b}']:.2f} ms/step, at batch {2 * b} "
               f"{ms[f'student_b{2 * b}']:.2f}, teacher {ms[f'teacher_b{b}']:.2f}; one pass vs two "

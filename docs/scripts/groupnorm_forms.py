@@ -5,19 +5,11 @@ plus the per-channel affine (equal outputs to ~1e-6), both in one process, inter
     python docs/scripts/groupnorm_forms.py outputs/digits 1 1,16
 """
 import sys
-import time
 
 import numpy as np
-from hydra import compose, initialize_config_module
 from mindspore import nn, ops
 
-from distill.core import build, sampling
-from distill.core.config import register
-from distill.core.data import load_data
-from distill.core.runtime import setup_from_config
-from student.loading import load_student
-from teacher.guidance import ConditionalPrediction, GuidedPrediction
-from teacher.loading import load_teacher
+from run_timing import ms_per_step, open_run, run_nets, sampler_call, student_predictor, teacher_predictor, warm
 
 
 class LayerNormGroups(nn.Cell):
@@ -45,37 +37,20 @@ def swap_norms(cell: nn.Cell) -> None:
 
 
 def main(run: str, threads: str, batches: list[int]) -> None:
-    register()
-    with initialize_config_module("distill.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"run_dir={run}", f"cpu_threads={'null' if threads == 'default' else threads}"])
-    setup_from_config(cfg)
-    data = load_data(cfg.data)
-    settings = build.sampler_settings(cfg)
+    cfg, data, settings = open_run(run, threads)
     predictors = {}
     for form in ("native", "layernorm"):
-        student, _ = load_student(cfg, data)
-        teacher = load_teacher(cfg, data)
+        student, teacher = run_nets(cfg, data)
         if form == "layernorm":
             swap_norms(student)
             swap_norms(teacher)
-        predictors[f"student_{form}"] = sampling.jit_predictor(ConditionalPrediction(student.set_train(False)))
-        predictors[f"teacher_{form}"] = sampling.jit_predictor(GuidedPrediction(teacher.set_train(False)))
+        predictors[f"student_{form}"] = student_predictor(student)
+        predictors[f"teacher_{form}"] = teacher_predictor(teacher)
     for batch in batches:
-        noise = sampling.initial_noise(0, batch, data.image_shape)
-        labels = np.arange(batch) % data.num_classes
-        null = np.full(batch, data.num_classes)
-        calls = {k: (lambda p=p: sampling.sample(p, noise, labels, 2.0, settings, null)) for k, p in predictors.items()}
-        for _ in range(2):  # compile and warm
-            outs = {k: np.asarray(c()) for k, c in calls.items()}
+        calls = {k: sampler_call(p, batch, data, settings) for k, p in predictors.items()}
+        outs = warm(calls, 2)  # compile and warm
         diff = max(np.abs(outs[f"{m}_native"] - outs[f"{m}_layernorm"]).max() for m in ("student", "teacher"))
-        times: dict[str, list[float]] = {k: [] for k in calls}
-        keys = list(calls)
-        for r in range(9 if batch < 256 else 5):  # interleaved, the order rotating
-            for k in keys[r % 4:] + keys[:r % 4]:
-                t0 = time.perf_counter()
-                calls[k]()
-                times[k].append(time.perf_counter() - t0)
-        ms = {k: 1000 * float(np.median(v)) / settings.num_steps for k, v in times.items()}
+        ms = ms_per_step(calls, 9 if batch < 256 else 5, settings.num_steps)
         print(f"threads {threads} batch {batch} (max abs diff {diff:.1e}), ms/step: "
               + " ".join(f"{k} {v:.2f}" for k, v in ms.items()), flush=True)
 
