@@ -50,17 +50,21 @@ def negative_pairs(cfg: DictConfig, num_classes: int) -> list[tuple[int, int]]:
 NegativeInputs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # noise, labels, negatives, rows
 
 
+def negative_rows(pairs: list[tuple[int, int]], per_pair: int, num_classes: int) -> np.ndarray:
+    """Each pair's ``per_pair`` sample indices, pair by pair: the main evaluation's first samples of the pair's
+    target class (sample i there is of class i mod C, :func:`distill.jobs.common.guided_samples`)."""
+    classes = balanced_labels(per_pair * num_classes, num_classes)  # rows enough for per_pair of every class
+    return np.concatenate([np.flatnonzero(classes == y)[:per_pair] for y, _ in pairs])
+
+
 def negative_inputs(pairs: list[tuple[int, int]], per_pair: int, shape: tuple[int, ...], seed: int,
                     num_classes: int) -> NegativeInputs:
-    """(noise, target labels, negative labels, rows) of every sample, pair by pair. A pair's samples start from
-    the noise of the main evaluation's first ``per_pair`` samples of its target class (sample i there is of class
-    i mod C, from row i of ``initial_noise(seed, ...)``, :func:`distill.jobs.common.guided_samples`); ``rows``
-    are those samples' indices."""
-    total = per_pair * num_classes  # rows enough for per_pair samples of every class
-    rows = np.concatenate([np.flatnonzero(balanced_labels(total, num_classes) == y)[:per_pair] for y, _ in pairs])
+    """(noise, target labels, negative labels, rows) of every sample, pair by pair: a pair's samples start from
+    the noise of its :func:`negative_rows` (row i of ``initial_noise(seed, ...)``, as in the main evaluation)."""
+    rows = negative_rows(pairs, per_pair, num_classes)
     labels = np.repeat([y for y, _ in pairs], per_pair).astype(np.int32)
     negatives = np.repeat([k for _, k in pairs], per_pair).astype(np.int32)
-    return initial_noise(seed, total, shape)[rows], labels, negatives, rows
+    return initial_noise(seed, per_pair * num_classes, shape)[rows], labels, negatives, rows
 
 
 def negative_models(models: dict[str, Any]) -> list[str]:
@@ -94,9 +98,9 @@ def null_pool(cfg: DictConfig, plan: NegativePlan | None, settings: dict[str, Sa
     None (the null-class samples are drawn). Every data-parallel worker decides alike."""
     if plan is None or scale != "w" or cfg.sampler.get("negative_class") is not None:
         return None
-    if any(settings[name].kind != "ddim" or settings[name].eta != 0 for name in plan[1]):
+    if any(settings[name].stochastic for name in plan[1]):
         return None
-    rows = negative_inputs(plan[0], int(cfg.eval.negative_samples), (1,), int(cfg.seed), num_classes)[3]
+    rows = negative_rows(plan[0], int(cfg.eval.negative_samples), num_classes)
     return {} if int(rows.max()) < int(cfg.eval.num_samples) else None
 
 
@@ -150,7 +154,7 @@ def evaluate_negatives(cfg: DictConfig, data: ImageData, clf: EvalClassifier, pl
     real_feats, _ = features_and_probabilities(clf, data.test_images[np.isin(data.test_labels, targets)])
     section: dict[str, Any] = {"pairs": [list(p) for p in pairs], "samples_per_pair": per_pair,
                                "bars": {"fd_ratio": FD_BAR, "negative_probability_rel": PROB_BAR, "max_w": MAX_BAR_W},
-                          "null_samples": "main evaluation" if pool is not None else "drawn",
+                               "null_samples": "main evaluation" if pool is not None else "drawn",
                                "models": {n: {"per_w": {}} for n in names}}
     for w in [float(w) for w in cfg.eval.ws]:
         images = draw_negative_samples(cfg, data, inputs, names, predictors, settings, w, across_ranks, pool)
