@@ -16,25 +16,29 @@ from teacher.unet import UNet, UNetConfig
 
 def student_config(teacher_config: UNetConfig, embed_dim: int, w_scale: float,
                    class_gate: bool = False, film: bool = False, negative: bool = False,
-                   uncond_head: bool = False) -> UNetConfig:
+                   uncond_head: bool = False, class_ramp: bool = False) -> UNetConfig:
     if embed_dim < 2 or embed_dim % 2:
         raise UserError(f"student: guidance embed_dim {embed_dim} must be an even number >= 2")
     return dataclasses.replace(teacher_config, guidance_embed_dim=embed_dim, guidance_scale=float(w_scale),
                                guidance_class_gate=bool(class_gate), guidance_film=bool(film),
-                               guidance_negative=bool(negative), guidance_uncond_head=bool(uncond_head))
+                               guidance_negative=bool(negative), guidance_uncond_head=bool(uncond_head),
+                               guidance_class_ramp=bool(class_ramp))
 
 
 OUTPUT_CONV = ("conv_out.weight", "conv_out.bias")  # the last conv: a CFG++ student doubles its output channels
 
 
 def student_from_teacher(teacher: UNet, embed_dim: int, w_scale: float, class_gate: bool = False,
-                         film: bool = False, negative: bool = False, uncond_head: bool = False) -> UNet:
+                         film: bool = False, negative: bool = False, uncond_head: bool = False,
+                         class_ramp: bool = False) -> UNet:
     """A student equal to the teacher's conditional model: shared weights copied, the
     guidance MLPs' last layers at zero, so the w terms change nothing until trained
-    (``negative``: the same student with a negative-class input, :meth:`UNet.embed`).
+    (``negative``: the same student with a negative-class input, :meth:`UNet.embed`; ``class_ramp``: the
+    class offset also x min(w, 1), so the untrained student is the teacher at the null class at w = 0).
     ``uncond_head`` (``student.target=cfgpp``): the last convolution twice over, stacked on its output
     channels, so the untrained student returns (cond, cond) as its (guided, unconditional) heads."""
-    student = UNet(student_config(teacher.config, embed_dim, w_scale, class_gate, film, negative, uncond_head))
+    student = UNet(student_config(teacher.config, embed_dim, w_scale, class_gate, film, negative, uncond_head,
+                                  class_ramp))
     state = net_state(teacher)
     if uncond_head:
         state.update({k: np.concatenate([state[k], state[k]], axis=0) for k in OUTPUT_CONV})
