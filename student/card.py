@@ -139,7 +139,8 @@ K is the target), w = {w:g}, the same noise along each row.
 def _gate_text(model: dict[str, Any]) -> str:
     text = ""
     if model.get("guidance_class_gate"):
-        ramp = "min(w, 1) " if model.get("guidance_class_ramp") else ""
+        r = model.get("guidance_class_ramp")
+        ramp = f"min(w / {r:g}, 1) " if r else ""
         text += f",\n  class embedding gated by w: null + {ramp}(1 + gate(w)) * (class - null)"
     if model.get("guidance_film"):
         text += ",\n  each res block's features scaled by 1 + f(time + class + guidance embedding)"

@@ -16,13 +16,13 @@ from teacher.unet import UNet, UNetConfig
 
 def student_config(teacher_config: UNetConfig, embed_dim: int, w_scale: float,
                    class_gate: bool = False, film: bool = False, negative: bool = False,
-                   uncond_head: bool = False, class_ramp: bool = False) -> UNetConfig:
+                   uncond_head: bool = False, class_ramp: float = 0.0) -> UNetConfig:
     if embed_dim < 2 or embed_dim % 2:
         raise UserError(f"student: guidance embed_dim {embed_dim} must be an even number >= 2")
     return dataclasses.replace(teacher_config, guidance_embed_dim=embed_dim, guidance_scale=float(w_scale),
                                guidance_class_gate=bool(class_gate), guidance_film=bool(film),
                                guidance_negative=bool(negative), guidance_uncond_head=bool(uncond_head),
-                               guidance_class_ramp=bool(class_ramp))
+                               guidance_class_ramp=float(class_ramp))
 
 
 OUTPUT_CONV = ("conv_out.weight", "conv_out.bias")  # the last conv: a CFG++ student doubles its output channels
@@ -30,11 +30,11 @@ OUTPUT_CONV = ("conv_out.weight", "conv_out.bias")  # the last conv: a CFG++ stu
 
 def student_from_teacher(teacher: UNet, embed_dim: int, w_scale: float, class_gate: bool = False,
                          film: bool = False, negative: bool = False, uncond_head: bool = False,
-                         class_ramp: bool = False) -> UNet:
+                         class_ramp: float = 0.0) -> UNet:
     """A student equal to the teacher's conditional model: shared weights copied, the
     guidance MLPs' last layers at zero, so the w terms change nothing until trained
-    (``negative``: the same student with a negative-class input, :meth:`UNet.embed`; ``class_ramp``: the
-    class offset also x min(w, 1), so the untrained student is the teacher at the null class at w = 0).
+    (``negative``: the same student with a negative-class input, :meth:`UNet.embed`; ``class_ramp`` r > 0:
+    the class offset also x min(w / r, 1), so the student is the teacher at the null class at w = 0).
     ``uncond_head`` (``student.target=cfgpp``): the last convolution twice over, stacked on its output
     channels, so the untrained student returns (cond, cond) as its (guided, unconditional) heads."""
     student = UNet(student_config(teacher.config, embed_dim, w_scale, class_gate, film, negative, uncond_head,

@@ -8,7 +8,7 @@ computed in one place, :meth:`UNet.embed`. A student may also gate its class emb
 by w (``guidance_class_gate``): null + (1 + gate(w)) * (class - null), where gate is a
 second such MLP, so w = 0 (the unconditional model) is one gate value away rather than
 a cancellation the additive term must learn through the nonlinearities. With
-``guidance_class_ramp`` the offset is also multiplied by min(w, 1), so at w = 0 the class
+``guidance_class_ramp`` r > 0 the offset is also multiplied by min(w / r, 1), so at w = 0 the class
 embedding is the null class's exactly, whatever the gate learns. And each of its
 res blocks may scale its features by 1 + f(embedding) (``guidance_film``, f a linear layer):
 a multiplicative path for w beside the additive one (measured: it closed the student's
@@ -57,7 +57,7 @@ class UNetConfig:
     guidance_embed_dim: int = 0     # 0: teacher (no guidance input); > 0: student
     guidance_scale: float = 100.0   # w is scaled before its sinusoidal features
     guidance_class_gate: bool = False  # student: w also scales the class embedding (see above)
-    guidance_class_ramp: bool = False  # student: the gated class offset also x clip(w, 0, 1): w = 0 is the base class
+    guidance_class_ramp: float = 0.0  # student: > 0: the gated class offset also x min(w / ramp, 1): w = 0 is the base class
     guidance_film: bool = False     # student: each block also scales its features by 1 + f(embedding), f zero at init
     guidance_negative: bool = False  # student: the class gate's offset is a negative class input (null = the default)
     guidance_negative_path: bool = False  # phase-two student: a negative-class path, exactly zero for the null class
@@ -106,6 +106,8 @@ class UNetConfig:
                 raise UserError(f"model: channels {self.channels * m} not divisible by groups {self.groups}")
         if self.guidance_negative and not (self.guidance_embed_dim > 0 and self.guidance_class_gate):
             raise UserError("student: a negative-class input needs the class gate (student.class_gate=true)")
+        if self.guidance_class_ramp < 0:
+            raise UserError(f"student: class_ramp {self.guidance_class_ramp} must be >= 0 (0 = off)")
         if self.guidance_class_ramp and not (self.guidance_embed_dim > 0 and self.guidance_class_gate):
             raise UserError("student: the class ramp scales the class gate's offset (student.class_gate=true)")
         if self.guidance_negative_path and not self.guidance_negative:
@@ -324,7 +326,8 @@ class UNet(nn.Cell):
             )
         self.has_class_gate = self.has_guidance and config.guidance_class_gate
         self.has_negative = self.has_class_gate and config.guidance_negative
-        self.has_class_ramp = self.has_class_gate and config.guidance_class_ramp
+        self.has_class_ramp = self.has_class_gate and config.guidance_class_ramp > 0
+        self.class_ramp = float(config.guidance_class_ramp)
         self.null_class = config.num_classes
         self.guidance_gate: Optional[EmbeddingMLP] = None
         if self.has_class_gate:
@@ -379,9 +382,9 @@ class UNet(nn.Cell):
             else:
                 base = self.class_embed(ops.ones_like(y) * self.null_class)
             if self.has_class_ramp:
-                # base + min(w, 1) (1 + gate) (c - base): the base class exactly at w = 0 whatever the gate learns,
-                # and at init the embedding-space image of CFG's uncond + w (cond - uncond) for w <= 1
-                ramp = ops.clip_by_value(w, 0.0, 1.0).reshape(-1, 1).astype(c.dtype)
+                # base + min(w / ramp, 1) (1 + gate) (c - base): the base class exactly at w = 0 whatever the gate
+                # learns; at init (ramp 1) the embedding-space image of CFG's uncond + w (cond - uncond) for w <= 1
+                ramp = ops.clip_by_value(w / self.class_ramp, 0.0, 1.0).reshape(-1, 1).astype(c.dtype)
                 c = base + ramp * (c - base) * (1.0 + self.guidance_gate(w))
             else:
                 c = c + self.guidance_gate(w) * (c - base)  # = base + (1 + gate) * (c - base), exact at gate 0

@@ -62,6 +62,33 @@ def test_class_gate_at_minus_one_is_the_unconditional_model() -> None:
     np.testing.assert_allclose(student(z, t, y, w).asnumpy(), teacher(z, t, null, w).asnumpy(), atol=1e-6)
 
 
+def test_class_ramp_makes_w0_unconditional_whatever_the_gate() -> None:
+    """student.class_ramp=1: null + min(w, 1) (1 + gate(w)) (class - null). At w = 0 the output is the
+    teacher's at the null class for every label, however the gate is trained; untrained, w >= 1 is the
+    conditional model and w in (0, 1) lies between the two."""
+    teacher = random_teacher()
+    student = student_from_teacher(teacher, embed_dim=16, w_scale=1000.0, class_gate=True, film=True,
+                                   class_ramp=1.0)
+    rng = np.random.default_rng(3)
+    z = ms.Tensor(rng.standard_normal((4, 1, 8, 8)).astype(np.float32))
+    t = ms.Tensor(rng.uniform(size=4).astype(np.float32))
+    y = ms.Tensor(np.array([0, 3, 7, 9], np.int32))
+    null = ms.Tensor(np.full(4, 10, np.int32))
+    at = lambda net, labels, w: net(z, t, labels, ms.Tensor(np.full(4, w, np.float32))).asnumpy()
+    np.testing.assert_array_equal(at(student, y, 0.0), at(teacher, null, 0.0))
+    for w in (1.0, 3.0):
+        np.testing.assert_allclose(at(student, y, w), at(teacher, y, w), atol=1e-5)
+    half, cond, uncond = at(student, y, 0.5), at(teacher, y, 0.5), at(teacher, null, 0.5)
+    assert 0 < np.abs(half - uncond).max() and 0 < np.abs(half - cond).max()
+    # a trained gate (here: random) moves every w > 0 but not w = 0
+    for p in student.guidance_gate.trainable_params():
+        p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32)))
+    np.testing.assert_array_equal(at(student, y, 0.0), at(teacher, null, 0.0))
+    assert np.abs(at(student, y, 3.0) - at(teacher, y, 3.0)).max() > 1e-3
+    with pytest.raises(UserError, match="class_gate"):
+        student_from_teacher(teacher, embed_dim=16, w_scale=1000.0, class_gate=False, class_ramp=1.0)
+
+
 def test_x_space_weight_matches_direct_x_space_loss() -> None:
     rng = np.random.default_rng(1)
     t = rng.uniform(0.05, 0.95, 5)
@@ -215,13 +242,13 @@ def test_the_lr_schedule_reaches_the_distillation_step(tiny_run, tmp_path) -> No
     assert plain > 0 and plain / warm > 100
 
 
-@pytest.mark.parametrize("flag", ["guidance_class_gate", "guidance_film", "scale_shift_norm"])
+@pytest.mark.parametrize("flag", ["guidance_class_gate", "guidance_class_ramp", "guidance_film", "scale_shift_norm"])
 def test_architecture_flags_round_trip_and_old_architecture_dicts_still_match(flag: str) -> None:
     """Checkpoints from before a flag existed do not store it; they must still compare equal."""
     plain = UNetConfig(guidance_embed_dim=16)
     assert flag not in plain.to_dict()  # byte-for-byte the dict older checkpoints hold
     assert UNetConfig.from_dict(plain.to_dict()) == plain
-    flagged = UNetConfig(guidance_embed_dim=16, **{flag: True})
-    assert flagged.to_dict()[flag] is True
+    flagged = UNetConfig(guidance_embed_dim=16, **{flag: 0.5 if flag == "guidance_class_ramp" else True})
+    assert flagged.to_dict()[flag] == (0.5 if flag == "guidance_class_ramp" else True)
     assert UNetConfig.from_dict(flagged.to_dict()) == flagged
     assert flagged.to_dict() != plain.to_dict()  # resume refuses a checkpoint of the other kind

@@ -83,7 +83,7 @@ class StudentConfig:
     w_scale: float = MISSING
     film: bool = MISSING
     class_gate: bool = MISSING
-    class_ramp: bool = MISSING
+    class_ramp: float = MISSING
     negative: bool = MISSING
     p_null_negative: float = MISSING
     w_min: float = MISSING
