@@ -52,7 +52,7 @@ ADDED_KEYS: dict[str, Any] = {
     "sampler.classifier_scale": 1.0, "eval.methods": ["cfg"], "eval.cfgpp_lambdas": [0.2, 0.4, 0.6, 0.8, 1.0],
     "eval.interval": [0.17, 0.88], "eval.classifier_scales": [1.0, 2.0, 4.0, 8.0, 16.0], "cpu_threads": None,
     "bench.single_thread_max_batch": None, "student.target": "cfg", "progressive.w0_share": 0.0,
-    "progressive.round_steps": None, "student.interval_input": False,
+    "progressive.round_steps": None, "student.interval_input": False, "student.class_ramp": 0.0,
 }
 
 

@@ -110,19 +110,19 @@ OTHER_CORES_BUSY = 0.25  # other processes using more than this many cores on av
 
 
 def busy_warning(machine: dict[str, Any]) -> Optional[str]:
-    """A warning when the 1-minute load average before or after exceeded the core count, or when other
-    processes kept more than OTHER_CORES_BUSY cores busy while the timings ran (``other_cores``, measured
-    directly: the load average also counts this job's own kernel threads and what ran just before it)."""
+    """A warning when other processes kept more than OTHER_CORES_BUSY cores busy while the timings ran
+    (``other_cores``, read from /proc/stat). Where that cannot be read, the 1-minute load average before or
+    after above the core count stands in for it; where it can, the load average is left out of the verdict,
+    since it also counts this job's own kernel threads and what ran just before it (a pipeline's evaluation)."""
     cores = machine.get("cpu_count") or 1
-    loads = [la[0] for la in (machine.get("load_average_1_5_15"), machine.get("load_average_after")) if la]
     others = machine.get("other_cores")
-    high_load = bool(loads) and max(loads) > cores
-    if others is not None and others > OTHER_CORES_BUSY:
-        return (f"the machine was busy (other processes kept {others:.2f} of {cores} cores busy on average while "
-                f"the timings ran): absolute timings are pessimistic, ratios of interleaved runs less so")
-    if high_load:
-        seen = "" if others is None else (f", though other processes kept only {others:.2f} of them busy while "
-                                          f"the timings ran (the load counts this job's own threads too)")
-        return (f"the machine was busy (1-minute load average up to {max(loads):.1f} on {cores} cores{seen}): "
+    if others is not None:
+        if others > OTHER_CORES_BUSY:
+            return (f"the machine was busy (other processes kept {others:.2f} of {cores} cores busy on average "
+                    f"while the timings ran): absolute timings are pessimistic, ratios of interleaved runs less so")
+        return None
+    loads = [la[0] for la in (machine.get("load_average_1_5_15"), machine.get("load_average_after")) if la]
+    if loads and max(loads) > cores:
+        return (f"the machine was busy (1-minute load average up to {max(loads):.1f} on {cores} cores): "
                 f"absolute timings are pessimistic, ratios of interleaved runs less so")
     return None
