@@ -611,7 +611,8 @@ def test_a_cfgpp_student_is_refused_where_one_output_is_read() -> None:
 
 
 @pytest.mark.slow
-def test_cfgpp_targets_from_shards_equal_online_and_the_student_is_evaluated_with_cfgpp(tiny_run, tmp_path) -> None:
+def test_cfgpp_targets_from_shards_equal_online_and_the_student_is_evaluated_with_cfgpp(tiny_run, tmp_path,
+                                                                                        caplog) -> None:
     from distill.core.checkpoint import read_meta
     from distill.jobs.distill import distill_batches, run_distill
     from distill.jobs.evaluate import run_evaluate
@@ -622,7 +623,9 @@ def test_cfgpp_targets_from_shards_equal_online_and_the_student_is_evaluated_wit
         assert a[5].shape[1] == 2 and a[3].max() <= 0.8  # two heads; lambda in its range
     with pytest.raises(UserError, match="made for another teacher or config"):  # CFG shards are not CFG++ shards
         distill_batches(compose_cfg(run, "student.targets=shards"), data, None)
-    run_distill(cfg)
+    with caplog.at_level("WARNING"):
+        run_distill(cfg)
+    assert "student.class_ramp=0 is the measured choice for target=cfgpp" in caplog.text  # the default ramp
     meta = read_meta(run / "student" / "checkpoint.safetensors")
     assert (meta["target"], meta["w_min"], meta["w_max"]) == ("cfgpp", 0.0, 0.8)
     assert meta["model"]["guidance_uncond_head"] is True

@@ -83,6 +83,10 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     check_p_null_negative(float(s.p_null_negative))
     check_ws_per_input(s.ws_per_input, local_batch_size(int(s.train.batch_size)))  # a rank's rows keep whole groups
     target = distill_target(s)
+    if target[0] == "cfgpp" and float(s.class_ramp) > 0:
+        log.warning("distill: student.class_ramp=%g fades the class out towards lambda = 0, which weakens a CFG++ "
+                    "student at every lambda below 1 (docs/experiments.md); student.class_ramp=0 is the measured "
+                    "choice for target=cfgpp", float(s.class_ramp))
     data = load_data(cfg.data)
     teacher = load_teacher(cfg, data)
     out = build.run_dir(cfg) / "student"
