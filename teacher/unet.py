@@ -57,7 +57,7 @@ class UNetConfig:
     guidance_embed_dim: int = 0     # 0: teacher (no guidance input); > 0: student
     guidance_scale: float = 100.0   # w is scaled before its sinusoidal features
     guidance_class_gate: bool = False  # student: w also scales the class embedding (see above)
-    guidance_class_ramp: float = 0.0  # student: > 0: the gated class offset also x min(w / ramp, 1): w = 0 is the base class
+    guidance_class_ramp: float = 0.0  # student, > 0: the gated class offset also x min(w / ramp, 1) (w = 0: no class)
     guidance_film: bool = False     # student: each block also scales its features by 1 + f(embedding), f zero at init
     guidance_negative: bool = False  # student: the class gate's offset is a negative class input (null = the default)
     guidance_negative_path: bool = False  # phase-two student: a negative-class path, exactly zero for the null class
@@ -81,8 +81,8 @@ class UNetConfig:
         d["attention_resolutions"] = list(self.attention_resolutions)
         # Written only when on, so a config without it equals the stored dicts of older
         # checkpoints, which resume and the teacher check compare as plain dicts.
-        for flag in ("guidance_class_gate", "guidance_class_ramp", "guidance_film", "guidance_negative", "guidance_negative_path",
-                     "guidance_uncond_head", "scale_shift_norm", "attention_resolutions"):
+        for flag in ("guidance_class_gate", "guidance_class_ramp", "guidance_film", "guidance_negative",
+                     "guidance_negative_path", "guidance_uncond_head", "scale_shift_norm", "attention_resolutions"):
             if not d[flag]:
                 del d[flag]
         return d

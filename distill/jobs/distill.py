@@ -91,7 +91,7 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     teacher = load_teacher(cfg, data)
     out = build.run_dir(cfg) / "student"
     student = student_from_teacher(teacher, int(s.embed_dim), float(s.w_scale), bool(s.class_gate), bool(s.film),
-                                   bool(s.negative), uncond_head=target[0] == "cfgpp", class_ramp=float(s.class_ramp or 0.0))
+                                   bool(s.negative), uncond_head=target[0] == "cfgpp", class_ramp=float(s.class_ramp))
     ema = UNet(student.config)
     settings = build.train_settings(s.train, int(cfg.seed), bool(cfg.jit))
     trainer = resumed_trainer(cfg, student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out,
