@@ -89,6 +89,19 @@ def test_class_ramp_makes_w0_unconditional_whatever_the_gate() -> None:
         student_from_teacher(teacher, embed_dim=16, w_scale=1000.0, class_gate=False, class_ramp=1.0)
 
 
+def test_the_class_ramp_counts_only_with_the_class_gate(tmp_path) -> None:
+    """The ramp scales the class gate: without the gate the default ramp is accepted, ignored and not recorded."""
+    from distill.core.provenance import stage_config
+    from distill.jobs.preflight import check_config
+
+    assert stage_config(compose_cfg(tmp_path), "student")["student.class_ramp"] == 0.5
+    no_gate = compose_cfg(tmp_path, "student.class_gate=false")
+    check_config(no_gate)
+    assert "student.class_ramp" not in stage_config(no_gate, "student")
+    assert stage_config(no_gate, "student") == stage_config(
+        compose_cfg(tmp_path, "student.class_gate=false", "student.class_ramp=0"), "student")
+
+
 def test_x_space_weight_matches_direct_x_space_loss() -> None:
     rng = np.random.default_rng(1)
     t = rng.uniform(0.05, 0.95, 5)

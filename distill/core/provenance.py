@@ -39,10 +39,11 @@ NEUTRAL = ("train.log_every", "train.checkpoint_every", "student.targets", "stud
            "publish.dir", "publish.overwrite")
 # Keys that count only while another key has a given value (key -> (that key, value)): the student's guidance
 # interval makes its targets, and interval_input its w input, only with student.target=interval; its lambda range
-# counts only with student.target=cfgpp.
+# counts only with student.target=cfgpp; the class ramp scales the class gate, so it counts only with the gate.
 ONLY_WHEN: dict[str, tuple[str, Any]] = {"student.interval": ("student.target", "interval"),
                                          "student.interval_input": ("student.target", "interval"),
-                                         "student.lambda_range": ("student.target", "cfgpp")}
+                                         "student.lambda_range": ("student.target", "cfgpp"),
+                                         "student.class_ramp": ("student.class_gate", True)}
 
 # Keys added to a stage after outputs were recorded without them: a record that lacks one still matches
 # when today's value is the one here, the value that makes what the record's code made (an upgrade that

@@ -83,15 +83,16 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     check_p_null_negative(float(s.p_null_negative))
     check_ws_per_input(s.ws_per_input, local_batch_size(int(s.train.batch_size)))  # a rank's rows keep whole groups
     target = distill_target(s)
-    if target[0] == "cfgpp" and float(s.class_ramp) > 0:
+    ramp = float(s.class_ramp) if bool(s.class_gate) else 0.0  # the ramp scales the class gate: nothing without it
+    if target[0] == "cfgpp" and ramp > 0:
         log.warning("distill: student.class_ramp=%g fades the class out towards lambda = 0, which weakens a CFG++ "
                     "student at every lambda below 1 (docs/experiments.md); student.class_ramp=0 is the measured "
-                    "choice for target=cfgpp", float(s.class_ramp))
+                    "choice for target=cfgpp", ramp)
     data = load_data(cfg.data)
     teacher = load_teacher(cfg, data)
     out = build.run_dir(cfg) / "student"
     student = student_from_teacher(teacher, int(s.embed_dim), float(s.w_scale), bool(s.class_gate), bool(s.film),
-                                   bool(s.negative), uncond_head=target[0] == "cfgpp", class_ramp=float(s.class_ramp))
+                                   bool(s.negative), uncond_head=target[0] == "cfgpp", class_ramp=ramp)
     ema = UNet(student.config)
     settings = build.train_settings(s.train, int(cfg.seed), bool(cfg.jit))
     trainer = resumed_trainer(cfg, student, ema, regression_loss, distill_batches(cfg, data, teacher), settings, out,

@@ -55,8 +55,6 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError("student: negative=true needs class_gate=true (the negative class is the gate's offset)")
     if float(s.class_ramp) < 0:
         raise UserError(f"student: class_ramp {s.class_ramp} must be >= 0 (0 = off)")
-    if float(s.class_ramp) > 0 and not bool(s.class_gate):
-        raise UserError("student: class_ramp > 0 needs class_gate=true (the ramp scales the gate's class offset)")
     check_ws_per_input(s.ws_per_input, int(s.train.batch_size))
     check_negative_phase(cfg)
     if bool(cfg.negative_phase.enabled):
