@@ -39,6 +39,12 @@ from mindspore import nn, ops
 from distill.core.errors import UserError
 
 
+def check_class_ramp(ramp: float) -> None:
+    """``student.class_ramp`` (``guidance_class_ramp``): 0 = off, else the w where the class offset reaches full size."""
+    if ramp < 0:
+        raise UserError(f"student: class_ramp {ramp} must be >= 0 (0 = off)")
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Everything needed to rebuild the network (stored with checkpoints and bundles)."""
@@ -106,8 +112,7 @@ class UNetConfig:
                 raise UserError(f"model: channels {self.channels * m} not divisible by groups {self.groups}")
         if self.guidance_negative and not (self.guidance_embed_dim > 0 and self.guidance_class_gate):
             raise UserError("student: a negative-class input needs the class gate (student.class_gate=true)")
-        if self.guidance_class_ramp < 0:
-            raise UserError(f"student: class_ramp {self.guidance_class_ramp} must be >= 0 (0 = off)")
+        check_class_ramp(self.guidance_class_ramp)
         if self.guidance_class_ramp and not (self.guidance_embed_dim > 0 and self.guidance_class_gate):
             raise UserError("student: the class ramp scales the class gate's offset (student.class_gate=true)")
         if self.guidance_negative_path and not self.guidance_negative:

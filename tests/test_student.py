@@ -261,7 +261,8 @@ def test_architecture_flags_round_trip_and_old_architecture_dicts_still_match(fl
     plain = UNetConfig(guidance_embed_dim=16)
     assert flag not in plain.to_dict()  # byte-for-byte the dict older checkpoints hold
     assert UNetConfig.from_dict(plain.to_dict()) == plain
-    flagged = UNetConfig(guidance_embed_dim=16, **{flag: 0.5 if flag == "guidance_class_ramp" else True})
-    assert flagged.to_dict()[flag] == (0.5 if flag == "guidance_class_ramp" else True)
+    value = 0.5 if flag == "guidance_class_ramp" else True  # the ramp is a number, the others switches
+    flagged = UNetConfig(guidance_embed_dim=16, **{flag: value})
+    assert flagged.to_dict()[flag] == value
     assert UNetConfig.from_dict(flagged.to_dict()) == flagged
     assert flagged.to_dict() != plain.to_dict()  # resume refuses a checkpoint of the other kind

@@ -10,7 +10,7 @@ from distill.core.report import pyplot, save_figure
 
 
 def other_cpu(machine: dict[str, Any]) -> str:
-    """", other processes: N cores busy on average while timing" where it was measured."""
+    """"; other processes kept N cores busy ..." for the report's machine line where that was measured, else ""."""
     others = machine.get("other_cores")
     return "" if others is None else f"; other processes kept {others:.2f} cores busy on average while the timings ran"
 

@@ -24,6 +24,7 @@ from student.progressive import round_plan
 from teacher.loading import classifier_checkpoint_path
 from teacher.noisy_classifier import check_classifier_shape
 from teacher.objective import check_p_uncond
+from teacher.unet import check_class_ramp
 
 
 # Tasks that take a CFG (or interval) student only: a student.target=cfgpp student runs task=distill, targets and
@@ -53,8 +54,7 @@ def check_config(cfg: DictConfig) -> None:
     check_p_null_negative(float(s.p_null_negative))
     if bool(s.negative) and not bool(s.class_gate):
         raise UserError("student: negative=true needs class_gate=true (the negative class is the gate's offset)")
-    if float(s.class_ramp) < 0:
-        raise UserError(f"student: class_ramp {s.class_ramp} must be >= 0 (0 = off)")
+    check_class_ramp(float(s.class_ramp))
     check_ws_per_input(s.ws_per_input, int(s.train.batch_size))
     check_negative_phase(cfg)
     if bool(cfg.negative_phase.enabled):
