@@ -5,7 +5,7 @@ import numpy as np
 import mindspore as ms
 import pytest
 
-from conftest import compose_cfg, guidance_errors, random_teacher
+from conftest import compose_cfg, copy_run, guidance_errors, random_teacher
 from distill.core import diffusion as dm
 from distill.core.data import load_data
 from distill.core.errors import UserError
@@ -89,8 +89,10 @@ def test_class_ramp_makes_w0_unconditional_whatever_the_gate() -> None:
         student_from_teacher(teacher, embed_dim=16, w_scale=1000.0, class_gate=False, class_ramp=1.0)
 
 
-def test_the_class_ramp_counts_only_with_the_class_gate(tmp_path) -> None:
-    """The ramp scales the class gate: without the gate the default ramp is accepted, ignored and not recorded."""
+def test_the_class_ramp_counts_only_with_the_class_gate(tiny_run, tmp_path) -> None:
+    """The ramp scales the class gate: without the gate the default ramp is accepted, ignored and not recorded,
+    and the distillation job trains a student without it; with the gate the student carries it."""
+    from distill.core.checkpoint import read_meta
     from distill.core.provenance import stage_config
     from distill.jobs.preflight import check_config
 
@@ -100,6 +102,11 @@ def test_the_class_ramp_counts_only_with_the_class_gate(tmp_path) -> None:
     assert "student.class_ramp" not in stage_config(no_gate, "student")
     assert stage_config(no_gate, "student") == stage_config(
         compose_cfg(tmp_path, "student.class_gate=false", "student.class_ramp=0"), "student")
+    run = copy_run(tiny_run, tmp_path / "run", ("teacher",))
+    run_distill(compose_cfg(run, "student.class_gate=false", "student.train.steps=1"))
+    model = read_meta(run / "student" / "checkpoint.safetensors")["model"]
+    assert "guidance_class_gate" not in model and "guidance_class_ramp" not in model
+    assert read_meta(tiny_run / "student" / "checkpoint.safetensors")["model"]["guidance_class_ramp"] == 0.5
 
 
 def test_x_space_weight_matches_direct_x_space_loss() -> None:
