@@ -625,10 +625,10 @@ def test_cfgpp_targets_from_shards_equal_online_and_the_student_is_evaluated_wit
         distill_batches(compose_cfg(run, "student.targets=shards"), data, None)
     with caplog.at_level("WARNING"):
         run_distill(cfg)
-    assert "student.class_ramp=0 is the measured choice for target=cfgpp" in caplog.text  # the default ramp
+    assert "class_ramp" not in caplog.text  # target=cfgpp's own defaults (student.by_target.cfgpp): no ramp
     meta = read_meta(run / "student" / "checkpoint.safetensors")
-    assert (meta["target"], meta["w_min"], meta["w_max"]) == ("cfgpp", 0.0, 0.8)
-    assert meta["model"]["guidance_uncond_head"] is True
+    assert (meta["target"], meta["w_min"], meta["w_max"], meta["w_power"]) == ("cfgpp", 0.0, 0.8, 1.0)
+    assert meta["model"]["guidance_uncond_head"] is True and "guidance_class_ramp" not in meta["model"]
     report = run_evaluate(compose_cfg(run, *target, "eval.cfgpp_lambdas=[0.0,0.6]", "eval.num_samples=20",
                                       "eval.progressive=false", "eval.negative_classes=[]"))
     assert report["student_target"]["target"] == "cfgpp" and report["scale"] == "lambda"
@@ -638,4 +638,8 @@ def test_cfgpp_targets_from_shards_equal_online_and_the_student_is_evaluated_wit
     assert models["student_4step"]["speed"]["network_evals_per_image"] == 4
     assert set(models["student_4step"]["per_w"]) == {"0.0", "0.6"}
     assert (run / "evaluate" / "samples" / "student_4step_lambda0.6.npz").is_file()
+    with caplog.at_level("WARNING"):  # a ramp asked for on the command line is trained, with a warning
+        run_distill(compose_cfg(run, *target, "student.class_ramp=0.5", "restart=true"))
+    assert "student.class_ramp=0, the default of target=cfgpp, is the measured choice" in caplog.text
+    assert read_meta(run / "student" / "checkpoint.safetensors")["model"]["guidance_class_ramp"] == 0.5
     assert "distilled with `student.target=cfgpp`" in (run / "evaluate" / "report.md").read_text()

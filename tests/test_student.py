@@ -109,6 +109,21 @@ def test_the_class_ramp_counts_only_with_the_class_gate(tiny_run, tmp_path) -> N
     assert read_meta(tiny_run / "student" / "checkpoint.safetensors")["model"]["guidance_class_ramp"] == 0.5
 
 
+@pytest.mark.parametrize("target,expected", [("cfg", (1.5, 2.0, 0.5)), ("interval", (1.5, 2.0, 0.5)),
+                                             ("cfgpp", (1.0, 0.0, 0.0))])
+def test_w_power_w_loss_power_and_class_ramp_default_to_the_targets_row(tmp_path, target, expected) -> None:
+    """student.by_target gives each target its defaults; a value on the command line wins, and a run records the
+    values its keys resolved to, never the table (so a cfg run is recorded as before the table existed)."""
+    from distill.core.provenance import stage_config
+
+    keys = ("student.w_power", "student.w_loss_power", "student.class_ramp")
+    values = stage_config(compose_cfg(tmp_path, f"student.target={target}"), "student")
+    assert tuple(values[k] for k in keys) == expected
+    assert not any(k.startswith("student.by_target") for k in values)
+    given = stage_config(compose_cfg(tmp_path, f"student.target={target}", "student.w_loss_power=0.7"), "student")
+    assert given["student.w_loss_power"] == 0.7 and given["student.w_power"] == expected[0]
+
+
 def test_x_space_weight_matches_direct_x_space_loss() -> None:
     rng = np.random.default_rng(1)
     t = rng.uniform(0.05, 0.95, 5)

@@ -95,6 +95,7 @@ class StudentConfig:
     interval: Optional[List[float]] = MISSING
     interval_input: bool = MISSING
     lambda_range: List[float] = MISSING
+    by_target: Dict[str, Dict[str, float]] = MISSING
     loss: str = MISSING
     targets: str = MISSING
     targets_dir: Optional[str] = MISSING

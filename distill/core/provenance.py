@@ -37,6 +37,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 NEUTRAL = ("train.log_every", "train.checkpoint_every", "student.targets", "student.targets_dir",
            "student.targets_per_shard", "progressive.student", "progressive.start_steps", "progressive.min_steps",
            "publish.dir", "publish.overwrite")
+# Tables of defaults that other keys read (student.w_power etc. take their target's row): what made an output is
+# the value those keys resolved to, recorded under them, not the rows of targets it was not made with.
+DEFAULT_TABLES = ("student.by_target.",)
 # Keys that count only while another key has a given value (key -> (that key, value)): the student's guidance
 # interval makes its targets, and interval_input its w input, only with student.target=interval; its lambda range
 # counts only with student.target=cfgpp; the class ramp scales the class gate, so it counts only with the gate.
@@ -95,7 +98,8 @@ def stage_config(cfg: Any, stage: str) -> dict[str, Any]:
             node = node[part]
         values.update(flatten(node, key))
     for key in list(values):
-        if key.endswith(NEUTRAL) or (key.endswith("train.steps") and values.get(key[:-5] + "lr_decay") == "constant"):
+        if key.endswith(NEUTRAL) or key.startswith(DEFAULT_TABLES) \
+                or (key.endswith("train.steps") and values.get(key[:-5] + "lr_decay") == "constant"):
             del values[key]
         elif key == "progressive.round_steps" and values.get("progressive.train.lr_decay") == "constant":
             del values[key]

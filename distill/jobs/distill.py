@@ -86,8 +86,8 @@ def run_distill(cfg: DictConfig, follow_inputs: bool = False) -> Path:
     ramp = float(s.class_ramp) if bool(s.class_gate) else 0.0  # the ramp scales the class gate: nothing without it
     if target[0] == "cfgpp" and ramp > 0:
         log.warning("distill: student.class_ramp=%g fades the class out towards lambda = 0, which weakens a CFG++ "
-                    "student at every lambda below 1 (docs/experiments.md); student.class_ramp=0 is the measured "
-                    "choice for target=cfgpp", ramp)
+                    "student at every lambda below 1 (docs/experiments.md); student.class_ramp=0, the default of "
+                    "target=cfgpp, is the measured choice", ramp)
     data = load_data(cfg.data)
     teacher = load_teacher(cfg, data)
     out = build.run_dir(cfg) / "student"
