@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from omegaconf.errors import InterpolationResolutionError
 
 from distill.core import build
 from distill.core.errors import UserError
@@ -64,6 +65,8 @@ def run(cfg: DictConfig) -> Any:
             return job(cfg)
     except UserError as e:
         fail(str(e))
+    except InterpolationResolutionError as e:  # a value that resolves wrong when read (a row of student.by_target)
+        fail(f"config: {str(e).split('full_key:')[0]} (key {e.full_key})")
     except Exception as e:  # a read or write the job did not expect to fail (a full disk, a read-only folder)
         reason = io_failure(e)
         if reason is None:

@@ -91,6 +91,8 @@ def _rows(files: Path) -> list[Row]:
             "student: w range [3.0, 1.0] must satisfy"),
         Row("unknown distillation target", ("task=distill", "student.target=cfgx"),
             "student: unknown target 'cfgx' (choose cfg, interval, cfgpp)"),
+        Row("a target's default that is not a number", ("task=distill", "student.by_target.cfg.w_power=abc"),
+            "config: While dereferencing interpolation"),
         Row("CFG++ target with a lambda range outside [0, 1]", ("task=distill", "student.target=cfgpp",
                                                                 "student.lambda_range=[0,2]"),
             "student.lambda_range=[0, 2] must satisfy 0 <= lo <= hi <= 1 (CFG++ lambda lies in [0, 1])"),
