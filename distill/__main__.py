@@ -1,6 +1,5 @@
 """``distill task=...`` / ``python -m distill task=...``: the Hydra entry point."""
 import os
-import re
 import sys
 
 os.environ.setdefault("GLOG_v", "3")  # before mindspore is imported: only C++ errors are printed
@@ -8,7 +7,7 @@ os.environ.setdefault("GLOG_v", "3")  # before mindspore is imported: only C++ e
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from distill.core.config import register  # noqa: E402
+from distill.core.config import config_error_line, register  # noqa: E402
 
 CONFIG_PACKAGE = "pkg://distill.conf"  # conf/, installed as package data (a user's dir: hydra.searchpath)
 # Under msrun the scheduler and every worker run this entry point; only worker 0 writes Hydra's
@@ -32,21 +31,6 @@ def hydra_main(cfg: DictConfig) -> None:
     except Exception as e:
         _job_errors.append(e)
         raise
-
-
-def config_error_line(e: BaseException) -> str:
-    """Hydra's or OmegaConf's message (several lines, with hints about +key and the search path) as one
-    line naming the key."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    text = str(e).split("Config search path:")[0]  # a missing group option lists the search path after this
-    text = re.sub(r"\s*To append to your config use \S+", "", text)
-    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
-    if cause is not None:
-        text = text.rstrip().rstrip(".") + ": " + str(cause)
-    text = re.sub(r"\s+\w+_schema(?=\s)", "", text)  # the schemas are not options to pick
-    text = re.sub(r"\s*full_key: (\S+)[\s\S]*", r" (key \1)", text)  # OmegaConf's key / type lines
-    return " ".join(text.split())
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError
 
 from distill.core import build
+from distill.core.config import config_error_line
 from distill.core.errors import UserError
 from distill.core.fileio import check_name, clean_leftovers, io_failure
 from distill.core.runlock import run_lock
@@ -66,7 +67,7 @@ def run(cfg: DictConfig) -> Any:
     except UserError as e:
         fail(str(e))
     except InterpolationResolutionError as e:  # a value that resolves wrong when read (a row of student.by_target)
-        fail(f"config: {str(e).split('full_key:')[0]} (key {e.full_key})")
+        fail(f"config: {config_error_line(e)}")
     except Exception as e:  # a read or write the job did not expect to fail (a full disk, a read-only folder)
         reason = io_failure(e)
         if reason is None:

@@ -10,6 +10,7 @@ before any work. The schema holds types only: the values and their comments stay
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -288,6 +289,21 @@ def register() -> None:
     cs.store(name="config_schema", node=Config)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def config_error_line(e: BaseException) -> str:
+    """Hydra's or OmegaConf's message (several lines, with hints about +key and the search path) as one
+    line naming the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    text = str(e).split("Config search path:")[0]  # a missing group option lists the search path after this
+    text = re.sub(r"\s*To append to your config use \S+", "", text)
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
+    if cause is not None:
+        text = text.rstrip().rstrip(".") + ": " + str(cause)
+    text = re.sub(r"\s+\w+_schema(?=\s)", "", text)  # the schemas are not options to pick
+    text = re.sub(r"\s*full_key: (\S+)[\s\S]*", r" (key \1)", text)  # OmegaConf's key / type lines
+    return " ".join(text.split())
 
 
 def check_known_keys(cfg: Any, where: str = "") -> None:
