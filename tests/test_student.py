@@ -122,6 +122,9 @@ def test_w_power_w_loss_power_and_class_ramp_default_to_the_targets_row(tmp_path
     assert not any(k.startswith("student.by_target") for k in values)
     given = stage_config(compose_cfg(tmp_path, f"student.target={target}", "student.w_loss_power=0.7"), "student")
     assert given["student.w_loss_power"] == 0.7 and given["student.w_power"] == expected[0]
+    row = stage_config(compose_cfg(tmp_path, f"student.target={target}", f"student.by_target.{target}.w_power=2.5"),
+                       "student")
+    assert row["student.w_power"] == 2.5  # read from this target's own row, not from another's
 
 
 def test_x_space_weight_matches_direct_x_space_loss() -> None:
